@@ -1,0 +1,193 @@
+"""Data stage: raw records -> validated table -> train / validation / hold-out sets.
+
+Read top to bottom: the file is loaded, each record is checked and reduced to the two
+configured keys, and the table is split deterministically.
+"""
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hamilton.function_modifiers import extract_fields
+
+from finetune_module.errors import DataError, SettingsError
+
+SPLIT_STRATEGIES = ("random", "last")
+
+
+def _read_text(data_path: str) -> str:
+    """The file's text, or a clear error when it is missing or not UTF-8."""
+    if not os.path.exists(data_path):
+        raise DataError(f"{data_path}: no such file.")
+    if os.path.isdir(data_path):
+        raise DataError(f"{data_path}: is a directory, expected a JSON or JSON Lines file.")
+    try:
+        with open(data_path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{data_path}: not UTF-8 text (byte {e.start}); save it as UTF-8.") from e
+
+
+def _parse_json_lines(text: str, data_path: str) -> list[Any]:
+    """One JSON value per non-empty line."""
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{data_path}: line {line_number} is not valid JSON ({e.msg}, column {e.colno})."
+            ) from e
+    return records
+
+
+def raw_records(data_path: str) -> list[Any]:
+    """The records in the data file, as parsed: a JSON list, or JSON Lines (one object a line).
+
+    :param data_path: path to a `.json` file holding a list of objects, or a `.jsonl`/`.ndjson`
+        file holding one object per line. A `.json` file that holds JSON Lines is accepted too.
+    """
+    text = _read_text(data_path)
+    if data_path.endswith((".jsonl", ".ndjson")):
+        return _parse_json_lines(text, data_path)
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _parse_json_lines(text, data_path)
+        raise DataError(
+            f"{data_path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}."
+        ) from e
+    if not isinstance(parsed, list):
+        raise DataError(
+            f"{data_path}: expected a JSON list of objects, found a {type(parsed).__name__}."
+        )
+    return parsed
+
+
+def _check_key_exists(records: list[Any], key: str, data_path: str) -> None:
+    """Refuses a key that no record has, naming the keys that do exist."""
+    if any(isinstance(r, dict) and key in r for r in records):
+        return
+    seen: list[str] = []
+    for r in records:
+        if isinstance(r, dict):
+            seen.extend(k for k in r if k not in seen)
+    raise DataError(
+        f"{data_path}: no record has the key {key!r}; keys found: {', '.join(map(repr, seen))}."
+    )
+
+
+def qa_table(
+    raw_records: list[Any], data_path: str, input_text_key: str, output_text_key: str
+) -> pd.DataFrame:
+    """The validated question/answer table: columns `input_text` and `output_text`, one row per
+    record, indexed by the record's position in the file.
+
+    :param raw_records: the records as parsed from the file.
+    :param data_path: the file they came from (named in error messages).
+    :param input_text_key: the key holding the model's input text (e.g. "question").
+    :param output_text_key: the key holding the text the model should produce (e.g. "reply").
+    """
+    if not raw_records:
+        raise DataError(f"{data_path}: holds no records.")
+    if input_text_key == output_text_key:
+        raise SettingsError(
+            f"input_text_key and output_text_key are both {input_text_key!r}; they must differ."
+        )
+    for key in (input_text_key, output_text_key):
+        _check_key_exists(raw_records, key, data_path)
+    rows = []
+    for index, record in enumerate(raw_records):
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{data_path}: record {index} is a {type(record).__name__}, expected an object."
+            )
+        row = []
+        for key in (input_text_key, output_text_key):
+            if key not in record:
+                raise DataError(f"{data_path}: record {index} has no key {key!r}.")
+            value = record[key]
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{data_path}: record {index}, key {key!r}: expected text, "
+                    f"found {type(value).__name__} ({json.dumps(value)[:60]})."
+                )
+            if not value.strip():
+                raise DataError(f"{data_path}: record {index}, key {key!r}: empty text.")
+            row.append(value)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["input_text", "output_text"])
+
+
+def _split_sizes(n: int, train_size: float, validation_size: float) -> tuple[int, int, int]:
+    """Sizes of the train, validation and hold-out sets for `n` records.
+
+    The train set takes `floor(train_size * n)` records; the rest is split
+    `floor(validation_size * rest)` to validation and the remainder to hold-out.
+    """
+    n_train = math.floor(train_size * n)
+    n_validation = math.floor(validation_size * (n - n_train))
+    return n_train, n_validation, n - n_train - n_validation
+
+
+def _minimum_records(train_size: float, validation_size: float) -> int:
+    """The fewest records that give every set at least one record."""
+    n = 3
+    while min(_split_sizes(n, train_size, validation_size)) < 1:
+        n += 1
+    return n
+
+
+@extract_fields(
+    {"train_set": pd.DataFrame, "validation_set": pd.DataFrame, "hold_out_set": pd.DataFrame}
+)
+def data_splits(
+    qa_table: pd.DataFrame,
+    data_path: str,
+    random_state: int = 42,
+    train_size: float | int = 0.95,
+    validation_size: float | int = 0.8,
+    split_strategy: str = "random",
+) -> dict[str, pd.DataFrame]:
+    """The train, validation and hold-out sets: disjoint slices of the table.
+
+    :param qa_table: the validated table.
+    :param data_path: the data file (named in error messages).
+    :param random_state: seed of the shuffle; the same seed gives the same split.
+    :param train_size: fraction of records used for training (default 0.95).
+    :param validation_size: fraction of the remaining records used for validation (default 0.8);
+        the rest is the hold-out set.
+    :param split_strategy: "random" shuffles first; "last" keeps file order, so the validation
+        and hold-out sets are the tail of the file.
+    """
+    for name, value in (("train_size", train_size), ("validation_size", validation_size)):
+        if not 0 < value < 1:
+            raise SettingsError(f"{name} must be between 0 and 1 (exclusive), got {value}.")
+    if split_strategy not in SPLIT_STRATEGIES:
+        raise SettingsError(
+            f"split_strategy must be one of {', '.join(SPLIT_STRATEGIES)}; got {split_strategy!r}."
+        )
+    n = len(qa_table)
+    n_train, n_validation, n_hold_out = _split_sizes(n, train_size, validation_size)
+    if min(n_train, n_validation, n_hold_out) < 1:
+        needed = _minimum_records(train_size, validation_size)
+        raise DataError(
+            f"{data_path}: {n} records are too few for a train/validation/hold-out split with "
+            f"train_size={train_size} and validation_size={validation_size}; "
+            f"at least {needed} are needed."
+        )
+    if split_strategy == "random":
+        order = np.random.default_rng(random_state).permutation(n)
+    else:
+        order = np.arange(n)
+    return {
+        "train_set": qa_table.iloc[order[:n_train]],
+        "validation_set": qa_table.iloc[order[n_train : n_train + n_validation]],
+        "hold_out_set": qa_table.iloc[order[n_train + n_validation :]],
+    }

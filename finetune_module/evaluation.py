@@ -1,0 +1,216 @@
+"""Evaluation stage: batched greedy generation, ROUGE, validation loss, hold-out predictions.
+
+Generation is deterministic by default (greedy; beam search with `num_beams > 1`), runs in
+batches of similar length with the KV cache, and stops at the data-derived target length.
+ROUGE is computed with the `rouge-score` package (no download needed).
+"""
+
+import re
+from typing import Any
+
+import pandas as pd
+import torch
+from hamilton.function_modifiers import config, extract_fields
+from peft import PeftModel
+from rouge_score import rouge_scorer
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Seq2SeqTrainer
+
+from finetune_module.errors import SettingsError
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@config.when(start="base")
+def evaluation_model__base(fitted_trainer: Seq2SeqTrainer) -> PeftModel:
+    """The fine-tuned model to evaluate: the trainer's best checkpoint, in eval mode."""
+    return fitted_trainer.model.eval()
+
+
+@config.when(start="presaved")
+def evaluation_model__presaved(peft_model: PeftModel) -> PeftModel:
+    """The fine-tuned model to evaluate: the saved adapter on its base model, in eval mode."""
+    return peft_model.eval()
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's weights are on."""
+    return next(model.parameters()).device
+
+
+def _generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict[str, list[int]]],
+    max_new_tokens: int,
+    num_beams: int,
+    batch_size: int,
+) -> list[str]:
+    """The model's decoded answers to the examples' `input_ids`, in the examples' order.
+
+    Examples are sorted by length so that each batch pads little, then put back in order.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    answers: list[str] = [""] * len(examples)
+    device = _model_device(model)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            batch = tokenizer.pad(
+                {"input_ids": [examples[i]["input_ids"] for i in indices]}, return_tensors="pt"
+            ).to(device)
+            generated = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                use_cache=True,
+            )
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for i, text in zip(indices, texts, strict=True):
+                answers[i] = text.strip()
+    return answers
+
+
+def generation_settings(
+    target_length_cap: int,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    generation_batch_size: int = 32,
+) -> dict[str, int]:
+    """How answers are generated: beams (1 = greedy), the length bound and the batch size.
+
+    :param target_length_cap: the data-derived target length; the default length bound.
+    :param num_beams: 1 for greedy decoding, more for beam search.
+    :param max_new_tokens: the most tokens an answer may have (default: target_length_cap).
+    :param generation_batch_size: questions answered at once.
+    """
+    settings = {
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens or target_length_cap,
+        "batch_size": generation_batch_size,
+    }
+    for name, value in settings.items():
+        if value < 1:
+            raise SettingsError(f"{name} must be at least 1, got {value}.")
+    return settings
+
+
+@extract_fields({"validation_predictions": list, "validation_references": list})
+def finetuned_model_on_validation_set(
+    evaluation_model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenized_validation: list[dict[str, list[int]]],
+    validation_set: pd.DataFrame,
+    generation_settings: dict[str, int],
+) -> dict[str, list[str]]:
+    """The fine-tuned model's answers to the validation questions, and the reference answers."""
+    return {
+        "validation_predictions": _generate(
+            evaluation_model, tokenizer, tokenized_validation, **generation_settings
+        ),
+        "validation_references": list(validation_set["output_text"]),
+    }
+
+
+def _sentences_on_lines(text: str) -> str:
+    """The text with one sentence per line, as ROUGE-Lsum expects."""
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+def _rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE F-measures (x100) of predictions against references, with stemming."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(_sentences_on_lines(reference), _sentences_on_lines(prediction))
+        for key in ROUGE_KEYS:
+            totals[key] += scores[key].fmeasure
+    n = max(1, len(predictions))
+    return {key: round(100 * total / n, 4) for key, total in totals.items()}
+
+
+def validation_set_metrics(
+    validation_predictions: list[str], validation_references: list[str]
+) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum (F-measure, 0-100) of the validation answers."""
+    return _rouge(validation_predictions, validation_references)
+
+
+def validation_loss(
+    tokenized_validation: list[dict[str, list[int]]],
+    evaluation_model: PeftModel,
+    data_collator: DataCollatorForSeq2Seq,
+    per_device_eval_batch_size: int = 8,
+) -> float:
+    """Mean cross-entropy per target token of the fine-tuned model on the validation set."""
+    device = _model_device(evaluation_model)
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(tokenized_validation), per_device_eval_batch_size):
+            batch = data_collator(tokenized_validation[start : start + per_device_eval_batch_size])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logits = evaluation_model(**batch).logits
+            labels = batch["labels"]
+            total += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
+            ).item()
+            tokens += int((labels != -100).sum())
+    return total / max(1, tokens)
+
+
+def _training_summary(trainer: Seq2SeqTrainer) -> dict[str, Any]:
+    """The trainer's own end-of-training figures (loss, runtime, throughput, best checkpoint)."""
+    summary: dict[str, Any] = {}
+    for entry in trainer.state.log_history:
+        if "train_runtime" in entry:
+            summary.update({k: v for k, v in entry.items() if k != "step"})
+    summary["global_step"] = trainer.state.global_step
+    summary["best_eval_loss"] = trainer.state.best_metric
+    summary["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    return summary
+
+
+@config.when(start="base")
+def training_and_validation_set_metrics__base(
+    fitted_trainer: Seq2SeqTrainer,
+    validation_loss: float,
+    validation_set_metrics: dict[str, float],
+) -> dict[str, Any]:
+    """Training figures (train_loss, train_runtime, ...) with the validation loss and ROUGE."""
+    return {
+        **_training_summary(fitted_trainer),
+        "eval_loss": validation_loss,
+        **validation_set_metrics,
+    }
+
+
+@config.when(start="presaved")
+def training_and_validation_set_metrics__presaved(
+    validation_loss: float, validation_set_metrics: dict[str, float]
+) -> dict[str, Any]:
+    """The saved model's validation loss and ROUGE (there is no training in this mode)."""
+    return {"eval_loss": validation_loss, **validation_set_metrics}
+
+
+def hold_out_set_predictions(
+    evaluation_model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenized_hold_out: list[dict[str, list[int]]],
+    hold_out_set: pd.DataFrame,
+    generation_settings: dict[str, int],
+) -> list[tuple[str, str, str]]:
+    """The fine-tuned model's answers to the hold-out questions, as
+    (question, prediction, reference) tuples in hold-out order."""
+    predictions = _generate(evaluation_model, tokenizer, tokenized_hold_out, **generation_settings)
+    return list(
+        zip(hold_out_set["input_text"], predictions, hold_out_set["output_text"], strict=True)
+    )
+
+
+def hold_out_set_metrics(hold_out_set_predictions: list[tuple[str, str, str]]) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum (F-measure, 0-100) of the hold-out answers."""
+    return _rouge(
+        [prediction for _, prediction, _ in hold_out_set_predictions],
+        [reference for _, _, reference in hold_out_set_predictions],
+    )

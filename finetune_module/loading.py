@@ -1,0 +1,51 @@
+"""Loading models and tokenizers from a local directory or the Hugging Face Hub, safely."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from finetune_module.errors import ModelNotAvailableError
+
+DEFAULT_MODEL_ID = "google/flan-t5-small"
+
+TINY_MODEL_HINT = (
+    "Pass a local model directory instead (--model-id /path/to/model, or the input model_id); "
+    "to try the whole job offline, build a tiny one with "
+    "`python -m finetune_module.tiny_model ./tiny-t5` and use --model-id ./tiny-t5."
+)
+
+
+def resolve_model_id(model_id: str) -> str:
+    """A local directory as an absolute path (so saved adapters find it again); a hub id as is."""
+    if os.path.isdir(model_id):
+        return os.path.abspath(model_id)
+    if model_id.startswith((".", "/", "~")) or os.sep + os.sep in model_id:
+        raise ModelNotAvailableError(f"Model directory {model_id!r} does not exist.")
+    return model_id
+
+
+def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) -> Any:
+    """`loader(model_id, **kwargs)` (a `from_pretrained`), with one clear error when it fails.
+
+    Only safetensors weights are loaded, and remote code only when the caller asks for it.
+    """
+    model_id = resolve_model_id(model_id)
+    try:
+        return loader(model_id, **kwargs)
+    except OSError as e:
+        if os.path.isdir(model_id):
+            raise ModelNotAvailableError(
+                f"Could not load the model in {model_id!r}: {e}. It must hold a Hugging Face "
+                "model saved with save_pretrained (config.json, model.safetensors, tokenizer "
+                "files)."
+            ) from e
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        reason = (
+            "the Hugging Face Hub is switched off here (HF_HUB_OFFLINE is set) and it is not in "
+            "the local cache"
+            if offline
+            else "the Hugging Face Hub is unreachable from this machine or has no such model"
+        )
+        raise ModelNotAvailableError(
+            f"Could not load {model_id!r}: {reason}. {TINY_MODEL_HINT}"
+        ) from e

@@ -1,0 +1,284 @@
+"""Fine-tune a sequence-to-sequence model with LoRA on your question/answer data, from the shell.
+
+    python run.py --data example-support-dataset.json --model-id google/flan-t5-small
+    python run.py --config run.yaml --num_train_epochs 3      # flags override the file
+    python run.py --start presaved --data example-support-dataset.json   # evaluate a saved one
+    python run.py --dag dag.png                               # draw the dataflow, then exit
+
+Every setting is an input of the Hamilton dataflow in `finetune_module/`; a YAML file given with
+--config uses the same names as the inputs (data_path, model_id, num_train_epochs, ...).
+Exit status: 0 on success, 2 on bad data or settings, 1 on any other failure.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+import yaml
+
+import finetune_module
+
+CONFIG_ONLY = {"start", "dag", "debug"}  # settings of the CLI, not inputs of the dataflow
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE read as YAML (so numbers, booleans and lists keep their type)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per input of the dataflow, Hugging Face names for training."""
+    p = argparse.ArgumentParser(
+        prog="python run.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only what is given reaches the dataflow
+    )
+    p.add_argument("--config", help="YAML file of settings (input names as keys); flags win")
+    p.add_argument(
+        "--start",
+        choices=finetune_module.STARTS,
+        help="base (train, default) or presaved (evaluate a saved fine-tune)",
+    )
+    p.add_argument(
+        "--dag",
+        metavar="PATH",
+        help="draw the dataflow to PATH (.png/.svg/.pdf); "
+        "exits after drawing unless --data is given",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", dest="data_path", help="JSON list or JSON Lines file of records")
+    g.add_argument(
+        "--input-key", dest="input_text_key", help="key of the input text (default: question)"
+    )
+    g.add_argument(
+        "--output-key", dest="output_text_key", help="key of the target text (default: reply)"
+    )
+    g.add_argument(
+        "--split-strategy",
+        dest="split_strategy",
+        choices=("random", "last"),
+        help="random (default) or last: keep file order, hold out the tail",
+    )
+    g.add_argument(
+        "--random-state", dest="random_state", type=int, help="seed of the split (default: 42)"
+    )
+    g.add_argument(
+        "--train-size", dest="train_size", type=float, help="fraction for training (default: 0.95)"
+    )
+    g.add_argument(
+        "--validation-size",
+        dest="validation_size",
+        type=float,
+        help="fraction of the rest for validation, the remainder is hold-out (default: 0.8)",
+    )
+
+    g = p.add_argument_group("tokenization")
+    g.add_argument(
+        "--max-source-length",
+        dest="max_source_length",
+        type=int,
+        help="input cap in tokens (default: the data's 95th percentile)",
+    )
+    g.add_argument(
+        "--max-target-length",
+        dest="max_target_length",
+        type=int,
+        help="target cap in tokens (default: the data's 95th percentile)",
+    )
+    g.add_argument(
+        "--length-percentile",
+        dest="length_percentile",
+        type=float,
+        help="percentile of lengths used for the caps (default: 95)",
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model-id",
+        dest="model_id",
+        help="Hugging Face model id or local directory (default: google/flan-t5-small)",
+    )
+    g.add_argument(
+        "--output-dir",
+        dest="output_dir",
+        help="where checkpoints and the best model go (default: finetuned-model)",
+    )
+    g.add_argument(
+        "--presaved-model-path",
+        dest="presaved_model_path",
+        help="with --start "
+        "presaved: the adapter directory to load (default: OUTPUT_DIR/best_model)",
+    )
+    g.add_argument(
+        "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        help="allow code shipped with the model to run",
+    )
+    g.add_argument("--r", "--lora-r", dest="r", type=int, help="LoRA rank (default: 16)")
+    g.add_argument("--lora-alpha", dest="lora_alpha", type=int, help="LoRA scaling (default: 32)")
+    g.add_argument(
+        "--lora-dropout", dest="lora_dropout", type=float, help="LoRA dropout (default: 0.05)"
+    )
+    g.add_argument(
+        "--target-modules",
+        dest="target_modules",
+        nargs="+",
+        metavar="NAME",
+        help="layers to adapt (default: q v for T5, inferred for others)",
+    )
+
+    g = p.add_argument_group("training (Hugging Face Seq2SeqTrainingArguments names)")
+    for name, kind, default in (
+        ("num_train_epochs", float, "2"),
+        ("max_steps", int, "-1: use epochs"),
+        ("per_device_train_batch_size", int, "8"),
+        ("per_device_eval_batch_size", int, "8"),
+        ("learning_rate", float, "1e-3"),
+        ("gradient_accumulation_steps", int, "1"),
+        ("seed", int, "42"),
+    ):
+        g.add_argument(
+            f"--{name}",
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            help=f"default: {default}",
+        )
+    g.add_argument(
+        "--training-arg",
+        dest="extra_training_args",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other Seq2SeqTrainingArguments field, e.g. warmup_steps=10 (repeatable)",
+    )
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--num-beams", dest="num_beams", type=int, help="1 = greedy (default)")
+    g.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        help="answer length bound (default: the target cap)",
+    )
+    g.add_argument(
+        "--generation-batch-size",
+        dest="generation_batch_size",
+        type=int,
+        help="questions answered at once (default: 32)",
+    )
+    return p
+
+
+def settings_from(argv: list[str]) -> dict[str, Any]:
+    """The run's settings: the --config file's, overridden by the flags given."""
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    settings: dict[str, Any] = {}
+    if "config" in flags:
+        with open(flags.pop("config"), encoding="utf-8") as f:
+            settings = yaml.safe_load(f) or {}
+        if not isinstance(settings, dict):
+            raise finetune_module.SettingsError("The --config file must hold a mapping.")
+        known = {a.dest for a in parser._actions} - {"help", "config"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise finetune_module.SettingsError(
+                f"Unknown settings in the config file: {', '.join(unknown)}. "
+                f"Known: {', '.join(sorted(known))}."
+            )
+    if "extra_training_args" in flags:
+        flags["extra_training_args"] = {
+            **settings.get("extra_training_args", {}),
+            **dict(flags["extra_training_args"]),
+        }
+    settings.update(flags)
+    return settings
+
+
+def _print_summary(result: dict[str, Any], start: str, seconds: float) -> None:
+    """A short account of the run: metrics, a few answers, where the files went."""
+    metrics = result["training_and_validation_set_metrics"]
+    print(f"\nDone in {seconds:.1f} s ({start}).")
+    shown = [
+        "train_loss",
+        "eval_loss",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "rougeLsum",
+        "train_runtime",
+        "train_samples_per_second",
+    ]
+    for key in shown:
+        if metrics.get(key) is not None:
+            print(f"  {key:26s} {metrics[key]:.4f}")
+    predictions = result["hold_out_set_predictions"]
+    print(f"Hold-out answers ({len(predictions)}):")
+    for question, prediction, _ in predictions[:3]:
+        print(f"  Q: {question[:90]}\n  A: {prediction[:90]}")
+    print(f"Saved to: {result['save_best_models']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the dataflow with the settings of the command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("hamilton").setLevel(logging.WARNING if debug else logging.CRITICAL)
+    try:
+        settings = settings_from(argv)
+        start = settings.pop("start", "base")
+        dag_path = settings.pop("dag", None)
+        settings.pop("debug", None)
+        if start not in finetune_module.STARTS:
+            raise finetune_module.SettingsError(
+                f"start must be one of {', '.join(finetune_module.STARTS)}; got {start!r}."
+            )
+        from hamilton import driver
+
+        dr = (
+            driver.Builder()
+            .with_config({"start": start})
+            .with_modules(*finetune_module.MODULES)
+            .build()
+        )
+        if dag_path:
+            dr.display_all_functions(dag_path, deduplicate_inputs=True)
+            print(f"Drew the dataflow ({start}) to {dag_path}")
+            if "data_path" not in settings:
+                return 0
+        if "data_path" not in settings:
+            raise finetune_module.SettingsError("--data (or data_path in --config) is required.")
+        settings.setdefault("input_text_key", "question")
+        settings.setdefault("output_text_key", "reply")
+        began = time.perf_counter()
+        result = dr.execute(list(finetune_module.DEFAULT_OUTPUTS), inputs=settings)
+        _print_summary(result, start, time.perf_counter() - began)
+        return 0
+    except finetune_module.FinetuneInputError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(
+            f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""run.py from the shell: help, the DAG picture, a run from a YAML file, exit statuses."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import run
+from tests.conftest import EXAMPLE_DATA, REPO, read_json
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_help_documents_every_flag() -> None:
+    out = _cli("--help")
+    assert out.returncode == 0
+    parser = run.build_parser()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in out.stdout
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+    for flag in (
+        "--data",
+        "--input-key",
+        "--output-key",
+        "--model-id",
+        "--start",
+        "--output-dir",
+        "--num_train_epochs",
+        "--per_device_train_batch_size",
+        "--learning_rate",
+        "--config",
+        "--dag",
+    ):
+        assert flag in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
+def test_dag_draws_a_picture(tmp_path: Path) -> None:
+    for start in ("base", "presaved"):
+        picture = tmp_path / f"dag-{start}.png"
+        out = _cli("--dag", str(picture), "--start", start)
+        assert out.returncode == 0, out.stderr
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_file_run_with_flag_override_then_presaved(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_path": str(EXAMPLE_DATA),
+                "model_id": str(tiny_model_dir),
+                "output_dir": str(tmp_path / "out"),
+                "num_train_epochs": 5,
+                "per_device_train_batch_size": 16,
+                "extra_training_args": {"warmup_steps": 2},
+            }
+        )
+    )
+    out = _cli(
+        "--config", str(config), "--num_train_epochs", "1", "--training-arg", "weight_decay=0.01"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "rougeL" in out.stdout and f"Saved to: {tmp_path / 'out' / 'best_model'}" in out.stdout
+    state = read_json(
+        next((tmp_path / "out" / "checkpoints").glob("checkpoint-*")) / "trainer_state.json"
+    )
+    assert state["num_train_epochs"] == 1 and state["train_batch_size"] == 16
+    out = _cli("--config", str(config), "--start", "presaved")
+    assert out.returncode == 0, out.stderr
+    assert f"Saved to: {tmp_path / 'out' / 'evaluation'}" in out.stdout
+
+
+def test_bad_input_exits_2_with_one_line_on_stderr(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"question": "a"}]', encoding="utf-8")
+    out = _cli("--data", str(bad), "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip()
+        == f"error: {bad}: no record has the key 'reply'; keys found: 'question'."
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_exits_2_and_names_the_fix(tmp_path: Path) -> None:
+    out = _cli("--data", str(EXAMPLE_DATA), "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert "Hugging Face Hub" in out.stderr and "--model-id" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_config_key_and_missing_data_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("data_path: x.json\nepochs: 3\n")
+    out = _cli("--config", str(config))
+    assert out.returncode == 2 and "Unknown settings in the config file: epochs" in out.stderr
+    out = _cli("--model-id", "x")
+    assert out.returncode == 2 and "--data" in out.stderr
