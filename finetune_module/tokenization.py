@@ -7,7 +7,7 @@ batch, in the collator (training) and in the generation loop (evaluation).
 
 import numpy as np
 import pandas as pd
-from hamilton.function_modifiers import config
+from hamilton.function_modifiers import config, parameterize, source
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune_module.errors import SettingsError
@@ -99,14 +99,22 @@ def _truncate(ids: list[int], cap: int) -> list[int]:
     return ids if len(ids) <= cap else ids[: cap - 1] + ids[-1:]
 
 
-def _tokenized_set(
+_SET_DOC = "The {} examples: `input_ids` and `labels`, truncated to the caps, not padded."
+
+
+@parameterize(
+    tokenized_train=({"rows": source("train_set")}, _SET_DOC.format("training")),
+    tokenized_validation=({"rows": source("validation_set")}, _SET_DOC.format("validation")),
+    tokenized_hold_out=({"rows": source("hold_out_set")}, _SET_DOC.format("hold-out")),
+)
+def tokenized_set(
     rows: pd.DataFrame,
     source_token_ids: list[list[int]],
     target_token_ids: list[list[int]],
     source_length_cap: int,
     target_length_cap: int,
 ) -> list[dict[str, list[int]]]:
-    """The rows' examples as `{"input_ids", "labels"}`, truncated, unpadded."""
+    """The rows' examples as `{"input_ids", "labels"}`, truncated to the caps, not padded."""
     return [
         {
             "input_ids": _truncate(source_token_ids[i], source_length_cap),
@@ -114,42 +122,3 @@ def _tokenized_set(
         }
         for i in rows.index
     ]
-
-
-def tokenized_train(
-    train_set: pd.DataFrame,
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
-    source_length_cap: int,
-    target_length_cap: int,
-) -> list[dict[str, list[int]]]:
-    """The training examples: `input_ids` and `labels`, truncated to the caps, not padded."""
-    return _tokenized_set(
-        train_set, source_token_ids, target_token_ids, source_length_cap, target_length_cap
-    )
-
-
-def tokenized_validation(
-    validation_set: pd.DataFrame,
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
-    source_length_cap: int,
-    target_length_cap: int,
-) -> list[dict[str, list[int]]]:
-    """The validation examples: `input_ids` and `labels`, truncated to the caps, not padded."""
-    return _tokenized_set(
-        validation_set, source_token_ids, target_token_ids, source_length_cap, target_length_cap
-    )
-
-
-def tokenized_hold_out(
-    hold_out_set: pd.DataFrame,
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
-    source_length_cap: int,
-    target_length_cap: int,
-) -> list[dict[str, list[int]]]:
-    """The hold-out examples: `input_ids` and `labels`, truncated to the caps, not padded."""
-    return _tokenized_set(
-        hold_out_set, source_token_ids, target_token_ids, source_length_cap, target_length_cap
-    )
