@@ -23,8 +23,14 @@ from finetune_module.data import raw_records
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2, as in T5
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> T5Tokenizer:
-    """A T5 tokenizer whose Unigram vocabulary is learned from `texts`."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1000, pad_vocab_to: int | None = None
+) -> T5Tokenizer:
+    """A T5 tokenizer whose Unigram vocabulary is learned from `texts`.
+
+    With `pad_vocab_to`, unused placeholder pieces fill the vocabulary up to that size (so a
+    model with flan-t5's 32128-token vocabulary can be paired with a small learned one).
+    """
     unigram = Tokenizer(models.Unigram())
     unigram.normalizer = normalizers.NFKC()
     unigram.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -36,6 +42,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> T5Tokenizer
     )
     unigram.train_from_iterator(texts, trainer)
     vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+    vocab += [(f"<unused_{i}>", -1e9) for i in range(max(0, (pad_vocab_to or 0) - len(vocab)))]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
@@ -48,14 +55,16 @@ def build_t5(
     num_heads: int = 4,
     d_ff: int = 128,
     seed: int = 0,
+    pad_vocab_to: int | None = None,
+    d_kv: int | None = None,
 ) -> str:
     """Saves a randomly initialised T5 (flan-t5's architecture, any size) and its tokenizer
     to `out_dir` with `save_pretrained`; returns `out_dir`."""
-    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size, pad_vocab_to)
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=d_model,
-        d_kv=d_model // num_heads,
+        d_kv=d_kv or d_model // num_heads,
         d_ff=d_ff,
         num_layers=num_layers,
         num_decoder_layers=num_layers,

@@ -1,0 +1,60 @@
+"""The benchmark: its FLOP count is right, its data has the intended spread, and it runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import T5Config, T5ForConditionalGeneration
+
+from bench.benchmark import forward_flops
+from bench.data import build_dataset
+from tests.conftest import EXAMPLE_DATA, REPO
+
+
+def test_flop_formula_matches_torchs_flop_counter() -> None:
+    config = T5Config(
+        vocab_size=500, d_model=48, d_kv=16, num_heads=4, d_ff=80, num_layers=2,
+        num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        decoder_start_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    model = T5ForConditionalGeneration(config).eval()
+    for source, target in ((37, 11), (90, 40)):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(
+                input_ids=torch.randint(3, 500, (1, source)),
+                labels=torch.randint(3, 500, (1, target)),
+            )
+        assert forward_flops(config, source, target) == counter.get_total_flops()
+
+
+def test_dataset_has_the_reference_length_spread(tmp_path: Path) -> None:
+    path = build_dataset(EXAMPLE_DATA, tmp_path / "bench.json", records=400)
+    again = build_dataset(EXAMPLE_DATA, tmp_path / "again.json", records=400)
+    records = json.loads(path.read_text())
+    assert records == json.loads(again.read_text())  # deterministic
+    question_words = [len(r["question"].split()) for r in records]
+    answer_words = [len(r["reply"].split()) for r in records]
+    assert len(records) == 400
+    assert 50 <= np.median(question_words) <= 70 and max(question_words) == 514
+    assert 80 <= np.mean(question_words) <= 120
+    assert 28 <= np.median(answer_words) <= 40 and max(answer_words) == 111
+
+
+def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.benchmark", "--quick", "--records", "40",
+         "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["train_examples"] == 38 and figures["steps"] == 5
+    assert figures["generated_answers"] == 2 and figures["generated_tokens"] > 0
+    assert 0 < figures["matmul_share"] < 1.5 and figures["peak_rss_gb"] > 0
+    assert {"training", "evaluation", "tokenization"} <= set(figures["stage_seconds"])
+    assert "train samples/s" in done.stdout
