@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 import finetune_module
+from finetune_module import distributed
 
 CONFIG_ONLY = {"start", "dag", "debug"}  # settings of the CLI, not inputs of the dataflow
 
@@ -163,6 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="any other Seq2SeqTrainingArguments field, e.g. warmup_steps=10 (repeatable)",
     )
 
+    g = p.add_argument_group(
+        "scaling out (GPU precision and memory, DeepSpeed, FSDP; "
+        "several processes come from torchrun or accelerate launch)"
+    )
+    for name, help_text in (
+        ("bf16", "bfloat16 mixed precision (CUDA GPU with bf16 support)"),
+        ("fp16", "float16 mixed precision (CUDA GPU)"),
+        ("gradient_checkpointing", "recompute activations in the backward pass to save memory"),
+        ("load_in_4bit", "QLoRA: 4-bit NF4 base model (CUDA GPU and bitsandbytes)"),
+        ("load_in_8bit", "8-bit base model (CUDA GPU and bitsandbytes)"),
+        ("fsdp", "shard the model across the processes with PyTorch FSDP (CUDA GPUs)"),
+    ):
+        flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # unique, in order
+        g.add_argument(*flags, dest=name, action="store_true", help=help_text)
+    g.add_argument("--deepspeed", dest="deepspeed", metavar="JSON", help="DeepSpeed config file")
+    g.add_argument(
+        "--fsdp_config",
+        "--fsdp-config",
+        dest="fsdp_config",
+        metavar="JSON",
+        help="FSDP settings file (with --fsdp)",
+    )
+
     g = p.add_argument_group("generation")
     g.add_argument("--num-beams", dest="num_beams", type=int, help="1 = greedy (default)")
     g.add_argument(
@@ -264,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.setdefault("output_text_key", "reply")
         began = time.perf_counter()
         result = dr.execute(list(finetune_module.DEFAULT_OUTPUTS), inputs=settings)
-        _print_summary(result, start, time.perf_counter() - began)
+        if distributed.is_main_process():
+            _print_summary(result, start, time.perf_counter() - began)
+        distributed.end()
         return 0
     except finetune_module.FinetuneInputError as e:
         if debug:

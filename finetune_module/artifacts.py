@@ -2,9 +2,11 @@
 
 Everything is written to a temporary directory beside the destination and renamed into
 place, so an interrupted run leaves the previous complete output (or none), never half of one.
+Under a multi-process launcher only the main process writes; the others wait until it is done.
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,12 +18,15 @@ import pandas as pd
 from hamilton.function_modifiers import config
 from transformers import PreTrainedTokenizerBase, Seq2SeqTrainer
 
+from finetune_module.distributed import is_main_process, wait_for_everyone
 from finetune_module.model import DEFAULT_OUTPUT_DIR
 
 METRICS_FILE = "metrics.json"
 HOLD_OUT_PREDICTIONS_FILE = "hold_out_predictions.csv"
 VALIDATION_PREDICTIONS_FILE = "validation_predictions.csv"
 SETTINGS_FILE = "finetune_settings.json"
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -45,6 +50,7 @@ def _atomic_directory(path: str) -> Iterator[str]:
             os.rename(path, backup)
         os.rename(staging, path)
         shutil.rmtree(backup, ignore_errors=True)
+        logger.info("Wrote %s", path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -101,24 +107,30 @@ def save_best_models__base(
 
     Loadable with `PeftModel.from_pretrained(base_model, path)` or `{"start": "presaved"}`.
     """
-    with _atomic_directory(best_model_dir) as staging:
-        fitted_trainer.model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        metrics = {
-            "training_and_validation": training_and_validation_set_metrics,
-            "hold_out": hold_out_set_metrics,
-        }
-        _write_run_files(
-            staging, metrics, hold_out_set_predictions, validation_set, validation_predictions
-        )
-        _write_json(
-            os.path.join(staging, SETTINGS_FILE),
-            {
-                "source_length_cap": source_length_cap,
-                "target_length_cap": target_length_cap,
-                **generation_settings,
-            },
-        )
+    # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
+    state_dict = fitted_trainer.accelerator.get_state_dict(fitted_trainer.model)
+    if is_main_process():
+        with _atomic_directory(best_model_dir) as staging:
+            fitted_trainer.model.save_pretrained(
+                staging, state_dict=state_dict, safe_serialization=True
+            )
+            tokenizer.save_pretrained(staging)
+            metrics = {
+                "training_and_validation": training_and_validation_set_metrics,
+                "hold_out": hold_out_set_metrics,
+            }
+            _write_run_files(
+                staging, metrics, hold_out_set_predictions, validation_set, validation_predictions
+            )
+            _write_json(
+                os.path.join(staging, SETTINGS_FILE),
+                {
+                    "source_length_cap": source_length_cap,
+                    "target_length_cap": target_length_cap,
+                    **generation_settings,
+                },
+            )
+    wait_for_everyone()
     return best_model_dir
 
 
@@ -139,13 +151,15 @@ def save_best_models__presaved(
     :param output_dir: the run's output directory.
     """
     evaluation_dir = os.path.join(os.path.abspath(output_dir), "evaluation")
-    with _atomic_directory(evaluation_dir) as staging:
-        metrics = {
-            "model_dir": presaved_model_dir,
-            "validation": training_and_validation_set_metrics,
-            "hold_out": hold_out_set_metrics,
-        }
-        _write_run_files(
-            staging, metrics, hold_out_set_predictions, validation_set, validation_predictions
-        )
+    if is_main_process():
+        with _atomic_directory(evaluation_dir) as staging:
+            metrics = {
+                "model_dir": presaved_model_dir,
+                "validation": training_and_validation_set_metrics,
+                "hold_out": hold_out_set_metrics,
+            }
+            _write_run_files(
+                staging, metrics, hold_out_set_predictions, validation_set, validation_predictions
+            )
+    wait_for_everyone()
     return evaluation_dir

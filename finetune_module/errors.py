@@ -1,5 +1,7 @@
 """The errors this package raises for problems a user can fix (bad data, bad settings)."""
 
+import importlib.util
+
 
 class FinetuneInputError(ValueError):
     """A problem with the user's data or settings, explained in one message.
@@ -18,3 +20,13 @@ class SettingsError(FinetuneInputError):
 
 class ModelNotAvailableError(FinetuneInputError):
     """The model (or tokenizer) cannot be loaded from the hub or from disk."""
+
+
+def require_package(package: str, setting: str) -> None:
+    """Refuses `setting` when the optional `package` it needs is not installed (looked up, not
+    imported: GPU-only packages stay out of CPU runs)."""
+    if importlib.util.find_spec(package) is None:
+        raise SettingsError(
+            f"{setting} needs the {package} package, which is not installed here: "
+            "pip install -r requirements-gpu.txt"
+        )

@@ -2,7 +2,9 @@
 
 Generation is deterministic by default (greedy; beam search with `num_beams > 1`), runs in
 batches of similar length with the KV cache, and stops at the data-derived target length.
-ROUGE is computed with the `rouge-score` package (no download needed).
+ROUGE is computed with the `rouge-score` package (no download needed). Under a multi-process
+launcher the batches are shared out between the processes and the results gathered, so every
+process holds the same predictions and metrics as a single-process run.
 """
 
 import re
@@ -15,6 +17,7 @@ from peft import PeftModel
 from rouge_score import rouge_scorer
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Seq2SeqTrainer
 
+from finetune_module.distributed import gathered, this_process_share, weights_sharded
 from finetune_module.errors import SettingsError
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -47,14 +50,16 @@ def _generate(
 ) -> list[str]:
     """The model's decoded answers to the examples' `input_ids`, in the examples' order.
 
-    Examples are sorted by length so that each batch pads little, then put back in order.
+    Examples are sorted by length so that each batch pads little, then put back in order. With
+    several processes each answers its share of the same batches, so the answers do not depend
+    on how many processes there are.
     """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    answers: list[str] = [""] * len(examples)
-    device = _model_device(model)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    answered: list[tuple[int, str]] = []
+    device, sharded = _model_device(model), weights_sharded(model)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
+        for indices in this_process_share(batches, model):
             batch = tokenizer.pad(
                 {"input_ids": [examples[i]["input_ids"] for i in indices]}, return_tensors="pt"
             ).to(device)
@@ -65,10 +70,13 @@ def _generate(
                 num_beams=num_beams,
                 do_sample=False,
                 use_cache=True,
+                synced_gpus=sharded,  # sharded weights: run in step until every process is done
             )
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for i, text in zip(indices, texts, strict=True):
-                answers[i] = text.strip()
+            answered.extend((i, text.strip()) for i, text in zip(indices, texts, strict=True))
+    answers = [""] * len(examples)
+    for i, text in gathered(answered, model):
+        answers[i] = text
     return answers
 
 
@@ -143,20 +151,23 @@ def validation_loss(
     data_collator: DataCollatorForSeq2Seq,
     per_device_eval_batch_size: int = 8,
 ) -> float:
-    """Mean cross-entropy per target token of the fine-tuned model on the validation set."""
+    """Mean cross-entropy per target token of the fine-tuned model on the validation set (with
+    several processes, each scores its share of the batches and the sums are gathered)."""
     device = _model_device(evaluation_model)
-    total, tokens = 0.0, 0
+    n, size = len(tokenized_validation), per_device_eval_batch_size
+    batches = [tokenized_validation[start : start + size] for start in range(0, n, size)]
+    sums: list[tuple[float, int]] = []
     with torch.inference_mode():
-        for start in range(0, len(tokenized_validation), per_device_eval_batch_size):
-            batch = data_collator(tokenized_validation[start : start + per_device_eval_batch_size])
-            batch = {key: value.to(device) for key, value in batch.items()}
+        for examples in this_process_share(batches, evaluation_model):
+            batch = {key: value.to(device) for key, value in data_collator(examples).items()}
             logits = evaluation_model(**batch).logits
             labels = batch["labels"]
-            total += torch.nn.functional.cross_entropy(
+            loss = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
-            ).item()
-            tokens += int((labels != -100).sum())
-    return total / max(1, tokens)
+            )
+            sums.append((loss.item(), int((labels != -100).sum())))
+    all_sums = gathered(sums, evaluation_model)
+    return sum(total for total, _ in all_sums) / max(1, sum(tokens for _, tokens in all_sums))
 
 
 def _training_summary(trainer: Seq2SeqTrainer) -> dict[str, Any]:
@@ -166,6 +177,7 @@ def _training_summary(trainer: Seq2SeqTrainer) -> dict[str, Any]:
         if "train_runtime" in entry:
             summary.update({k: v for k, v in entry.items() if k != "step"})
     summary["global_step"] = trainer.state.global_step
+    summary["world_size"] = trainer.args.world_size
     summary["best_eval_loss"] = trainer.state.best_metric
     summary["best_model_checkpoint"] = trainer.state.best_model_checkpoint
     return summary

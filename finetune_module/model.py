@@ -9,11 +9,12 @@ import os
 
 import torch
 from hamilton.function_modifiers import config
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, set_seed
+from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, PreTrainedModel, set_seed
 
-from finetune_module.errors import ModelNotAvailableError, SettingsError
+from finetune_module.distributed import process_device
+from finetune_module.errors import ModelNotAvailableError, SettingsError, require_package
 from finetune_module.loading import DEFAULT_MODEL_ID, load_pretrained
 
 DEFAULT_OUTPUT_DIR = "finetuned-model"
@@ -47,48 +48,133 @@ def presaved_model_dir(best_model_dir: str, presaved_model_path: str | None = No
 
 
 def device() -> torch.device:
-    """Where the model runs: the first CUDA GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where this process's model runs: a CUDA GPU when there is one (under `torchrun` or
+    `accelerate launch`, the process's own GPU, cuda:LOCAL_RANK), else the CPU.
+
+    Under a launcher the process joins the others here (gloo on CPU, nccl on GPU).
+    """
+    return process_device()
 
 
-def _load_seq2seq(model_id: str, device: torch.device, trust_remote_code: bool) -> PreTrainedModel:
-    """A sequence-to-sequence model from `model_id`, in fp32 on `device`, safetensors only."""
+def mixed_precision(device: torch.device, bf16: bool = False, fp16: bool = False) -> str:
+    """The number format of training's matrix products: "no" (fp32 throughout), "bf16" or
+    "fp16" (autocast on a CUDA GPU, the weights kept in fp32).
+
+    :param device: where the model runs; mixed precision needs a CUDA GPU.
+    :param bf16: train in bfloat16 mixed precision (GPUs with bf16 support: Ampere or newer);
+        the safe choice for T5, whose activations can overflow in fp16.
+    :param fp16: train in float16 mixed precision with loss scaling (any CUDA GPU).
+    """
+    if bf16 and fp16:
+        raise SettingsError("bf16 and fp16 exclude each other; set at most one of them.")
+    if not (bf16 or fp16):
+        return "no"
+    name = "bf16" if bf16 else "fp16"
+    if device.type != "cuda":
+        raise SettingsError(
+            f"{name} needs a CUDA GPU{' with bf16 support' if bf16 else ''}; this machine has "
+            f"none (it trains in fp32 on the CPU: leave {name} off)."
+        )
+    if bf16 and not torch.cuda.is_bf16_supported():
+        raise SettingsError(
+            f"bf16 needs a CUDA GPU with bf16 support; {torch.cuda.get_device_name(device)} has "
+            "none: use fp16 instead."
+        )
+    return name
+
+
+def quantization_config(
+    device: torch.device,
+    mixed_precision: str,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+) -> BitsAndBytesConfig | None:
+    """How the frozen base model is quantized (bitsandbytes), or None to keep it in fp32.
+
+    4-bit is QLoRA's recipe: NF4 weights with double quantization, computing in the training
+    precision (bf16, fp16 or fp32); 8-bit is LLM.int8. Only the LoRA adapter trains, in fp32.
+
+    :param device: where the model runs; quantized loading needs a CUDA GPU.
+    :param mixed_precision: the training precision, used for the 4-bit matrix products.
+    :param load_in_4bit: load the base model in 4 bits (QLoRA).
+    :param load_in_8bit: load the base model in 8 bits.
+    """
+    if load_in_4bit and load_in_8bit:
+        raise SettingsError("load_in_4bit and load_in_8bit exclude each other; set at most one.")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    setting = "load_in_4bit" if load_in_4bit else "load_in_8bit"
+    if device.type != "cuda":
+        raise SettingsError(
+            f"{setting} (a bitsandbytes-quantized base model) needs a CUDA GPU; this machine "
+            f"has none (leave {setting} off on the CPU)."
+        )
+    require_package("bitsandbytes", setting)
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtypes[mixed_precision],
+    )
+
+
+def _load_seq2seq(
+    model_id: str,
+    device: torch.device,
+    trust_remote_code: bool,
+    quantization_config: BitsAndBytesConfig | None,
+) -> PreTrainedModel:
+    """A sequence-to-sequence model from `model_id` on `device`, safetensors only: in fp32, or
+    quantized by bitsandbytes (which places the weights itself) when a config is given."""
+    quantized = {"quantization_config": quantization_config, "device_map": device}
     model = load_pretrained(
         AutoModelForSeq2SeqLM.from_pretrained,
         model_id,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         dtype=torch.float32,
+        **(quantized if quantization_config is not None else {}),
     )
-    return model.to(device)
+    return model if quantization_config is not None else model.to(device)
 
 
 @config.when(start="base")
 def base_model__base(
-    device: torch.device, model_id: str = DEFAULT_MODEL_ID, trust_remote_code: bool = False
+    device: torch.device,
+    quantization_config: BitsAndBytesConfig | None,
+    model_id: str = DEFAULT_MODEL_ID,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The pretrained model to fine-tune.
 
     :param device: where the model runs.
+    :param quantization_config: how to quantize it (QLoRA), or None for fp32.
     :param model_id: a Hugging Face model id or a local directory (any AutoModelForSeq2SeqLM).
     :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
     """
-    return _load_seq2seq(model_id, device, trust_remote_code)
+    return _load_seq2seq(model_id, device, trust_remote_code, quantization_config)
 
 
 @config.when(start="presaved")
 def base_model__presaved(
-    presaved_model_dir: str, device: torch.device, trust_remote_code: bool = False
+    presaved_model_dir: str,
+    device: torch.device,
+    quantization_config: BitsAndBytesConfig | None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The pretrained model the saved adapter was trained from (named in its adapter_config.json).
 
     :param presaved_model_dir: the directory of the saved fine-tune.
     :param device: where the model runs.
+    :param quantization_config: how to quantize it (as it was for training), or None for fp32.
     :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
     """
     with open(os.path.join(presaved_model_dir, "adapter_config.json"), encoding="utf-8") as f:
         base_id = json.load(f)["base_model_name_or_path"]
-    return _load_seq2seq(base_id, device, trust_remote_code)
+    return _load_seq2seq(base_id, device, trust_remote_code, quantization_config)
 
 
 def _default_target_modules(model: PreTrainedModel) -> list[str]:
@@ -144,13 +230,27 @@ def lora_config(
 
 @config.when(start="base")
 def peft_model__base(
-    base_model: PreTrainedModel, lora_config: LoraConfig, seed: int = 42
+    base_model: PreTrainedModel,
+    lora_config: LoraConfig,
+    quantization_config: BitsAndBytesConfig | None,
+    gradient_checkpointing: bool = False,
+    seed: int = 42,
 ) -> PeftModel:
     """The base model with a fresh, trainable LoRA adapter (only the adapter's weights train).
 
+    A quantized base is first prepared for training (peft's `prepare_model_for_kbit_training`:
+    frozen, norms in fp32, input gradients on for gradient checkpointing).
+
+    :param gradient_checkpointing: recompute activations in the backward pass to save memory.
     :param seed: seed of the adapter's random initialisation (and of training).
     """
     set_seed(seed)
+    if quantization_config is not None:
+        base_model = prepare_model_for_kbit_training(
+            base_model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     return get_peft_model(base_model, lora_config)
 
 

@@ -6,6 +6,7 @@ checkpoint with the lowest validation loss is loaded back at the end.
 """
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -21,7 +22,8 @@ from transformers import (
     Seq2SeqTrainingArguments,
 )
 
-from finetune_module.errors import SettingsError
+from finetune_module.distributed import world_size
+from finetune_module.errors import SettingsError, require_package
 from finetune_module.model import DEFAULT_OUTPUT_DIR
 
 LABEL_PAD_TOKEN_ID = -100  # label positions with this id are left out of the loss
@@ -34,10 +36,83 @@ def _check_positive(**settings: float) -> None:
             raise SettingsError(f"{name} must be a positive number, got {value}.")
 
 
+def _json_settings(value: str | dict[str, Any], name: str) -> dict[str, Any]:
+    """The settings of a JSON file (or of a mapping given as is), with a clear error when the
+    file is missing or is not a JSON object."""
+    if isinstance(value, dict):
+        return value
+    if not os.path.isfile(value):
+        raise SettingsError(f"{name}: no such file {value!r} (expected a JSON file).")
+    with open(value, encoding="utf-8") as f:
+        try:
+            settings = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"{name}: {value} is not valid JSON ({e}).") from e
+    if not isinstance(settings, dict):
+        kind = type(settings).__name__
+        raise SettingsError(f"{name}: {value} must hold a JSON object, got a {kind}.")
+    return settings
+
+
+@config.when(start="base")
+def scaling_arguments(
+    device: torch.device,
+    mixed_precision: str,
+    gradient_checkpointing: bool = False,
+    deepspeed: str | dict[str, Any] | None = None,
+    fsdp: bool = False,
+    fsdp_config: str | dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The training arguments that take a run beyond one process in fp32: mixed precision,
+    gradient checkpointing, DeepSpeed or FSDP, and data-parallel (DDP) settings.
+
+    Several processes come from the launcher (`torchrun`, `accelerate launch`), not from here:
+    the Trainer reads their layout from the environment.
+
+    :param device: where training runs (DeepSpeed and FSDP need CUDA GPUs).
+    :param mixed_precision: "no", "bf16" or "fp16".
+    :param gradient_checkpointing: recompute activations in the backward pass to save memory.
+    :param deepspeed: a DeepSpeed JSON config file (ZeRO stage, offload, ...), or its contents.
+    :param fsdp: shard the model, gradients and optimizer state across the processes with
+        PyTorch FSDP instead of replicating the model (DDP).
+    :param fsdp_config: a JSON file of FSDP settings (or its contents), e.g.
+        {"version": 2, "reshard_after_forward": true, "cpu_offload": false}.
+    """
+    arguments: dict[str, Any] = {
+        "bf16": mixed_precision == "bf16",
+        "fp16": mixed_precision == "fp16",
+        # every LoRA weight takes part in every step: DDP need not search for unused ones
+        "ddp_find_unused_parameters": False,
+    }
+    if gradient_checkpointing:
+        arguments["gradient_checkpointing"] = True
+        arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if deepspeed is not None and fsdp:
+        raise SettingsError("deepspeed and fsdp exclude each other; set at most one.")
+    if fsdp_config is not None and not fsdp:
+        raise SettingsError("fsdp_config is only used with fsdp; set fsdp too (--fsdp).")
+    if deepspeed is not None:
+        arguments["deepspeed"] = _json_settings(deepspeed, "deepspeed")
+    if fsdp:
+        arguments["fsdp"] = True
+        if fsdp_config is not None:
+            arguments["fsdp_config"] = _json_settings(fsdp_config, "fsdp_config")
+    for setting in ("deepspeed", "fsdp"):
+        if setting in arguments and device.type != "cuda":
+            raise SettingsError(
+                f"{setting} needs CUDA GPUs; this machine has none (on the CPU, several "
+                f"processes train with plain DDP: launch with torchrun and leave {setting} off)."
+            )
+    if "deepspeed" in arguments:
+        require_package("deepspeed", "deepspeed")
+    return arguments
+
+
 @config.when(start="base")
 def training_arguments(
     train_set: pd.DataFrame,
     device: torch.device,
+    scaling_arguments: dict[str, Any],
     output_dir: str = DEFAULT_OUTPUT_DIR,
     num_train_epochs: float | int = 2.0,
     max_steps: int = -1,
@@ -52,10 +127,11 @@ def training_arguments(
 
     :param train_set: the training set (its size sets the logging and evaluation steps).
     :param device: where training runs.
+    :param scaling_arguments: precision, memory and multi-process settings.
     :param output_dir: the run's output directory; Trainer checkpoints go to its `checkpoints/`.
     :param num_train_epochs: passes over the training set.
     :param max_steps: if positive, the number of optimizer steps, overriding num_train_epochs.
-    :param per_device_train_batch_size: examples per training batch.
+    :param per_device_train_batch_size: examples per training batch of each process.
     :param per_device_eval_batch_size: examples per evaluation batch.
     :param learning_rate: peak learning rate of AdamW (LoRA takes a higher one than full tuning).
     :param gradient_accumulation_steps: batches per optimizer step.
@@ -72,7 +148,7 @@ def training_arguments(
     if max_steps <= 0:
         _check_positive(num_train_epochs=num_train_epochs)
     steps_per_epoch = math.ceil(
-        len(train_set) / (per_device_train_batch_size * gradient_accumulation_steps)
+        len(train_set) / (per_device_train_batch_size * gradient_accumulation_steps * world_size())
     )
     per_epoch = max_steps <= 0 or max_steps >= steps_per_epoch
     arguments: dict[str, Any] = {
@@ -98,6 +174,7 @@ def training_arguments(
         "train_sampling_strategy": "group_by_length",
         "report_to": "none",
         "use_cpu": device.type == "cpu",
+        **scaling_arguments,
     }
     arguments.update(extra_training_args or {})
     known = {field.name for field in dataclasses.fields(Seq2SeqTrainingArguments)}
@@ -129,17 +206,18 @@ def data_collator(
 def trainer(
     tokenized_train: list[dict[str, list[int]]],
     tokenized_validation: list[dict[str, list[int]]],
-    peft_model: PeftModel,
     training_arguments: Seq2SeqTrainingArguments,
+    peft_model: PeftModel,
     data_collator: DataCollatorForSeq2Seq,
     tokenizer: PreTrainedTokenizerBase,
 ) -> Seq2SeqTrainer:
     """The trainer, set up and not yet run.
 
-    The data comes first among the parameters: Hamilton computes dependencies in parameter
-    order, so bad data is refused before the model is loaded.
+    The data and then the training arguments come first among the parameters: Hamilton computes
+    dependencies in parameter order, so bad data and bad settings are refused before the model
+    is loaded (and DeepSpeed ZeRO-3 is configured before the model exists, as it must be).
     """
-    return Seq2SeqTrainer(
+    trainer = Seq2SeqTrainer(
         model=peft_model,
         args=training_arguments,
         data_collator=data_collator,
@@ -147,6 +225,11 @@ def trainer(
         eval_dataset=tokenized_validation,
         processing_class=tokenizer,
     )
+    # Seq2seq models (T5, BART) average their loss over their own batch and ignore the
+    # Trainer's token count, so the Trainer must average over accumulation steps and processes
+    # itself; otherwise gradients and logged losses grow with both.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 @config.when(start="base")

@@ -1,0 +1,288 @@
+"""Beyond one process: torchrun data parallelism on CPU, and the wiring of the GPU-only options
+(mixed precision, QLoRA, DeepSpeed, FSDP), which must refuse clearly on a machine without CUDA."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from hamilton import driver
+from peft import PeftModel
+from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig
+
+import finetune_module
+import run
+from finetune_module import model as model_stage
+from finetune_module.errors import SettingsError
+from finetune_module.training import scaling_arguments
+from tests.conftest import EXAMPLE_DATA, REPO, read_json, run_dag
+from tests.test_pipeline import N_HOLD_OUT, N_TRAIN, N_VALIDATION
+
+CUDA = torch.device("cuda")  # a device object only: nothing runs on it in these tests
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def _csv_rows(path: Path) -> list[tuple[str, ...]]:
+    table = pd.read_csv(path, keep_default_na=False)
+    return [tuple(row) for row in table.itertuples(index=False)]
+
+
+def test_torchrun_trains_on_two_processes_and_writes_once(
+    tiny_model_dir: Path, base_run: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port of its own
+        "--nproc_per_node",
+        "2",
+        str(REPO / "run.py"),
+        "--data",
+        str(EXAMPLE_DATA),
+        "--model-id",
+        str(tiny_model_dir),
+        "--output-dir",
+        str(out),
+        "--num_train_epochs",
+        "1",
+        "--learning_rate",
+        "5e-3",
+        "--generation-batch-size",
+        "2",  # several generation batches, so that both processes generate
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # only the main process prints the summary and writes the best model
+    assert done.stdout.count("Saved to:") == 1
+    assert done.stderr.count(f"Wrote {out / 'best_model'}") == 1
+    assert not list(out.glob(".best_model.tmp-*")) and not (out / "best_model.old").exists()
+
+    saved = read_json(out / "best_model" / "metrics.json")
+    metrics = saved["training_and_validation"]
+    assert metrics["world_size"] == 2
+    # each optimizer step took a batch of 8 on each of the 2 processes: half the steps of one
+    assert metrics["global_step"] == math.ceil(N_TRAIN / (8 * 2))
+    single = base_run["result"]["training_and_validation_set_metrics"]
+    assert set(metrics) == set(single) and single["world_size"] == 1
+    assert set(saved["hold_out"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["train_loss"])
+
+    # the answers generated in two halves equal those of one process evaluating the saved model
+    hold_out = _csv_rows(out / "best_model" / "hold_out_predictions.csv")
+    validation = _csv_rows(out / "best_model" / "validation_predictions.csv")
+    assert len(hold_out) == N_HOLD_OUT and len(validation) == N_VALIDATION
+    again = run_dag(
+        "presaved",
+        data_path=str(EXAMPLE_DATA),
+        output_dir=str(out),
+        generation_batch_size=2,
+    )
+    assert again["hold_out_set_predictions"] == hold_out
+    assert again["finetuned_model_on_validation_set"]["validation_predictions"] == [
+        prediction for _, prediction, _ in validation
+    ]
+    assert again["training_and_validation_set_metrics"]["eval_loss"] == pytest.approx(
+        metrics["eval_loss"], rel=1e-5
+    )
+
+
+def _trained(tiny_model_dir: Path, output_dir: Path, **inputs: Any) -> Any:
+    """The fitted trainer of a 2-step run over the data in file order."""
+    dr = (
+        driver.Builder()
+        .with_config({"start": "base"})
+        .with_modules(*finetune_module.MODULES)
+        .build()
+    )
+    settings = {
+        "data_path": str(EXAMPLE_DATA),
+        "input_text_key": "question",
+        "output_text_key": "reply",
+        "model_id": str(tiny_model_dir),
+        "output_dir": str(output_dir),
+        "max_steps": 2,
+        "extra_training_args": {"logging_steps": 1, "train_sampling_strategy": "sequential"},
+        **inputs,
+    }
+    return dr.execute(["fitted_trainer"], inputs=settings)["fitted_trainer"]
+
+
+def test_gradient_accumulation_with_checkpointing_gives_the_same_step(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    whole = _trained(tiny_model_dir, tmp_path / "a", per_device_train_batch_size=8)
+    halves = _trained(
+        tiny_model_dir,
+        tmp_path / "b",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+    )
+    assert halves.args.gradient_checkpointing
+    assert halves.model.base_model.model.is_gradient_checkpointing
+    assert not whole.model.base_model.model.is_gradient_checkpointing
+    # two half batches make the step of one whole batch: the seq2seq loss is a mean, so the
+    # Trainer must divide it by the accumulation steps (unscaled, gradients and losses double)
+    logs = [
+        [entry for entry in trainer.state.log_history if "loss" in entry]
+        for trainer in (whole, halves)
+    ]
+    for one, two in zip(*logs, strict=True):
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=0.15)
+        assert two["loss"] == pytest.approx(one["loss"], rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_only_model_dir(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny model's directory without its weights: loading the model from it fails."""
+    path = tmp_path_factory.mktemp("no-weights")
+    for file in tiny_model_dir.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"bf16": True}, r"^bf16 needs a CUDA GPU with bf16 support; this machine has none"),
+        ({"fp16": True}, r"^fp16 needs a CUDA GPU; this machine has none"),
+        ({"bf16": True, "fp16": True}, r"^bf16 and fp16 exclude each other"),
+        ({"load_in_4bit": True}, r"^load_in_4bit \(a bitsandbytes-quantized .*\) needs a CUDA GPU"),
+        ({"load_in_8bit": True}, r"^load_in_8bit \(a bitsandbytes-quantized .*\) needs a CUDA GPU"),
+        ({"fsdp": True}, r"^fsdp needs CUDA GPUs; this machine has none"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, r"^deepspeed needs CUDA GPUs"),
+    ],
+)
+def test_gpu_options_refuse_on_cpu_before_the_model_loads(
+    tokenizer_only_model_dir: Path, tmp_path: Path, settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        run_dag(
+            "base",
+            data_path=str(EXAMPLE_DATA),
+            model_id=str(tokenizer_only_model_dir),
+            output_dir=str(tmp_path),
+            **settings,
+        )
+    assert not (tmp_path / "best_model").exists()
+
+
+def test_cli_refuses_bf16_on_cpu_with_exit_2(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data", str(EXAMPLE_DATA), "--model-id", str(tiny_model_dir), "--bf16"]
+    assert run.main([*argv, "--output-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: bf16 needs a CUDA GPU with bf16 support; this machine has none")
+    assert "\n" not in error
+
+
+def test_mixed_precision_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert model_stage.mixed_precision(CUDA) == "no"
+    assert model_stage.mixed_precision(CUDA, fp16=True) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)
+    assert model_stage.mixed_precision(CUDA, bf16=True) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    with pytest.raises(SettingsError, match=r"^bf16 needs .*; Tesla T4 has none: use fp16"):
+        model_stage.mixed_precision(CUDA, bf16=True)
+
+
+def test_quantization_config_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert model_stage.quantization_config(CUDA, "no") is None
+    with pytest.raises(SettingsError, match="exclude each other"):
+        model_stage.quantization_config(CUDA, "no", load_in_4bit=True, load_in_8bit=True)
+    if not _installed("bitsandbytes"):
+        with pytest.raises(
+            SettingsError, match=r"^load_in_4bit needs the bitsandbytes package, which is not"
+        ):
+            model_stage.quantization_config(CUDA, "bf16", load_in_4bit=True)
+    monkeypatch.setattr(model_stage, "require_package", lambda *_: None)
+    four = model_stage.quantization_config(CUDA, "bf16", load_in_4bit=True)
+    assert isinstance(four, BitsAndBytesConfig) and four.load_in_4bit
+    assert four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.bfloat16
+    eight = model_stage.quantization_config(CUDA, "no", load_in_8bit=True)
+    assert eight.load_in_8bit and not eight.load_in_4bit
+
+
+def test_a_quantized_base_is_prepared_for_training(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    prepare = model_stage.prepare_model_for_kbit_training
+
+    def recording_prepare(model: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return prepare(model, **kwargs)
+
+    monkeypatch.setattr(model_stage, "prepare_model_for_kbit_training", recording_prepare)
+    base = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    lora = model_stage.lora_config(base)
+    peft = model_stage.peft_model__base(
+        base, lora, BitsAndBytesConfig(load_in_4bit=True), gradient_checkpointing=True
+    )
+    checkpointing = {"use_reentrant": False}
+    assert calls == [
+        {"use_gradient_checkpointing": True, "gradient_checkpointing_kwargs": checkpointing}
+    ]
+    assert isinstance(peft, PeftModel)
+    trainable = [name for name, p in peft.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    model_stage.peft_model__base(
+        AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir)), lora, None
+    )
+    assert len(calls) == 1  # a full-precision base is left as it is
+
+
+def test_scaling_arguments_pass_through(tmp_path: Path) -> None:
+    plain = scaling_arguments(torch.device("cpu"), "no")
+    assert plain == {"bf16": False, "fp16": False, "ddp_find_unused_parameters": False}
+    fsdp_file = tmp_path / "fsdp.json"
+    fsdp_file.write_text(json.dumps({"version": 2, "reshard_after_forward": True}))
+    arguments = scaling_arguments(
+        CUDA, "bf16", gradient_checkpointing=True, fsdp=True, fsdp_config=str(fsdp_file)
+    )
+    assert arguments["bf16"] and not arguments["fp16"]
+    assert arguments["gradient_checkpointing"]
+    assert arguments["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert arguments["fsdp"] is True
+    assert arguments["fsdp_config"] == {"version": 2, "reshard_after_forward": True}
+
+
+def test_bad_deepspeed_and_fsdp_settings_are_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "ds.json"
+    with pytest.raises(SettingsError, match=rf"^deepspeed: no such file '{missing}'"):
+        scaling_arguments(CUDA, "no", deepspeed=str(missing))
+    missing.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(SettingsError, match=rf"^deepspeed: {missing} is not valid JSON \(.*line 1"):
+        scaling_arguments(CUDA, "no", deepspeed=str(missing))
+    missing.write_text("[1, 2]")
+    with pytest.raises(SettingsError, match="must hold a JSON object, got a list"):
+        scaling_arguments(CUDA, "no", deepspeed=str(missing))
+    missing.write_text('{"zero_optimization": {"stage": 2}}')
+    if not _installed("deepspeed"):
+        with pytest.raises(SettingsError, match=r"^deepspeed needs the deepspeed package"):
+            scaling_arguments(CUDA, "no", deepspeed=str(missing))
+    with pytest.raises(SettingsError, match=r"^deepspeed and fsdp exclude each other"):
+        scaling_arguments(CUDA, "no", deepspeed=str(missing), fsdp=True)
+    with pytest.raises(SettingsError, match=r"^fsdp_config is only used with fsdp"):
+        scaling_arguments(CUDA, "no", fsdp_config={"version": 2})
