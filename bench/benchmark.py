@@ -3,6 +3,7 @@
     python -m bench.benchmark                    # the full benchmark (a few minutes on 2 cores)
     python -m bench.benchmark --quick            # a tiny model: checks the benchmark itself runs
     python -m bench.benchmark --ablate fixed-padding --max-steps 8   # one lever switched off
+    python -m bench.benchmark --nproc 2          # data-parallel: 2 processes under torchrun
 
 It builds the model locally (random weights; flan-t5-small's shape: d_model 512, 8+8 layers,
 6 heads, gated-GELU d_ff 1024, vocabulary 32128) and a ~400-record dataset with a real support
@@ -23,6 +24,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +40,7 @@ from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from bench.data import build_dataset
+from finetune_module import distributed
 from finetune_module.tiny_model import build_t5, texts_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,6 +172,33 @@ def forward_flops(config: PretrainedConfig, source_length: int, target_length: i
     return 2.0 * (encoder + decoder + t * d * config.vocab_size)
 
 
+def _summed_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the processes of a data-parallel run (times: the slowest's)."""
+    if distributed.world_size() == 1:
+        return values
+    from accelerate.utils import gather_object
+
+    every = gather_object([values])
+    return {
+        k: max(v[k] for v in every) if k == "seconds" else sum(v[k] for v in every) for k in values
+    }
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Runs the benchmark in `--nproc` processes under torchrun, each with its share of cores;
+    the machine's matmul peak is measured first, with every core."""
+    _prepare(args, Path(args.workdir))  # once, before the processes start
+    peak = matmul_gflops()
+    rest = [
+        a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", "bench.benchmark", *rest,
+               "--matmul-peak", str(peak)]  # fmt: skip
+    return subprocess.run(command, env=env, cwd=REPO).returncode
+
+
 def _overrides(ablation: str, caps: dict[str, Any]) -> dict[str, Any]:
     """Hamilton overrides that switch one lever off."""
     if ablation == "fixed-padding":
@@ -181,21 +212,28 @@ def _overrides(ablation: str, caps: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The benchmark's dataset and model in `work`, built unless already there."""
+    work.mkdir(parents=True, exist_ok=True)
+    size = "tiny" if args.quick else "flan-t5-small"
+    data_path = work / f"bench-data-{args.records}.json"
+    if not data_path.exists():
+        build_dataset(REPO / "example-support-dataset.json", data_path, records=args.records)
+    model_dir = work / f"model-{size}-{args.records}"
+    if not (model_dir / "model.safetensors").exists():
+        build_t5(str(model_dir), texts_of(str(data_path)), **SHAPES[size])
+    return data_path, model_dir
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds the model and data, runs the DAG once, and returns the figures."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.ablate == "one-thread":
         torch.set_num_threads(1)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    shape = SHAPES["tiny" if args.quick else "flan-t5-small"]
-    data_path = build_dataset(
-        REPO / "example-support-dataset.json", work / "bench-data.json", records=args.records
-    )
-    model_dir = work / f"model-{'tiny' if args.quick else 'flan-t5-small'}"
-    if not (model_dir / "model.safetensors").exists():
-        build_t5(str(model_dir), texts_of(str(data_path)), **shape)
-    peak_gflops = matmul_gflops()
+    data_path, model_dir = _prepare(args, work)
+    # under --nproc the launcher measured the peak with every core before starting the ranks
+    peak_gflops = args.matmul_peak or matmul_gflops()
 
     timer = _NodeTimer()
     dr = (
@@ -229,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = dr.execute(outputs, inputs=inputs, overrides=overrides)
     dag_seconds = time.perf_counter() - started
 
+    counts = _summed_over_processes(counts)
     metrics = result["training_and_validation_set_metrics"]
     config = result["peft_model"].get_base_model().config
     train = result["tokenized_train"]
@@ -278,7 +317,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_seconds_per_answer": eval_per_answer,
         "stage_seconds": dict(sorted(stages.items(), key=lambda kv: -kv[1])),
         "dag_seconds": dag_seconds,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_rss_gb": _summed_over_processes(
+            {"gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+        )["gb"],
+        "processes": distributed.world_size(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -297,6 +339,7 @@ def _table(f: dict[str, Any]) -> str:
     """The figures as a short text table."""
     rows = [
         ("model / ablation", f"{f['model']} / {f['ablation']}"),
+        ("processes x torch threads", f"{f['processes']} x {f['torch_threads']}"),
         (
             "train examples x epochs",
             f"{f['train_examples']} x {f['epochs']:g} ({f['steps']} steps)",
@@ -359,20 +402,32 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         help="switch one lever off: " + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
     )
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torchrun)")
+    p.add_argument("--matmul-peak", type=float, help=argparse.SUPPRESS)  # set by --nproc
     p.add_argument("--workdir", help="where the model, data and run go (default: a temp dir)")
     p.add_argument(
         "--out",
         default=str(REPO / "bench" / "results" / "latest.json"),
         help="JSON file for the figures (default: %(default)s)",
     )
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.records = args.records or (60 if args.quick else 400)
     args.epochs = args.epochs or (1 if args.quick else 2)
+    if args.nproc > 1:
+        if not args.workdir:
+            args.workdir = tempfile.mkdtemp(prefix="finetune-bench-")
+            argv = [*argv, "--workdir", args.workdir]  # one directory for every process
+        return _launch(args, argv)
     figures = run(args)
+    if not distributed.is_main_process():
+        distributed.end()
+        return 0
     print(_table(figures))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     print(f"\nFigures written to {args.out}")
+    distributed.end()
     return 0
 
 
