@@ -1,5 +1,9 @@
 """finetune_module: fine-tune a sequence-to-sequence model with LoRA, as a Hamilton dataflow.
 
+The driver config chooses the variant: "start" ("base" trains, "presaved" evaluates a saved
+fine-tune), "model_type" ("seq2seq", the default, or "causal" for decoder-only models) and
+"use_lora" (True, the default, or False for full fine-tuning); `valid_configs.jsonl` lists them.
+
 ```python
 from hamilton import driver
 import finetune_module
@@ -21,6 +25,8 @@ from finetune_module.errors import (
     ModelNotAvailableError,
     SettingsError,
 )
+from finetune_module.evaluation import TASKS
+from finetune_module.model import MODEL_TYPES
 
 #: The Hamilton modules of the dataflow, in execution order.
 MODULES = (data, tokenization, model, training, evaluation, artifacts)
@@ -36,10 +42,16 @@ DEFAULT_OUTPUTS = (
 #: The valid values of the driver config's "start".
 STARTS = ("base", "presaved")
 
+#: The keys of the driver config (the rest of the settings are inputs).
+CONFIG_KEYS = ("start", "model_type", "use_lora")
+
 __all__ = [
+    "CONFIG_KEYS",
     "DEFAULT_OUTPUTS",
+    "MODEL_TYPES",
     "MODULES",
     "STARTS",
+    "TASKS",
     "DataError",
     "FinetuneInputError",
     "ModelNotAvailableError",

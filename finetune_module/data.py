@@ -7,6 +7,7 @@ configured keys, and the table is split deterministically.
 import json
 import math
 import os
+import string
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from hamilton.function_modifiers import extract_fields
 from finetune_module.errors import DataError, SettingsError
 
 SPLIT_STRATEGIES = ("random", "last")
+PROMPT_FIELDS = ("input", "context")  # the placeholders a prompt_template may use
+DEFAULT_PROMPT_TEMPLATE = "{input}"  # the input text as it is
 
 
 def _read_text(data_path: str) -> str:
@@ -191,3 +194,81 @@ def data_splits(
         "validation_set": qa_table.iloc[order[n_train : n_train + n_validation]],
         "hold_out_set": qa_table.iloc[order[n_train + n_validation :]],
     }
+
+
+def _template_fields(prompt_template: str) -> list[str]:
+    """The placeholder names in the template, checked: `{input}` once or more, `{context}`
+    optionally, nothing else."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(prompt_template) if f is not None]
+    except ValueError as e:
+        raise SettingsError(
+            f"prompt_template {prompt_template!r} is not a valid template: {e}."
+        ) from e
+    unknown = sorted({f for f in fields if f not in PROMPT_FIELDS}, key=fields.index)
+    if unknown:
+        raise SettingsError(
+            f"prompt_template has unknown placeholders: {', '.join('{' + f + '}' for f in unknown)}"
+            "; it may use {input} and {context} (write {{ and }} for literal braces)."
+        )
+    if "input" not in fields:
+        raise SettingsError(f"prompt_template {prompt_template!r} must contain {{input}}.")
+    return fields
+
+
+def _context_text(record: dict[str, Any], keys: list[str], index: int, data_path: str) -> str:
+    """The record's context: the texts under `keys` (each a string or a list of strings),
+    one per line."""
+    texts = []
+    for key in keys:
+        if key not in record:
+            raise DataError(f"{data_path}: record {index} has no key {key!r}.")
+        value = record[key]
+        parts = value if isinstance(value, list) else [value]
+        if not all(isinstance(part, str) for part in parts):
+            raise DataError(
+                f"{data_path}: record {index}, key {key!r}: expected text or a list of texts, "
+                f"found {json.dumps(value)[:60]}."
+            )
+        texts.extend(parts)
+    return "\n".join(texts)
+
+
+def prompt_texts(
+    qa_table: pd.DataFrame,
+    raw_records: list[Any],
+    data_path: str,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    context_key: str | list[str] | None = None,
+) -> list[str]:
+    """The text the model is given for each row of the table, in table order: the prompt
+    template filled with the row's input text and context. By default the input text as it is.
+
+    :param qa_table: the validated table (its index is the record's position in the file).
+    :param raw_records: the records as parsed (the context is read from them).
+    :param data_path: the data file (named in error messages).
+    :param prompt_template: the prompt, with `{input}` where the input text goes and optionally
+        `{context}` where the context goes, e.g. "Context: {context}\nQuestion: {input}\nAnswer:".
+    :param context_key: key (or list of keys) of each record's context: a text or a list of
+        texts (documents), joined one per line; requires `{context}` in the template.
+    """
+    fields = _template_fields(prompt_template)
+    keys = [context_key] if isinstance(context_key, str) else list(context_key or [])
+    if keys and "context" not in fields:
+        raise SettingsError(
+            f"context_key is set ({', '.join(map(repr, keys))}) but prompt_template "
+            f"{prompt_template!r} has no {{context}} placeholder to put it in."
+        )
+    if "context" in fields and not keys:
+        raise SettingsError(
+            "prompt_template uses {context}; set context_key to the record key that holds it."
+        )
+    for key in keys:
+        _check_key_exists(raw_records, key, data_path)
+    return [
+        prompt_template.format(
+            input=text,
+            context=_context_text(raw_records[index], keys, index, data_path) if keys else "",
+        )
+        for index, text in zip(qa_table.index, qa_table["input_text"], strict=True)
+    ]

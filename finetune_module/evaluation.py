@@ -2,37 +2,45 @@
 
 Generation is deterministic by default (greedy; beam search with `num_beams > 1`), runs in
 batches of similar length with the KV cache, and stops at the data-derived target length.
-ROUGE is computed with the `rouge-score` package (no download needed). Under a multi-process
+ROUGE is computed with the `rouge-score` package (no download needed). When the targets are
+class labels, accuracy and macro-F1 (scikit-learn) are reported too. Under a multi-process
 launcher the batches are shared out between the processes and the results gathered, so every
 process holds the same predictions and metrics as a single-process run.
 """
 
 import re
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 import torch
 from hamilton.function_modifiers import config, extract_fields
-from peft import PeftModel
 from rouge_score import rouge_scorer
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Seq2SeqTrainer
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import confusion_matrix as _confusion_matrix
+from transformers import PreTrainedTokenizerBase, Seq2SeqTrainer
 
 from finetune_module.distributed import gathered, this_process_share, weights_sharded
 from finetune_module.errors import SettingsError
+from finetune_module.model import LanguageModel
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+TASKS = ("auto", "classification", "generation")  # values of the input "task"
+MAX_AUTO_LABELS = 20  # task="auto": at most this many distinct targets, each seen twice or more
+OTHER_LABEL = "(other)"  # confusion-matrix column of predictions outside the label set
 
 
 @config.when(start="base")
-def evaluation_model__base(fitted_trainer: Seq2SeqTrainer) -> PeftModel:
+def evaluation_model__base(fitted_trainer: Seq2SeqTrainer) -> LanguageModel:
     """The fine-tuned model to evaluate: the trainer's best checkpoint, in eval mode."""
     return fitted_trainer.model.eval()
 
 
 @config.when(start="presaved")
-def evaluation_model__presaved(peft_model: PeftModel) -> PeftModel:
-    """The fine-tuned model to evaluate: the saved adapter on its base model, in eval mode."""
-    return peft_model.eval()
+def evaluation_model__presaved(presaved_model: LanguageModel) -> LanguageModel:
+    """The fine-tuned model to evaluate: the saved fine-tune, in eval mode."""
+    return presaved_model.eval()
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -52,16 +60,20 @@ def _generate(
 
     Examples are sorted by length so that each batch pads little, then put back in order. With
     several processes each answers its share of the same batches, so the answers do not depend
-    on how many processes there are.
+    on how many processes there are. A decoder-only model's prompts are padded on the left, so
+    that its answer follows on.
     """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     answered: list[tuple[int, str]] = []
     device, sharded = _model_device(model), weights_sharded(model)
+    decoder_only = not model.config.is_encoder_decoder
     with torch.inference_mode():
         for indices in this_process_share(batches, model):
             batch = tokenizer.pad(
-                {"input_ids": [examples[i]["input_ids"] for i in indices]}, return_tensors="pt"
+                {"input_ids": [examples[i]["input_ids"] for i in indices]},
+                padding_side="left" if decoder_only else None,
+                return_tensors="pt",
             ).to(device)
             generated = model.generate(
                 input_ids=batch["input_ids"],
@@ -71,7 +83,10 @@ def _generate(
                 do_sample=False,
                 use_cache=True,
                 synced_gpus=sharded,  # sharded weights: run in step until every process is done
+                pad_token_id=tokenizer.pad_token_id,
             )
+            if decoder_only:  # the output starts with the prompt
+                generated = generated[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             answered.extend((i, text.strip()) for i, text in zip(indices, texts, strict=True))
     answers = [""] * len(examples)
@@ -106,7 +121,7 @@ def generation_settings(
 
 @extract_fields({"validation_predictions": list, "validation_references": list})
 def finetuned_model_on_validation_set(
-    evaluation_model: PeftModel,
+    evaluation_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
     tokenized_validation: list[dict[str, list[int]]],
     validation_set: pd.DataFrame,
@@ -138,17 +153,50 @@ def _rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {key: round(100 * total / n, 4) for key, total in totals.items()}
 
 
-def validation_set_metrics(
-    validation_predictions: list[str], validation_references: list[str]
+def class_labels(qa_table: pd.DataFrame, task: str = "auto") -> list[str]:
+    """The class labels when the targets are labels (sorted), else an empty list.
+
+    :param qa_table: the validated table (its targets are looked at).
+    :param task: "auto" (default): the targets are labels when there are at most 20 distinct
+        ones and each occurs at least twice; "classification": they are labels;
+        "generation": they are free text.
+    """
+    if task not in TASKS:
+        raise SettingsError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
+    counts = Counter(text.strip() for text in qa_table["output_text"])
+    looks_like_labels = len(counts) <= MAX_AUTO_LABELS and min(counts.values()) >= 2
+    if task == "classification" or (task == "auto" and looks_like_labels):
+        return sorted(counts)
+    return []
+
+
+def _text_metrics(
+    predictions: list[str], references: list[str], class_labels: list[str]
 ) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum (F-measure, 0-100) of the validation answers."""
-    return _rouge(validation_predictions, validation_references)
+    """ROUGE of the answers and, when the targets are class labels, the accuracy and macro-F1
+    (0-100) of the answers taken as labels (an answer outside the label set is wrong)."""
+    metrics = _rouge(predictions, references)
+    if class_labels:
+        predicted = [p.strip() for p in predictions]
+        expected = [r.strip() for r in references]
+        metrics["accuracy"] = round(100 * accuracy_score(expected, predicted), 4)
+        f1 = f1_score(expected, predicted, labels=class_labels, average="macro", zero_division=0)
+        metrics["macro_f1"] = round(100 * f1, 4)
+    return metrics
+
+
+def validation_set_metrics(
+    validation_predictions: list[str], validation_references: list[str], class_labels: list[str]
+) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum (F-measure, 0-100) of the validation answers, with accuracy and
+    macro_f1 (0-100) when the targets are class labels."""
+    return _text_metrics(validation_predictions, validation_references, class_labels)
 
 
 def validation_loss(
     tokenized_validation: list[dict[str, list[int]]],
-    evaluation_model: PeftModel,
-    data_collator: DataCollatorForSeq2Seq,
+    evaluation_model: LanguageModel,
+    data_collator: Callable,
     per_device_eval_batch_size: int = 8,
 ) -> float:
     """Mean cross-entropy per target token of the fine-tuned model on the validation set (with
@@ -162,6 +210,8 @@ def validation_loss(
             batch = {key: value.to(device) for key, value in data_collator(examples).items()}
             logits = evaluation_model(**batch).logits
             labels = batch["labels"]
+            if not evaluation_model.config.is_encoder_decoder:  # each position predicts the next
+                logits, labels = logits[:, :-1], labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
             )
@@ -206,7 +256,7 @@ def training_and_validation_set_metrics__presaved(
 
 
 def hold_out_set_predictions(
-    evaluation_model: PeftModel,
+    evaluation_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
     tokenized_hold_out: list[dict[str, list[int]]],
     hold_out_set: pd.DataFrame,
@@ -220,9 +270,35 @@ def hold_out_set_predictions(
     )
 
 
-def hold_out_set_metrics(hold_out_set_predictions: list[tuple[str, str, str]]) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum (F-measure, 0-100) of the hold-out answers."""
-    return _rouge(
+def hold_out_set_metrics(
+    hold_out_set_predictions: list[tuple[str, str, str]], class_labels: list[str]
+) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum (F-measure, 0-100) of the hold-out answers, with accuracy and macro_f1
+    (0-100) when the targets are class labels."""
+    return _text_metrics(
         [prediction for _, prediction, _ in hold_out_set_predictions],
         [reference for _, _, reference in hold_out_set_predictions],
+        class_labels,
+    )
+
+
+def confusion_matrix(
+    hold_out_set_predictions: list[tuple[str, str, str]], class_labels: list[str]
+) -> pd.DataFrame:
+    """The hold-out confusion matrix when the targets are class labels (else empty): counts with
+    one row per reference label and one column per predicted label, plus a last column
+    "(other)" for answers outside the label set."""
+    if not class_labels:
+        return pd.DataFrame()
+    columns = [*class_labels, OTHER_LABEL]
+    predicted = [
+        p.strip() if p.strip() in class_labels else OTHER_LABEL
+        for _, p, _ in hold_out_set_predictions
+    ]
+    expected = [r.strip() for _, _, r in hold_out_set_predictions]
+    counts = _confusion_matrix(expected, predicted, labels=columns)[: len(class_labels)]
+    return pd.DataFrame(
+        counts,
+        index=pd.Index(class_labels, name="reference"),
+        columns=pd.Index(columns, name="prediction"),
     )

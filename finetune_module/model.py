@@ -1,7 +1,10 @@
 """Model stage: where the run's files go, the device, the base model, the LoRA model.
 
-With `{"start": "base"}` a fresh LoRA adapter is put on the base model; with
-`{"start": "presaved"}` a saved adapter is loaded onto the base model it was trained from.
+With `{"start": "base"}` a fresh LoRA adapter is put on the base model (or, with
+`{"use_lora": False}`, every weight of the base model trains); with `{"start": "presaved"}` a
+saved fine-tune is loaded: an adapter onto the base model it was trained from, or a full model.
+`{"model_type": "causal"}` loads decoder-only models (GPT-2, Llama, ...) instead of
+sequence-to-sequence ones.
 """
 
 import json
@@ -11,13 +14,26 @@ import torch
 from hamilton.function_modifiers import config
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, PreTrainedModel, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    set_seed,
+)
+from transformers.pytorch_utils import Conv1D
 
 from finetune_module.distributed import process_device
 from finetune_module.errors import ModelNotAvailableError, SettingsError, require_package
 from finetune_module.loading import DEFAULT_MODEL_ID, load_pretrained
 
 DEFAULT_OUTPUT_DIR = "finetuned-model"
+MODEL_TYPES = ("seq2seq", "causal")  # values of the config key "model_type"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # a saved LoRA adapter
+MODEL_CONFIG_FILE = "config.json"  # a saved full model
+
+#: A model the dataflow trains or evaluates: a transformers model, with or without an adapter.
+LanguageModel = PreTrainedModel | PeftModel
 
 
 def best_model_dir(output_dir: str = DEFAULT_OUTPUT_DIR) -> str:
@@ -29,20 +45,29 @@ def best_model_dir(output_dir: str = DEFAULT_OUTPUT_DIR) -> str:
     return os.path.join(os.path.abspath(output_dir), "best_model")
 
 
+def _is_adapter_dir(path: str) -> bool:
+    """Whether `path` holds a saved LoRA adapter (rather than a full model)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
+
+
 @config.when(start="presaved")
 def presaved_model_dir(best_model_dir: str, presaved_model_path: str | None = None) -> str:
     """Directory of the saved fine-tune to evaluate: `presaved_model_path`, else the best model
     of `output_dir`.
 
     :param best_model_dir: where a run with the same output_dir saved its best model.
-    :param presaved_model_path: any directory holding a saved adapter (a `best_model/` folder or
-        a Trainer `checkpoint-N/` folder).
+    :param presaved_model_path: any directory holding a saved fine-tune: a LoRA adapter
+        (`adapter_config.json`) or a full model (`config.json`), such as a `best_model/` folder
+        or a Trainer `checkpoint-N/` folder.
     """
     path = os.path.abspath(presaved_model_path or best_model_dir)
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+    if not any(
+        os.path.isfile(os.path.join(path, name))
+        for name in (ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE)
+    ):
         raise ModelNotAvailableError(
-            f"No saved fine-tune in {path!r} (no adapter_config.json). Run with "
-            '{"start": "base"} first, or set presaved_model_path to a saved adapter directory.'
+            f"No saved fine-tune in {path!r} (no adapter_config.json or config.json). Run with "
+            '{"start": "base"} first, or set presaved_model_path to a saved fine-tune directory.'
         )
     return path
 
@@ -121,29 +146,62 @@ def quantization_config(
     )
 
 
-def _load_seq2seq(
+@config.when_not(model_type="causal")
+def auto_model_class__seq2seq(model_type: str = "seq2seq") -> type:
+    """The transformers class that loads the model: `AutoModelForSeq2SeqLM`, for
+    encoder-decoder models (T5, FLAN-T5, BART, ...). The default model type.
+
+    :param model_type: the config key choosing the kind of model: "seq2seq" or "causal".
+    """
+    if model_type not in MODEL_TYPES:
+        raise SettingsError(
+            f"model_type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}."
+        )
+    return AutoModelForSeq2SeqLM
+
+
+@config.when(model_type="causal")
+def auto_model_class__causal() -> type:
+    """The transformers class that loads the model: `AutoModelForCausalLM`, for decoder-only
+    models (GPT-2, Llama, Mistral, OPT, ...)."""
+    return AutoModelForCausalLM
+
+
+def _load_model(
+    auto_model_class: type,
     model_id: str,
     device: torch.device,
     trust_remote_code: bool,
     quantization_config: BitsAndBytesConfig | None,
 ) -> PreTrainedModel:
-    """A sequence-to-sequence model from `model_id` on `device`, safetensors only: in fp32, or
-    quantized by bitsandbytes (which places the weights itself) when a config is given."""
+    """The model in `model_id`, loaded with `auto_model_class` on `device`, safetensors only: in
+    fp32, or quantized by bitsandbytes (which places the weights itself) when a config is given.
+    A model of the other kind is refused with the model_type to set."""
     quantized = {"quantization_config": quantization_config, "device_map": device}
-    model = load_pretrained(
-        AutoModelForSeq2SeqLM.from_pretrained,
-        model_id,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        dtype=torch.float32,
-        **(quantized if quantization_config is not None else {}),
-    )
+    try:
+        model = load_pretrained(
+            auto_model_class.from_pretrained,
+            model_id,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+            **(quantized if quantization_config is not None else {}),
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise SettingsError(
+            f"{model_id!r} cannot be loaded with {auto_model_class.__name__}. Set the config key "
+            'model_type to "causal" for decoder-only models (GPT-2, Llama, ...) or "seq2seq" '
+            "(the default) for encoder-decoder models (T5, BART, ...)."
+        ) from e
     return model if quantization_config is not None else model.to(device)
 
 
 @config.when(start="base")
 def base_model__base(
     device: torch.device,
+    auto_model_class: type,
     quantization_config: BitsAndBytesConfig | None,
     model_id: str = DEFAULT_MODEL_ID,
     trust_remote_code: bool = False,
@@ -151,30 +209,45 @@ def base_model__base(
     """The pretrained model to fine-tune.
 
     :param device: where the model runs.
+    :param auto_model_class: the transformers class that loads it (set by model_type).
     :param quantization_config: how to quantize it (QLoRA), or None for fp32.
-    :param model_id: a Hugging Face model id or a local directory (any AutoModelForSeq2SeqLM).
+    :param model_id: a Hugging Face model id or a local directory (any AutoModelForSeq2SeqLM,
+        or any AutoModelForCausalLM with model_type "causal").
     :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
     """
-    return _load_seq2seq(model_id, device, trust_remote_code, quantization_config)
+    return _load_model(auto_model_class, model_id, device, trust_remote_code, quantization_config)
 
 
 @config.when(start="presaved")
 def base_model__presaved(
     presaved_model_dir: str,
     device: torch.device,
+    auto_model_class: type,
     quantization_config: BitsAndBytesConfig | None,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The pretrained model the saved adapter was trained from (named in its adapter_config.json).
+    """The model the saved fine-tune is built on: for a LoRA adapter, the pretrained model it
+    was trained from (named in its adapter_config.json); for a full fine-tune, the saved model.
 
     :param presaved_model_dir: the directory of the saved fine-tune.
     :param device: where the model runs.
+    :param auto_model_class: the transformers class that loads it (set by model_type).
     :param quantization_config: how to quantize it (as it was for training), or None for fp32.
     :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
     """
-    with open(os.path.join(presaved_model_dir, "adapter_config.json"), encoding="utf-8") as f:
-        base_id = json.load(f)["base_model_name_or_path"]
-    return _load_seq2seq(base_id, device, trust_remote_code, quantization_config)
+    model_id = presaved_model_dir
+    if _is_adapter_dir(presaved_model_dir):
+        path = os.path.join(presaved_model_dir, ADAPTER_CONFIG_FILE)
+        with open(path, encoding="utf-8") as f:
+            model_id = json.load(f)["base_model_name_or_path"]
+    return _load_model(auto_model_class, model_id, device, trust_remote_code, quantization_config)
+
+
+# Attention query/value projections by name, separate or fused, across common architectures.
+_ATTENTION_PROJECTIONS = (
+    *("q", "v", "q_proj", "v_proj", "query", "value"),
+    *("c_attn", "qkv_proj", "query_key_value", "Wqkv", "W_pack"),
+)
 
 
 def _default_target_modules(model: PreTrainedModel) -> list[str]:
@@ -186,9 +259,9 @@ def _default_target_modules(model: PreTrainedModel) -> list[str]:
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if isinstance(module, torch.nn.Linear | Conv1D)
     }
-    found = sorted(n for n in names if n in ("q", "v", "q_proj", "v_proj", "query", "value"))
+    found = sorted(n for n in names if n in _ATTENTION_PROJECTIONS)
     if not found:
         raise SettingsError(
             f"Cannot infer LoRA target_modules for model type {model.config.model_type!r}; "
@@ -197,7 +270,17 @@ def _default_target_modules(model: PreTrainedModel) -> list[str]:
     return found
 
 
+def _has_transposed_weights(model: PreTrainedModel, targets: list[str]) -> bool:
+    """Whether the target layers store their weights as (in, out), like GPT-2's Conv1D."""
+    return any(
+        isinstance(module, Conv1D)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets
+    )
+
+
 @config.when(start="base")
+@config.when_not(use_lora=False)
 def lora_config(
     base_model: PreTrainedModel,
     r: int = 16,
@@ -212,23 +295,29 @@ def lora_config(
     :param lora_alpha: scaling of the update (the update is multiplied by lora_alpha / r).
     :param lora_dropout: dropout on the adapter's input during training.
     :param target_modules: names of the linear layers to adapt; default `q`, `v` for T5 and the
-        attention query/value projections of other architectures.
+        attention query/value projections of other architectures (`c_attn` for GPT-2,
+        `q_proj`, `v_proj` for Llama, Mistral and OPT, ...).
     """
     if r < 1:
         raise SettingsError(f"r (the LoRA rank) must be at least 1, got {r}.")
     if not 0 <= lora_dropout < 1:
         raise SettingsError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
+    targets = list(target_modules or _default_target_modules(base_model))
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=list(target_modules or _default_target_modules(base_model)),
+        target_modules=targets,
+        fan_in_fan_out=_has_transposed_weights(base_model, targets),
         bias="none",
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=(
+            TaskType.SEQ_2_SEQ_LM if base_model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+        ),
     )
 
 
 @config.when(start="base")
+@config.when_not(use_lora=False)
 def peft_model__base(
     base_model: PreTrainedModel,
     lora_config: LoraConfig,
@@ -254,7 +343,40 @@ def peft_model__base(
     return get_peft_model(base_model, lora_config)
 
 
+@config.when(start="base")
+@config.when_not(use_lora=False)
+def trainable_model__lora(peft_model: PeftModel, use_lora: bool = True) -> LanguageModel:
+    """The model the trainer updates: the base model with its LoRA adapter (the default).
+
+    :param use_lora: the config key choosing LoRA (True, the default) or full fine-tuning
+        (False); taken here so that Hamilton refuses a value that is not a boolean.
+    """
+    return peft_model
+
+
+@config.when(start="base", use_lora=False)
+def trainable_model__full(
+    base_model: PreTrainedModel, quantization_config: BitsAndBytesConfig | None
+) -> LanguageModel:
+    """The model the trainer updates: with `{"use_lora": False}` the base model itself, every
+    weight trainable (full fine-tuning; it takes a lower learning_rate than LoRA, e.g. 5e-5).
+
+    :param quantization_config: must be None: a quantized base model trains through LoRA only.
+    """
+    if quantization_config is not None:
+        raise SettingsError(
+            "load_in_4bit and load_in_8bit quantize a frozen base model for LoRA; full "
+            "fine-tuning (use_lora False) trains every weight: leave them off, or use LoRA."
+        )
+    for parameter in base_model.parameters():
+        parameter.requires_grad_(True)
+    return base_model
+
+
 @config.when(start="presaved")
-def peft_model__presaved(base_model: PreTrainedModel, presaved_model_dir: str) -> PeftModel:
-    """The base model with the saved adapter loaded, ready for evaluation."""
-    return PeftModel.from_pretrained(base_model, presaved_model_dir, is_trainable=False)
+def presaved_model(base_model: PreTrainedModel, presaved_model_dir: str) -> LanguageModel:
+    """The saved fine-tune, ready for evaluation: its LoRA adapter on the base model, or, for a
+    full fine-tune, the saved model itself."""
+    if _is_adapter_dir(presaved_model_dir):
+        return PeftModel.from_pretrained(base_model, presaved_model_dir, is_trainable=False)
+    return base_model

@@ -9,14 +9,15 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 import torch
 from hamilton.function_modifiers import config
-from peft import PeftModel
 from transformers import (
     DataCollatorForSeq2Seq,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -24,7 +25,7 @@ from transformers import (
 
 from finetune_module.distributed import world_size
 from finetune_module.errors import SettingsError, require_package
-from finetune_module.model import DEFAULT_OUTPUT_DIR
+from finetune_module.model import DEFAULT_OUTPUT_DIR, LanguageModel
 
 LABEL_PAD_TOKEN_ID = -100  # label positions with this id are left out of the loss
 
@@ -186,18 +187,56 @@ def training_arguments(
     return Seq2SeqTrainingArguments(**arguments)
 
 
+@config.when_not(model_type="causal")
 def data_collator(
-    tokenizer: PreTrainedTokenizerBase, peft_model: PeftModel, device: torch.device
+    tokenizer: PreTrainedTokenizerBase, base_model: PreTrainedModel, device: torch.device
 ) -> DataCollatorForSeq2Seq:
     """Turns a list of examples into a batch padded to its own longest example.
 
     Labels are padded with -100 so that padding is left out of the loss; on a GPU lengths are
-    rounded up to a multiple of 8 for tensor cores.
+    rounded up to a multiple of 8 for tensor cores. The model builds the decoder's inputs.
     """
     return DataCollatorForSeq2Seq(
         tokenizer,
-        model=peft_model,
+        model=base_model,
         label_pad_token_id=LABEL_PAD_TOKEN_ID,
+        pad_to_multiple_of=8 if device.type == "cuda" else None,
+    )
+
+
+@dataclasses.dataclass
+class PromptAnswerCollator:
+    """Joins each example's prompt and answer into one sequence and pads the batch, on the
+    right, to its longest sequence; the labels are the answer's tokens, -100 elsewhere."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """The batch: `input_ids`, `attention_mask` and `labels`, all of the same shape."""
+        lengths = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id)
+        labels = torch.full((len(examples), width), LABEL_PAD_TOKEN_ID)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
+            prompt = len(example["input_ids"])
+            input_ids[row, :length] = torch.tensor(example["input_ids"] + example["labels"])
+            labels[row, prompt:length] = torch.tensor(example["labels"])
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@config.when(model_type="causal")
+def data_collator__causal(
+    tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> PromptAnswerCollator:
+    """Turns a list of prompt/answer examples into a batch for a decoder-only model: each
+    prompt followed by its answer, padded to the batch's longest, the loss on the answer only."""
+    return PromptAnswerCollator(
+        pad_token_id=tokenizer.pad_token_id,
         pad_to_multiple_of=8 if device.type == "cuda" else None,
     )
 
@@ -207,8 +246,8 @@ def trainer(
     tokenized_train: list[dict[str, list[int]]],
     tokenized_validation: list[dict[str, list[int]]],
     training_arguments: Seq2SeqTrainingArguments,
-    peft_model: PeftModel,
-    data_collator: DataCollatorForSeq2Seq,
+    trainable_model: LanguageModel,
+    data_collator: Callable,
     tokenizer: PreTrainedTokenizerBase,
 ) -> Seq2SeqTrainer:
     """The trainer, set up and not yet run.
@@ -218,7 +257,7 @@ def trainer(
     is loaded (and DeepSpeed ZeRO-3 is configured before the model exists, as it must be).
     """
     trainer = Seq2SeqTrainer(
-        model=peft_model,
+        model=trainable_model,
         args=training_arguments,
         data_collator=data_collator,
         train_dataset=tokenized_train,
@@ -227,7 +266,8 @@ def trainer(
     )
     # Seq2seq models (T5, BART) average their loss over their own batch and ignore the
     # Trainer's token count, so the Trainer must average over accumulation steps and processes
-    # itself; otherwise gradients and logged losses grow with both.
+    # itself; otherwise gradients and logged losses grow with both. (Decoder-only models are
+    # averaged the same way then: per batch, over accumulation steps and processes.)
     trainer.model_accepts_loss_kwargs = False
     return trainer
 
