@@ -4,6 +4,7 @@
     python run.py --config run.yaml --num_train_epochs 3      # flags override the file
     python run.py --start presaved --data example-support-dataset.json   # evaluate a saved one
     python run.py --dag dag.png                               # draw the dataflow, then exit
+    python run.py --data d.json --model-id ./tiny-gpt2 --model-type causal   # decoder-only
 
 Every setting is an input of the Hamilton dataflow in `finetune_module/`; a YAML file given with
 --config uses the same names as the inputs (data_path, model_id, num_train_epochs, ...).
@@ -30,6 +31,11 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, yaml.safe_load(value)
+
+
+def _with_escapes(text: str) -> str:
+    """The text with `\\n` and `\\t` typed on the command line read as a new line and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +193,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="FSDP settings file (with --fsdp)",
     )
 
+    g = p.add_argument_group("model and task kinds")
+    g.add_argument(
+        "--model-type",
+        dest="model_type",
+        choices=finetune_module.MODEL_TYPES,
+        help="seq2seq (encoder-decoder such as FLAN-T5, default) or causal (decoder-only such "
+        "as GPT-2, Llama, Mistral)",
+    )
+    g.add_argument(
+        "--full-finetune",
+        "--no-lora",
+        dest="use_lora",
+        action="store_const",
+        const=False,
+        help="train every weight and save a full model instead of a LoRA adapter "
+        "(use a lower --learning_rate, e.g. 5e-5)",
+    )
+    g.add_argument(
+        "--prompt-template",
+        dest="prompt_template",
+        type=_with_escapes,
+        metavar="TEMPLATE",
+        help="the model's input, with {input} and optionally {context}, e.g. "
+        "'Context: {context}\\nQuestion: {input}\\nAnswer:' (\\n is a new line; default: {input})",
+    )
+    g.add_argument(
+        "--context-key",
+        dest="context_key",
+        nargs="+",
+        metavar="KEY",
+        help="record key(s) of the context (a text or a list of texts) put in {context}",
+    )
+    g.add_argument(
+        "--task",
+        dest="task",
+        choices=finetune_module.TASKS,
+        help="classification adds accuracy and macro-F1 to ROUGE; auto (default) does when the "
+        "targets are at most 20 labels, each seen twice or more",
+    )
+
     g = p.add_argument_group("generation")
     g.add_argument("--num-beams", dest="num_beams", type=int, help="1 = greedy (default)")
     g.add_argument(
@@ -241,6 +287,8 @@ def _print_summary(result: dict[str, Any], start: str, seconds: float) -> None:
         "rouge2",
         "rougeL",
         "rougeLsum",
+        "accuracy",
+        "macro_f1",
         "train_runtime",
         "train_samples_per_second",
     ]
@@ -271,12 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         from hamilton import driver
 
-        dr = (
-            driver.Builder()
-            .with_config({"start": start})
-            .with_modules(*finetune_module.MODULES)
-            .build()
+        dag_config = {"start": start}
+        dag_config.update(
+            {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS if k in settings}
         )
+        dr = driver.Builder().with_config(dag_config).with_modules(*finetune_module.MODULES).build()
         if dag_path:
             dr.display_all_functions(dag_path, deduplicate_inputs=True)
             print(f"Drew the dataflow ({start}) to {dag_path}")
