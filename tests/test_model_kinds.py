@@ -12,7 +12,7 @@ import pytest
 import torch
 from hamilton import driver
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
 
 import finetune_module
 import run
@@ -25,6 +25,7 @@ from finetune_module.evaluation import (
     class_labels,
     confusion_matrix,
 )
+from finetune_module.model import trainable_model__full
 from finetune_module.tiny_model import main as build_tiny_model
 from finetune_module.tokenization import _truncate_start, tokenizer__base
 from finetune_module.training import LABEL_PAD_TOKEN_ID, PromptAnswerCollator
@@ -335,6 +336,14 @@ def test_full_finetune_trains_every_weight_and_saves_a_full_model(
     assert set(after) == set(before)
     unchanged = [key for key in before if torch.equal(before[key], after[key])]
     assert not unchanged, f"weights that did not train: {unchanged}"
+
+
+def test_full_finetune_refuses_a_quantized_base(tiny_model_dir: Path) -> None:
+    base = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+    with pytest.raises(SettingsError, match=r"full fine-tuning \(use_lora False\) trains every"):
+        trainable_model__full(base, BitsAndBytesConfig(load_in_4bit=True))
+    assert trainable_model__full(base, None) is base
+    assert all(parameter.requires_grad for parameter in base.parameters())
 
 
 # --- prompt templates and context ------------------------------------------------------------
