@@ -5,6 +5,7 @@ configured keys, and the table is split deterministically.
 """
 
 import json
+import logging
 import math
 import os
 import string
@@ -19,29 +20,62 @@ from finetune_module.errors import DataError, SettingsError
 SPLIT_STRATEGIES = ("random", "last")
 PROMPT_FIELDS = ("input", "context")  # the placeholders a prompt_template may use
 DEFAULT_PROMPT_TEMPLATE = "{input}"  # the input text as it is
+SHOWN_DUPLICATES = 10  # duplicate records named in the warning; the count covers all of them
+
+logger = logging.getLogger(__name__)
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: "null", "a number", "an object", ..."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), "an object")
 
 
 def _read_text(data_path: str) -> str:
-    """The file's text, or a clear error when it is missing or not UTF-8."""
+    """The file's text (a UTF-8 byte order mark is dropped), or a clear error when it is
+    missing, unreadable, empty or not UTF-8."""
     if not os.path.exists(data_path):
         raise DataError(f"{data_path}: no such file.")
     if os.path.isdir(data_path):
         raise DataError(f"{data_path}: is a directory, expected a JSON or JSON Lines file.")
     try:
-        with open(data_path, encoding="utf-8") as f:
-            return f.read()
+        with open(data_path, "rb") as f:
+            content = f.read()
+    except OSError as e:
+        raise DataError(f"{data_path}: cannot be read ({e.strerror}).") from e
+    try:
+        text = content.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{data_path}: not UTF-8 text (byte {e.start}); save it as UTF-8.") from e
+        line = content.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{data_path}: not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8."
+        ) from e
+    if not text.strip():
+        raise DataError(f"{data_path}: the file is empty.")
+    return text
+
+
+def _loads(text: str, where: str) -> Any:
+    """The JSON value in `text`; a value JSON allows but Python cannot hold (a number of
+    thousands of digits, nesting thousands deep) is a DataError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where}: JSON too large to read ({e}).") from e
 
 
 def _parse_json_lines(text: str, data_path: str) -> list[Any]:
-    """One JSON value per non-empty line."""
+    """One JSON value per non-empty line (lines end at "\\n" only, as JSON Lines says)."""
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(_loads(line, f"{data_path}: line {line_number}"))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{data_path}: line {line_number} is not valid JSON ({e.msg}, column {e.colno})."
@@ -59,30 +93,73 @@ def raw_records(data_path: str) -> list[Any]:
     if data_path.endswith((".jsonl", ".ndjson")):
         return _parse_json_lines(text, data_path)
     try:
-        parsed = json.loads(text)
+        parsed = _loads(text, data_path)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             return _parse_json_lines(text, data_path)
+        if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
+            raise DataError(
+                f"{data_path}: invalid JSON: the file ends before the JSON value is complete "
+                f"(truncated?): {e.msg} (line {e.lineno}, column {e.colno})."
+            ) from e
         raise DataError(
             f"{data_path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}."
         ) from e
     if not isinstance(parsed, list):
         raise DataError(
-            f"{data_path}: expected a JSON list of objects, found a {type(parsed).__name__}."
+            f"{data_path}: expected a JSON list of objects, found {_json_kind(parsed)}."
         )
     return parsed
 
 
-def _check_key_exists(records: list[Any], key: str, data_path: str) -> None:
+def _check_key_exists(records: list[dict[str, Any]], key: str, data_path: str) -> None:
     """Refuses a key that no record has, naming the keys that do exist."""
-    if any(isinstance(r, dict) and key in r for r in records):
+    if any(key in r for r in records):
         return
-    seen: list[str] = []
-    for r in records:
-        if isinstance(r, dict):
-            seen.extend(k for k in r if k not in seen)
+    seen = list(dict.fromkeys(k for r in records for k in r))
     raise DataError(
         f"{data_path}: no record has the key {key!r}; keys found: {', '.join(map(repr, seen))}."
+    )
+
+
+def _text(record: dict[str, Any], key: str, index: int, data_path: str) -> str:
+    """The record's non-empty text under `key`, or an error naming the file, record and key."""
+    if key not in record:
+        raise DataError(f"{data_path}: record {index} has no key {key!r}.")
+    value = record[key]
+    if not isinstance(value, str):
+        shown = "" if value is None else f" ({json.dumps(value)[:60]})"
+        raise DataError(
+            f"{data_path}: record {index}, key {key!r}: expected text, "
+            f"found {_json_kind(value)}{shown}."
+        )
+    if not value.strip():
+        raise DataError(f"{data_path}: record {index}, key {key!r}: empty text.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{data_path}: record {index}, key {key!r}: not valid Unicode text "
+            f"(an unpaired surrogate escape at character {e.start})."
+        ) from e
+    return value
+
+
+def _warn_about_duplicates(table: pd.DataFrame, data_path: str) -> None:
+    """Logs a warning naming the records that repeat an earlier record's input and output."""
+    repeated = table.duplicated(keep="first")
+    if not repeated.any():
+        return
+    first_of = table.reset_index().groupby(list(table.columns))["index"].transform("first")
+    pairs = [f"{i} (= {first_of[i]})" for i in table.index[repeated]]
+    shown = ", ".join(pairs[:SHOWN_DUPLICATES]) + (", ..." if len(pairs) > SHOWN_DUPLICATES else "")
+    logger.warning(
+        "%s: %d duplicated records (same input and output text as an earlier record): %s. They "
+        "are kept; a duplicate that lands in both the training and an evaluation set makes the "
+        "scores look better than they are.",
+        data_path,
+        len(pairs),
+        shown,
     )
 
 
@@ -91,6 +168,9 @@ def qa_table(
 ) -> pd.DataFrame:
     """The validated question/answer table: columns `input_text` and `output_text`, one row per
     record, indexed by the record's position in the file.
+
+    Every record must be an object whose two keys hold non-empty text; the first bad record is
+    refused with its index and key. Duplicated records are kept and reported in a warning.
 
     :param raw_records: the records as parsed from the file.
     :param data_path: the file they came from (named in error messages).
@@ -103,29 +183,20 @@ def qa_table(
         raise SettingsError(
             f"input_text_key and output_text_key are both {input_text_key!r}; they must differ."
         )
-    for key in (input_text_key, output_text_key):
-        _check_key_exists(raw_records, key, data_path)
-    rows = []
     for index, record in enumerate(raw_records):
         if not isinstance(record, dict):
             raise DataError(
-                f"{data_path}: record {index} is a {type(record).__name__}, expected an object."
+                f"{data_path}: record {index} is {_json_kind(record)}, expected an object."
             )
-        row = []
-        for key in (input_text_key, output_text_key):
-            if key not in record:
-                raise DataError(f"{data_path}: record {index} has no key {key!r}.")
-            value = record[key]
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{data_path}: record {index}, key {key!r}: expected text, "
-                    f"found {type(value).__name__} ({json.dumps(value)[:60]})."
-                )
-            if not value.strip():
-                raise DataError(f"{data_path}: record {index}, key {key!r}: empty text.")
-            row.append(value)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["input_text", "output_text"])
+    for key in (input_text_key, output_text_key):
+        _check_key_exists(raw_records, key, data_path)
+    rows = [
+        [_text(record, key, index, data_path) for key in (input_text_key, output_text_key)]
+        for index, record in enumerate(raw_records)
+    ]
+    table = pd.DataFrame(rows, columns=["input_text", "output_text"])
+    _warn_about_duplicates(table, data_path)
+    return table
 
 
 def _split_sizes(n: int, train_size: float, validation_size: float) -> tuple[int, int, int]:
@@ -172,6 +243,8 @@ def data_splits(
     for name, value in (("train_size", train_size), ("validation_size", validation_size)):
         if not 0 < value < 1:
             raise SettingsError(f"{name} must be between 0 and 1 (exclusive), got {value}.")
+    if random_state < 0:
+        raise SettingsError(f"random_state must be 0 or more, got {random_state}.")
     if split_strategy not in SPLIT_STRATEGIES:
         raise SettingsError(
             f"split_strategy must be one of {', '.join(SPLIT_STRATEGIES)}; got {split_strategy!r}."

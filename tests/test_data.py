@@ -50,22 +50,33 @@ def test_example_dataset_is_large_and_clean(example_data: Path) -> None:
     [
         ('{"question": "a", "reply": "b"}x', "line 1 is not valid JSON"),
         ('[{"question": "a",\n "reply": "b"}]]', "invalid JSON at line 2, column 16"),
-        ('[{"question": "a", "reply": "b"},', "invalid JSON"),
-        ('{"rows": []}', "expected a JSON list of objects, found a dict"),
+        ('[{"question": "a", "reply": "b"},', "invalid JSON: the file ends before the JSON"),
+        ('{"rows": []}', "expected a JSON list of objects, found an object"),
+        ('"text"', "expected a JSON list of objects, found a string"),
+        ("null", "expected a JSON list of objects, found null"),
         ("[]", "holds no records"),
-        ('[{"question": "a", "reply": "b"}, "text"]', "record 1 is a str"),
+        ("", "the file is empty"),
+        (" \n\n ", "the file is empty"),
+        ('[{"question": "a", "reply": "b"}, "text"]', "record 1 is a string, expected an object"),
+        ("[1, 2]", "record 0 is a number, expected an object"),
+        ('[["a", "b"]]', "record 0 is an array, expected an object"),
         ('[{"question": "a", "reply": "b"}, {"question": "c"}]', "record 1 has no key 'reply'"),
         (
             '[{"q": "a", "answer": "b"}]',
             "no record has the key 'question'; keys found: 'q', 'answer'",
         ),
+        ('[{"question": "a", "reply": null}]', "record 0, key 'reply': expected text, found null."),
         (
-            '[{"question": "a", "reply": null}]',
-            "record 0, key 'reply': expected text, found NoneType",
+            '[{"question": "a", "reply": "b"}, {"question": 3, "reply": "b"}]',
+            "record 1, key 'question': expected text, found a number (3)",
         ),
-        ('[{"question": 3, "reply": "b"}]', "record 0, key 'question': expected text, found int"),
-        ('[{"question": {"x": 1}, "reply": "b"}]', "found dict"),
+        ('[{"question": {"x": 1}, "reply": "b"}]', 'found an object ({"x": 1})'),
+        ('[{"question": ["a"], "reply": "b"}]', 'found an array (["a"])'),
+        ('[{"question": "a", "reply": true}]', "key 'reply': expected text, found a boolean"),
         ('[{"question": "  ", "reply": "b"}]', "record 0, key 'question': empty text"),
+        ('[{"question": "a", "reply": ""}]', "record 0, key 'reply': empty text"),
+        ('[{"question": "\\ud800", "reply": "b"}]', "key 'question': not valid Unicode text"),
+        ('[{"question": "a", "reply": "b', "ends before the JSON value is complete (truncated?)"),
     ],
 )
 def test_bad_data_gets_one_clear_error_naming_file_record_and_key(
@@ -85,13 +96,44 @@ def test_bad_json_lines_name_the_line(tmp_path: Path) -> None:
 
 
 def test_missing_and_non_utf8_files_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match=r"missing\.json: no such file"):
         raw_records(str(tmp_path / "missing.json"))
+    with pytest.raises(DataError, match="is a directory"):
+        raw_records(str(tmp_path))
     path = _write(
-        tmp_path, "latin1.json", '[{"question": "caf\xe9", "reply": "b"}]'.encode("latin-1")
+        tmp_path,
+        "latin1.json",
+        '[{"question": "a", "reply": "b"},\n {"question": "caf\xe9", "reply": "b"}]'.encode(
+            "latin-1"
+        ),
     )
-    with pytest.raises(DataError, match="not UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.json: not UTF-8 text \(byte 52, line 2\)"):
         raw_records(path)
+
+
+def test_utf8_with_byte_order_mark_and_line_separators_in_json_lines(tmp_path: Path) -> None:
+    records = [{"question": "one\u2028two\x85three", "reply": "b"}, {"question": "c", "reply": "d"}]
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+    path = _write(tmp_path, "d.jsonl", b"\xef\xbb\xbf" + lines.encode("utf-8"))
+    assert _table(path)["input_text"].tolist() == ["one\u2028two\x85three", "c"]
+
+
+def test_duplicated_records_are_kept_and_reported_with_their_indices(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = _records(4)
+    records += [records[1], {**records[0], "id": "other"}, records[1], {**records[2], "reply": "x"}]
+    path = _write(tmp_path, "d.json", json.dumps(records))
+    with caplog.at_level("WARNING", logger="finetune_module.data"):
+        table = _table(path)
+    assert len(table) == 8  # kept
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{path}: 3 duplicated records")
+    assert "4 (= 1), 5 (= 0), 6 (= 1)." in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune_module.data"):
+        _table(_write(tmp_path, "clean.json", json.dumps(_records(4))))
+    assert not caplog.records
 
 
 def _split(table: pd.DataFrame, **settings: object) -> dict[str, pd.DataFrame]:
@@ -136,3 +178,7 @@ def test_too_few_records_and_bad_fractions_are_refused() -> None:
         _split(table, train_size=1.5)
     with pytest.raises(SettingsError, match="split_strategy must be one of random, last"):
         _split(table, split_strategy="first")
+    with pytest.raises(SettingsError, match="validation_size must be between 0 and 1"):
+        _split(table, validation_size=0)
+    with pytest.raises(SettingsError, match="random_state must be 0 or more, got -1"):
+        _split(table, random_state=-1)
