@@ -8,7 +8,8 @@
 
 Every setting is an input of the Hamilton dataflow in `finetune_module/`; a YAML file given with
 --config uses the same names as the inputs (data_path, model_id, num_train_epochs, ...).
-Exit status: 0 on success, 2 on bad data or settings, 1 on any other failure.
+Exit status: 0 on success, 2 on bad data or settings, 1 on any other failure, 130 when
+interrupted (Ctrl-C).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import time
 from typing import Any
 
 import yaml
+from hamilton import driver, htypes
 
 import finetune_module
 from finetune_module import distributed
@@ -233,6 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
         "targets are at most 20 labels, each seen twice or more",
     )
 
+    g = p.add_argument_group("resuming")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        "--resume-from-checkpoint",
+        "--resume",
+        dest="resume_from_checkpoint",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue a killed run from the last complete checkpoint in OUTPUT_DIR/checkpoints, "
+        "or from the checkpoint-N folder given",
+    )
+    g.add_argument(
+        "--init-adapter-path",
+        dest="init_adapter_path",
+        metavar="DIR",
+        help="with --start base: continue training this saved adapter (a best_model or "
+        "checkpoint-N folder) instead of a fresh LoRA",
+    )
+
     g = p.add_argument_group("generation")
     g.add_argument("--num-beams", dest="num_beams", type=int, help="1 = greedy (default)")
     g.add_argument(
@@ -256,10 +278,22 @@ def settings_from(argv: list[str]) -> dict[str, Any]:
     flags = vars(parser.parse_args(argv))
     settings: dict[str, Any] = {}
     if "config" in flags:
-        with open(flags.pop("config"), encoding="utf-8") as f:
-            settings = yaml.safe_load(f) or {}
+        config_path = flags.pop("config")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                settings = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise finetune_module.SettingsError(
+                f"--config {config_path}: cannot be read ({e.strerror})."
+            ) from e
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise finetune_module.SettingsError(
+                f"--config {config_path}: not valid YAML ({' '.join(str(e).split())})."
+            ) from e
         if not isinstance(settings, dict):
-            raise finetune_module.SettingsError("The --config file must hold a mapping.")
+            raise finetune_module.SettingsError(
+                f"--config {config_path}: must hold a mapping of input names to values."
+            )
         known = {a.dest for a in parser._actions} - {"help", "config"}
         unknown = sorted(set(settings) - known)
         if unknown:
@@ -274,6 +308,30 @@ def settings_from(argv: list[str]) -> dict[str, Any]:
         }
     settings.update(flags)
     return settings
+
+
+def _check_types(dr: driver.Driver, settings: dict[str, Any]) -> None:
+    """Refuses settings whose type does not fit the dataflow's input, one line per setting."""
+    types = {v.name: v.type for v in dr.list_available_variables() if v.is_external_input}
+    wrong = []
+    for name, value in settings.items():
+        if name in types and not htypes.check_input_type(types[name], value):
+            hint = ""
+            if isinstance(value, str) and _is_number(value):
+                hint = " (YAML reads numbers like 1e-3 as text: write 0.001 or 1.0e-3)"
+            expected = getattr(types[name], "__name__", str(types[name])).replace("typing.", "")
+            wrong.append(f"{name} must be {expected}, got {value!r}{hint}")
+    if wrong:
+        raise finetune_module.SettingsError("; ".join(wrong) + ".")
+
+
+def _is_number(text: str) -> bool:
+    """Whether the text spells a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _print_summary(result: dict[str, Any], start: str, seconds: float) -> None:
@@ -313,17 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         start = settings.pop("start", "base")
         dag_path = settings.pop("dag", None)
         settings.pop("debug", None)
-        if start not in finetune_module.STARTS:
-            raise finetune_module.SettingsError(
-                f"start must be one of {', '.join(finetune_module.STARTS)}; got {start!r}."
-            )
-        from hamilton import driver
-
-        dag_config = {"start": start}
-        dag_config.update(
-            {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS if k in settings}
-        )
-        dr = driver.Builder().with_config(dag_config).with_modules(*finetune_module.MODULES).build()
+        config = {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS[1:] if k in settings}
+        dr = finetune_module.build_driver(start, **config)
         if dag_path:
             dr.display_all_functions(dag_path, deduplicate_inputs=True)
             print(f"Drew the dataflow ({start}) to {dag_path}")
@@ -333,8 +382,14 @@ def main(argv: list[str] | None = None) -> int:
             raise finetune_module.SettingsError("--data (or data_path in --config) is required.")
         settings.setdefault("input_text_key", "question")
         settings.setdefault("output_text_key", "reply")
+        outputs = list(finetune_module.DEFAULT_OUTPUTS)
+        _check_types(dr, settings)
+        try:  # anything else Hamilton would refuse, before anything runs
+            dr.validate_execution(outputs, inputs=settings)
+        except ValueError as e:
+            raise finetune_module.SettingsError(" ".join(str(e).split())) from e
         began = time.perf_counter()
-        result = dr.execute(list(finetune_module.DEFAULT_OUTPUTS), inputs=settings)
+        result = dr.execute(outputs, inputs=settings)
         if distributed.is_main_process():
             _print_summary(result, start, time.perf_counter() - began)
         distributed.end()
@@ -344,6 +399,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(
+            "error: interrupted. Saved models are complete or untouched; run again with "
+            "--resume_from_checkpoint to continue training from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as e:
         if debug:
             raise

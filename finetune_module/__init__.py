@@ -16,7 +16,13 @@ result = dr.execute(
             "input_text_key": "question", "output_text_key": "reply"},
 )
 ```
+`finetune_module.build_driver("base")` builds the same driver, refusing an unknown start or
+config key.
 """
+
+from typing import Any
+
+from hamilton import driver
 
 from finetune_module import artifacts, data, evaluation, model, tokenization, training
 from finetune_module.errors import (
@@ -45,6 +51,23 @@ STARTS = ("base", "presaved")
 #: The keys of the driver config (the rest of the settings are inputs).
 CONFIG_KEYS = ("start", "model_type", "use_lora")
 
+
+def build_driver(start: str = "base", **config: Any) -> driver.Driver:
+    """The dataflow's Hamilton driver for `start` ("base": fine-tune, "presaved": evaluate a
+    saved fine-tune) and the other config keys (`model_type`, `use_lora`): the same as
+    `driver.Builder().with_config({"start": start, **config}).with_modules(*MODULES).build()`,
+    with a clear error for an unknown start or config key.
+    """
+    if start not in STARTS:
+        raise SettingsError(f"start must be one of {', '.join(STARTS)}; got {start!r}.")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise SettingsError(
+            f"Unknown driver config keys: {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}."
+        )
+    return driver.Builder().with_config({"start": start, **config}).with_modules(*MODULES).build()
+
+
 __all__ = [
     "CONFIG_KEYS",
     "DEFAULT_OUTPUTS",
@@ -56,4 +79,5 @@ __all__ = [
     "FinetuneInputError",
     "ModelNotAvailableError",
     "SettingsError",
+    "build_driver",
 ]

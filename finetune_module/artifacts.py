@@ -5,6 +5,7 @@ place, so an interrupted run leaves the previous complete output (or none), neve
 Under a multi-process launcher only the main process writes; the others wait until it is done.
 """
 
+import glob
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from hamilton.function_modifiers import config
 from transformers import PreTrainedTokenizerBase, Seq2SeqTrainer
 
 from finetune_module.distributed import is_main_process, wait_for_everyone
-from finetune_module.model import DEFAULT_OUTPUT_DIR
+from finetune_module.model import BACKUP_SUFFIX, DEFAULT_OUTPUT_DIR
 
 METRICS_FILE = "metrics.json"
 HOLD_OUT_PREDICTIONS_FILE = "hold_out_predictions.csv"
@@ -35,14 +36,18 @@ def _atomic_directory(path: str) -> Iterator[str]:
 
     The old directory is moved aside, the new one renamed in, and the old one deleted; a
     crash between the two renames leaves the old one as `<path>.old`, restored on the next write.
+    Staging directories left by a killed run (`.<name>.tmp-*`) are removed on the next write.
     """
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    backup = f"{path}.old"
+    backup = path + BACKUP_SUFFIX
     if os.path.isdir(backup) and not os.path.exists(path):
         os.rename(backup, path)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    prefix = f".{name}.tmp-"
+    for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield staging
         if os.path.exists(path):

@@ -108,15 +108,19 @@ def generation_settings(
     :param max_new_tokens: the most tokens an answer may have (default: target_length_cap).
     :param generation_batch_size: questions answered at once.
     """
-    settings = {
+    given = {
         "num_beams": num_beams,
-        "max_new_tokens": max_new_tokens or target_length_cap,
+        "max_new_tokens": max_new_tokens,
+        "generation_batch_size": generation_batch_size,
+    }
+    for name, value in given.items():
+        if value is not None and value < 1:
+            raise SettingsError(f"{name} must be at least 1, got {value}.")
+    return {
+        "num_beams": num_beams,
+        "max_new_tokens": target_length_cap if max_new_tokens is None else max_new_tokens,
         "batch_size": generation_batch_size,
     }
-    for name, value in settings.items():
-        if value < 1:
-            raise SettingsError(f"{name} must be at least 1, got {value}.")
-    return settings
 
 
 @extract_fields({"validation_predictions": list, "validation_references": list})
@@ -200,7 +204,15 @@ def validation_loss(
     per_device_eval_batch_size: int = 8,
 ) -> float:
     """Mean cross-entropy per target token of the fine-tuned model on the validation set (with
-    several processes, each scores its share of the batches and the sums are gathered)."""
+    several processes, each scores its share of the batches and the sums are gathered).
+
+    :param per_device_eval_batch_size: examples per forward pass.
+    """
+    if per_device_eval_batch_size < 1:
+        raise SettingsError(
+            "per_device_eval_batch_size must be a positive number, "
+            f"got {per_device_eval_batch_size}."
+        )
     device = _model_device(evaluation_model)
     n, size = len(tokenized_validation), per_device_eval_batch_size
     batches = [tokenized_validation[start : start + size] for start in range(0, n, size)]

@@ -7,6 +7,9 @@ from typing import Any
 from finetune_module.errors import ModelNotAvailableError
 
 DEFAULT_MODEL_ID = "google/flan-t5-small"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 TINY_MODEL_HINT = (
     "Pass a local model directory instead (--model-id /path/to/model, or the input model_id); "
@@ -32,6 +35,8 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) ->
     model_id = resolve_model_id(model_id)
     try:
         return loader(model_id, **kwargs)
+    except ValueError as e:  # e.g. custom code that trust_remote_code=False refuses to run
+        raise ModelNotAvailableError(f"Could not load {model_id!r}: {e}") from e
     except OSError as e:
         if os.path.isdir(model_id):
             raise ModelNotAvailableError(
@@ -49,3 +54,27 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) ->
         raise ModelNotAvailableError(
             f"Could not load {model_id!r}: {reason}. {TINY_MODEL_HINT}"
         ) from e
+
+
+def saved_adapter_dir(path: str, setting: str) -> str:
+    """`path` as an absolute path, if it holds a LoRA adapter saved as safetensors.
+
+    Adapter weights saved as pickle files (`adapter_model.bin`) are refused, never loaded.
+
+    :param path: a directory written by `save_pretrained` (a best_model or checkpoint folder).
+    :param setting: the input that named it, for the error message.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        raise ModelNotAvailableError(
+            f"{setting}: no saved adapter in {path!r} (no {ADAPTER_CONFIG})."
+        )
+    if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+        pickled = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_SUFFIXES))
+        found = f" (it has {', '.join(pickled)})" if pickled else ""
+        raise ModelNotAvailableError(
+            f"{setting}: {path!r} has no {ADAPTER_WEIGHTS}{found}. Only safetensors weights are "
+            "loaded, never pickle files: load the adapter where you trust it and save it again "
+            "with save_pretrained(dir, safe_serialization=True)."
+        )
+    return path

@@ -8,6 +8,7 @@ sequence-to-sequence ones.
 """
 
 import json
+import logging
 import os
 
 import torch
@@ -25,15 +26,23 @@ from transformers.pytorch_utils import Conv1D
 
 from finetune_module.distributed import process_device
 from finetune_module.errors import ModelNotAvailableError, SettingsError, require_package
-from finetune_module.loading import DEFAULT_MODEL_ID, load_pretrained
+from finetune_module.loading import (
+    ADAPTER_CONFIG,
+    DEFAULT_MODEL_ID,
+    load_pretrained,
+    saved_adapter_dir,
+)
 
 DEFAULT_OUTPUT_DIR = "finetuned-model"
 MODEL_TYPES = ("seq2seq", "causal")  # values of the config key "model_type"
-ADAPTER_CONFIG_FILE = "adapter_config.json"  # a saved LoRA adapter
 MODEL_CONFIG_FILE = "config.json"  # a saved full model
+# An artifact directory being replaced is first renamed to `<dir>.old` (see artifacts.py).
+BACKUP_SUFFIX = ".old"
 
 #: A model the dataflow trains or evaluates: a transformers model, with or without an adapter.
 LanguageModel = PreTrainedModel | PeftModel
+
+logger = logging.getLogger(__name__)
 
 
 def best_model_dir(output_dir: str = DEFAULT_OUTPUT_DIR) -> str:
@@ -47,7 +56,7 @@ def best_model_dir(output_dir: str = DEFAULT_OUTPUT_DIR) -> str:
 
 def _is_adapter_dir(path: str) -> bool:
     """Whether `path` holds a saved LoRA adapter (rather than a full model)."""
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_FILE))
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
 
 
 @config.when(start="presaved")
@@ -61,15 +70,19 @@ def presaved_model_dir(best_model_dir: str, presaved_model_path: str | None = No
         or a Trainer `checkpoint-N/` folder.
     """
     path = os.path.abspath(presaved_model_path or best_model_dir)
+    backup = path + BACKUP_SUFFIX
+    if presaved_model_path is None and not os.path.exists(path) and os.path.isdir(backup):
+        path = backup  # a save was killed between its two renames; the previous model is here
     if not any(
-        os.path.isfile(os.path.join(path, name))
-        for name in (ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE)
+        os.path.isfile(os.path.join(path, name)) for name in (ADAPTER_CONFIG, MODEL_CONFIG_FILE)
     ):
         raise ModelNotAvailableError(
-            f"No saved fine-tune in {path!r} (no adapter_config.json or config.json). Run with "
-            '{"start": "base"} first, or set presaved_model_path to a saved fine-tune directory.'
+            f"No saved fine-tune in {path!r} (no {ADAPTER_CONFIG} or {MODEL_CONFIG_FILE}). Run "
+            'with {"start": "base"} first, or set presaved_model_path to a saved fine-tune '
+            "directory."
         )
-    return path
+    # a full model's weights are checked when it is loaded (safetensors only)
+    return saved_adapter_dir(path, "presaved_model_path") if _is_adapter_dir(path) else path
 
 
 def device() -> torch.device:
@@ -218,6 +231,18 @@ def base_model__base(
     return _load_model(auto_model_class, model_id, device, trust_remote_code, quantization_config)
 
 
+def _adapter_base_model_id(adapter_dir: str) -> str:
+    """The base model a saved adapter was trained from, as its adapter_config.json names it."""
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return str(json.load(f)["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelNotAvailableError(
+            f"{config_path}: not a usable adapter config (need the key base_model_name_or_path)."
+        ) from e
+
+
 @config.when(start="presaved")
 def base_model__presaved(
     presaved_model_dir: str,
@@ -237,9 +262,7 @@ def base_model__presaved(
     """
     model_id = presaved_model_dir
     if _is_adapter_dir(presaved_model_dir):
-        path = os.path.join(presaved_model_dir, ADAPTER_CONFIG_FILE)
-        with open(path, encoding="utf-8") as f:
-            model_id = json.load(f)["base_model_name_or_path"]
+        model_id = _adapter_base_model_id(presaved_model_dir)
     return _load_model(auto_model_class, model_id, device, trust_remote_code, quantization_config)
 
 
@@ -316,6 +339,19 @@ def lora_config(
     )
 
 
+def _load_adapter(base_model: PreTrainedModel, adapter_dir: str, is_trainable: bool) -> PeftModel:
+    """The base model with the adapter saved in `adapter_dir` (a checked safetensors adapter)."""
+    try:
+        return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
+    except (RuntimeError, ValueError) as e:  # layers or shapes of another base model
+        if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
+            raise
+        raise ModelNotAvailableError(
+            f"The adapter in {adapter_dir!r} does not fit the base model "
+            f"{base_model.config.name_or_path!r}: {' '.join(str(e).split())[:500]}"
+        ) from e
+
+
 @config.when(start="base")
 @config.when_not(use_lora=False)
 def peft_model__base(
@@ -324,15 +360,23 @@ def peft_model__base(
     quantization_config: BitsAndBytesConfig | None,
     gradient_checkpointing: bool = False,
     seed: int = 42,
+    init_adapter_path: str | None = None,
 ) -> PeftModel:
-    """The base model with a fresh, trainable LoRA adapter (only the adapter's weights train).
+    """The base model with a trainable LoRA adapter: a fresh one, or the saved one to continue
+    from when `init_adapter_path` is given (only the adapter's weights train).
 
     A quantized base is first prepared for training (peft's `prepare_model_for_kbit_training`:
     frozen, norms in fp32, input gradients on for gradient checkpointing).
 
     :param gradient_checkpointing: recompute activations in the backward pass to save memory.
     :param seed: seed of the adapter's random initialisation (and of training).
+    :param init_adapter_path: a saved adapter (a `best_model/` or `checkpoint-N/` folder) to
+        continue training instead of a fresh LoRA; its own rank and targets are kept, so the
+        LoRA settings (r, lora_alpha, ...) do not apply. It should have been trained on
+        `model_id`.
     """
+    if seed < 0:
+        raise SettingsError(f"seed must be 0 or more, got {seed}.")
     set_seed(seed)
     if quantization_config is not None:
         base_model = prepare_model_for_kbit_training(
@@ -340,7 +384,18 @@ def peft_model__base(
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    return get_peft_model(base_model, lora_config)
+    if init_adapter_path is None:
+        return get_peft_model(base_model, lora_config)
+    adapter_dir = saved_adapter_dir(init_adapter_path, "init_adapter_path")
+    trained_on = _adapter_base_model_id(adapter_dir)
+    if trained_on != base_model.config.name_or_path:
+        logger.warning(
+            "init_adapter_path: the adapter in %s was trained on %s, not on model_id %s.",
+            adapter_dir,
+            trained_on,
+            base_model.config.name_or_path,
+        )
+    return _load_adapter(base_model, adapter_dir, is_trainable=True)
 
 
 @config.when(start="base")
@@ -378,5 +433,5 @@ def presaved_model(base_model: PreTrainedModel, presaved_model_dir: str) -> Lang
     """The saved fine-tune, ready for evaluation: its LoRA adapter on the base model, or, for a
     full fine-tune, the saved model itself."""
     if _is_adapter_dir(presaved_model_dir):
-        return PeftModel.from_pretrained(base_model, presaved_model_dir, is_trainable=False)
+        return _load_adapter(base_model, presaved_model_dir, is_trainable=False)
     return base_model

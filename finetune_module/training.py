@@ -7,8 +7,10 @@ checkpoint with the lowest validation loss is loaded back at the end.
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,12 +24,16 @@ from transformers import (
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
 )
+from transformers.trainer import TRAINER_STATE_NAME
 
 from finetune_module.distributed import world_size
 from finetune_module.errors import SettingsError, require_package
 from finetune_module.model import DEFAULT_OUTPUT_DIR, LanguageModel
 
 LABEL_PAD_TOKEN_ID = -100  # label positions with this id are left out of the loss
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folders
+
+logger = logging.getLogger(__name__)
 
 
 def _check_positive(**settings: float) -> None:
@@ -109,11 +115,69 @@ def scaling_arguments(
     return arguments
 
 
+def _is_complete_checkpoint(path: str) -> bool:
+    """Whether a checkpoint folder was written to the end: the Trainer writes its
+    trainer_state.json last, after the weights, optimizer, scheduler and RNG states."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _last_complete_checkpoint(checkpoints_dir: str) -> str | None:
+    """The complete `checkpoint-N` folder with the highest N, if any."""
+    if not os.path.isdir(checkpoints_dir):
+        return None
+    steps = {
+        int(match.group(1)): os.path.join(checkpoints_dir, name)
+        for name in os.listdir(checkpoints_dir)
+        if (match := CHECKPOINT_PATTERN.fullmatch(name))
+    }
+    complete = [step for step, path in steps.items() if _is_complete_checkpoint(path)]
+    return steps[max(complete)] if complete else None
+
+
+def _checkpoint_to_resume(resume_from_checkpoint: bool | str, checkpoints_dir: str) -> str | None:
+    """The checkpoint training continues from: None for a fresh start, the last complete one
+    in `checkpoints_dir` for True, or the given checkpoint folder (checked)."""
+    if resume_from_checkpoint is False:
+        if _last_complete_checkpoint(checkpoints_dir):
+            logger.info(
+                "Training from the start; %s holds checkpoints of an earlier run "
+                "(resume_from_checkpoint=True continues from the last one).",
+                checkpoints_dir,
+            )
+        return None
+    if resume_from_checkpoint is True:
+        last = _last_complete_checkpoint(checkpoints_dir)
+        if last is None:
+            logger.warning(
+                "resume_from_checkpoint: no complete checkpoint in %s; training from the start.",
+                checkpoints_dir,
+            )
+        return last
+    path = os.path.abspath(resume_from_checkpoint)
+    if not _is_complete_checkpoint(path):
+        raise SettingsError(
+            f"resume_from_checkpoint: {path!r} is not a complete Trainer checkpoint "
+            f"(no readable {TRAINER_STATE_NAME})."
+        )
+    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        raise SettingsError(
+            f"resume_from_checkpoint: {path!r} has no .safetensors weights; only safetensors "
+            "weights are loaded, never pickle files."
+        )
+    return path
+
+
 @config.when(start="base")
 def training_arguments(
     train_set: pd.DataFrame,
     device: torch.device,
     scaling_arguments: dict[str, Any],
+    generation_settings: dict[str, int],
     output_dir: str = DEFAULT_OUTPUT_DIR,
     num_train_epochs: float | int = 2.0,
     max_steps: int = -1,
@@ -122,6 +186,7 @@ def training_arguments(
     learning_rate: float | int = 1e-3,
     gradient_accumulation_steps: int = 1,
     seed: int = 42,
+    resume_from_checkpoint: bool | str = False,
     extra_training_args: dict[str, Any] | None = None,
 ) -> Seq2SeqTrainingArguments:
     """The Hugging Face training arguments of the run.
@@ -129,6 +194,9 @@ def training_arguments(
     :param train_set: the training set (its size sets the logging and evaluation steps).
     :param device: where training runs.
     :param scaling_arguments: precision, memory and multi-process settings.
+    :param generation_settings: how answers are generated; its beams are recorded as
+        generation_num_beams, for the trainer's own `predict`, and bad generation settings are
+        refused before training starts.
     :param output_dir: the run's output directory; Trainer checkpoints go to its `checkpoints/`.
     :param num_train_epochs: passes over the training set.
     :param max_steps: if positive, the number of optimizer steps, overriding num_train_epochs.
@@ -137,6 +205,9 @@ def training_arguments(
     :param learning_rate: peak learning rate of AdamW (LoRA takes a higher one than full tuning).
     :param gradient_accumulation_steps: batches per optimizer step.
     :param seed: seed of initialisation, dropout and batch order.
+    :param resume_from_checkpoint: True to continue from the last complete checkpoint in
+        `<output_dir>/checkpoints` (training starts afresh when there is none yet), or the path
+        of a `checkpoint-N` folder to continue from; False (default) trains from the start.
     :param extra_training_args: any other `Seq2SeqTrainingArguments` field, passed straight
         through and overriding the values above (e.g. {"push_to_hub": True, "warmup_steps": 10}).
     """
@@ -148,12 +219,15 @@ def training_arguments(
     )
     if max_steps <= 0:
         _check_positive(num_train_epochs=num_train_epochs)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SettingsError(f"output_dir {output_dir!r} is a file; it must be a directory.")
+    checkpoints_dir = os.path.join(os.path.abspath(output_dir), "checkpoints")
     steps_per_epoch = math.ceil(
         len(train_set) / (per_device_train_batch_size * gradient_accumulation_steps * world_size())
     )
     per_epoch = max_steps <= 0 or max_steps >= steps_per_epoch
     arguments: dict[str, Any] = {
-        "output_dir": os.path.join(os.path.abspath(output_dir), "checkpoints"),
+        "output_dir": checkpoints_dir,
         "num_train_epochs": num_train_epochs,
         "max_steps": max_steps,
         "per_device_train_batch_size": per_device_train_batch_size,
@@ -161,6 +235,8 @@ def training_arguments(
         "learning_rate": learning_rate,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "seed": seed,
+        "resume_from_checkpoint": _checkpoint_to_resume(resume_from_checkpoint, checkpoints_dir),
+        "generation_num_beams": generation_settings["num_beams"],
         # evaluate and save each epoch (or once at the end of a run shorter than an epoch)
         "eval_strategy": "epoch" if per_epoch else "steps",
         "save_strategy": "epoch" if per_epoch else "steps",
@@ -184,7 +260,10 @@ def training_arguments(
         raise SettingsError(
             f"Unknown Seq2SeqTrainingArguments in extra_training_args: {', '.join(unknown)}."
         )
-    return Seq2SeqTrainingArguments(**arguments)
+    try:
+        return Seq2SeqTrainingArguments(**arguments)
+    except (TypeError, ValueError) as e:
+        raise SettingsError(f"Invalid training arguments: {e}") from e
 
 
 @config.when_not(model_type="causal")
@@ -274,6 +353,9 @@ def trainer(
 
 @config.when(start="base")
 def fitted_trainer(trainer: Seq2SeqTrainer) -> Seq2SeqTrainer:
-    """The trainer after training, holding the best checkpoint's weights (lowest eval_loss)."""
-    trainer.train()
+    """The trainer after training, holding the best checkpoint's weights (lowest eval_loss).
+
+    Training continues from `trainer.args.resume_from_checkpoint` when that is set.
+    """
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     return trainer

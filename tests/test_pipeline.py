@@ -112,16 +112,6 @@ def test_presaved_loads_any_checkpoint_directory(base_run: dict[str, Any], tmp_p
     assert result["hold_out_set_predictions"] == base_run["result"]["hold_out_set_predictions"]
 
 
-def test_same_seed_gives_the_same_run(base_run: dict[str, Any], tmp_path: Path) -> None:
-    again = run_dag("base", **{**base_run["inputs"], "output_dir": str(tmp_path)})
-    first = base_run["result"]
-    assert again["hold_out_set_predictions"] == first["hold_out_set_predictions"]
-    assert again["finetuned_model_on_validation_set"] == first["finetuned_model_on_validation_set"]
-    assert again["training_and_validation_set_metrics"]["train_loss"] == pytest.approx(
-        first["training_and_validation_set_metrics"]["train_loss"], rel=1e-6
-    )
-
-
 def test_save_best_models_depends_on_the_fitted_trainer() -> None:
     dr = (
         driver.Builder()
