@@ -27,6 +27,11 @@ def resolve_model_id(model_id: str) -> str:
     return model_id
 
 
+def _one_line(error: Exception) -> str:
+    """The error's message on one line, without a final full stop."""
+    return " ".join(str(error).split()).rstrip(".")
+
+
 def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) -> Any:
     """`loader(model_id, **kwargs)` (a `from_pretrained`), with one clear error when it fails.
 
@@ -36,13 +41,20 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) ->
     try:
         return loader(model_id, **kwargs)
     except ValueError as e:  # e.g. custom code that trust_remote_code=False refuses to run
-        raise ModelNotAvailableError(f"Could not load {model_id!r}: {e}") from e
+        raise ModelNotAvailableError(f"Could not load {model_id!r}: {_one_line(e)}.") from e
     except OSError as e:
         if os.path.isdir(model_id):
+            pickled = sorted(n for n in os.listdir(model_id) if n.endswith(PICKLE_SUFFIXES))
+            never = (
+                f" It has {', '.join(pickled)}: pickle weights are never loaded; save the model "
+                "again with save_pretrained (safetensors is its default)."
+                if pickled
+                else ""
+            )
             raise ModelNotAvailableError(
-                f"Could not load the model in {model_id!r}: {e}. It must hold a Hugging Face "
-                "model saved with save_pretrained (config.json, model.safetensors, tokenizer "
-                "files)."
+                f"Could not load the model in {model_id!r}: {_one_line(e)}. It must hold a "
+                "Hugging Face model saved with save_pretrained (config.json, model.safetensors, "
+                f"tokenizer files).{never}"
             ) from e
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         reason = (
