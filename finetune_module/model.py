@@ -273,17 +273,23 @@ _ATTENTION_PROJECTIONS = (
 )
 
 
+def _linear_layer_names(model: PreTrainedModel) -> set[str]:
+    """The last part of the name of every linear layer in the model ("q", "v", "wo", ...),
+    GPT-2's Conv1D layers included."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D)
+    }
+
+
 def _default_target_modules(model: PreTrainedModel) -> list[str]:
     """LoRA target modules for the model's architecture: peft's table, else every attention
     projection found by name."""
     known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
     if known:
         return list(known)
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear | Conv1D)
-    }
+    names = _linear_layer_names(model)
     found = sorted(n for n in names if n in _ATTENTION_PROJECTIONS)
     if not found:
         raise SettingsError(
@@ -325,6 +331,14 @@ def lora_config(
         raise SettingsError(f"r (the LoRA rank) must be at least 1, got {r}.")
     if not 0 <= lora_dropout < 1:
         raise SettingsError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
+    if target_modules:
+        names = _linear_layer_names(base_model)
+        unknown = [t for t in target_modules if t.rsplit(".", 1)[-1] not in names]
+        if unknown:
+            raise SettingsError(
+                f"target_modules: the model has no linear layer named {', '.join(unknown)}; "
+                f"its linear layers are {', '.join(sorted(names))}."
+            )
     targets = list(target_modules or _default_target_modules(base_model))
     return LoraConfig(
         r=r,

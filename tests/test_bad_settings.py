@@ -25,6 +25,10 @@ BAD_SETTINGS = [
     ({"seed": -1}, "seed must be 0 or more, got -1."),
     ({"r": 0}, "r (the LoRA rank) must be at least 1, got 0."),
     ({"lora_dropout": 1}, "lora_dropout must be in [0, 1), got 1."),
+    (
+        {"target_modules": ["q", "nope"]},
+        "target_modules: the model has no linear layer named nope; its linear layers are k,",
+    ),
     ({"init_adapter_path": "nowhere"}, "init_adapter_path: no saved adapter in"),
     ({"num_beams": 0}, "num_beams must be at least 1, got 0."),
     ({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0."),
@@ -33,7 +37,7 @@ BAD_SETTINGS = [
     ({"per_device_eval_batch_size": -8}, "per_device_eval_batch_size must be a positive"),
     ({"num_train_epochs": 0}, "num_train_epochs must be a positive number, got 0."),
     ({"learning_rate": 0}, "learning_rate must be a positive number, got 0."),
-    ({"resume_from_checkpoint": "nowhere"}, "resume_from_checkpoint: no saved adapter in"),
+    ({"resume_from_checkpoint": "nowhere"}, "resume_from_checkpoint: '"),
     (
         {"extra_training_args": {"eval_strategy": "sometimes"}},
         "Invalid training arguments: sometimes is not a valid IntervalStrategy",
@@ -132,7 +136,7 @@ def test_cli_bad_inputs_exit_2_with_the_message(
         ),
         ([*data, *model, "--train-size", "1"], "train_size must be between 0 and 1"),
         ([*data, *model, "--num_train_epochs", "0"], "num_train_epochs must be a positive"),
-        ([*data, *model, "--resume", str(tmp_path)], "resume_from_checkpoint: no saved adapter"),
+        ([*data, *model, "--resume", str(tmp_path)], "is not a complete Trainer checkpoint"),
         ([*data, "--model-id", "./no-such-model"], "Model directory './no-such-model' does not"),
     ]
     for args, message in cases:
