@@ -26,7 +26,7 @@ from finetune_module.artifacts import _atomic_directory
 from finetune_module.errors import SettingsError
 from finetune_module.evaluation import generation_settings
 from finetune_module.model import presaved_model_dir
-from finetune_module.training import training_arguments
+from finetune_module.training import scaling_arguments, training_arguments
 from tests.conftest import EXAMPLE_DATA, REPO, read_json, run_dag
 
 
@@ -178,8 +178,14 @@ def test_a_save_killed_between_its_renames_is_recovered(
 def _training_arguments(output_dir: Path, **inputs: Any) -> Any:
     """The training_arguments node on a small table, as the dataflow would compute it."""
     table = pd.DataFrame({"input_text": ["q"] * 16, "output_text": ["a"] * 16})
+    cpu = torch.device("cpu")
     return training_arguments(
-        table, torch.device("cpu"), generation_settings(8), str(output_dir), **inputs
+        train_set=table,
+        device=cpu,
+        scaling_arguments=scaling_arguments(cpu, "no"),
+        generation_settings=generation_settings(8),
+        output_dir=str(output_dir),
+        **inputs,
     )
 
 
