@@ -5,6 +5,8 @@
     python run.py --start presaved --data example-support-dataset.json   # evaluate a saved one
     python run.py --dag dag.png                               # draw the dataflow, then exit
     python run.py --data d.json --model-id ./tiny-gpt2 --model-type causal   # decoder-only
+    python run.py --data qa.parquet --cache .hamilton_cache   # re-runs re-use what is unchanged
+    python run.py --source sql --data sqlite:///qa.db --sql-table qa --mlflow
 
 Every setting is an input of the Hamilton dataflow in `finetune_module/`; a YAML file given with
 --config uses the same names as the inputs (data_path, model_id, num_train_epochs, ...).
@@ -24,7 +26,21 @@ from hamilton import driver, htypes
 import finetune_module
 from finetune_module import distributed
 
-CONFIG_ONLY = {"start", "dag", "debug"}  # settings of the CLI, not inputs of the dataflow
+# settings of the CLI and the driver's adapters (the driver config is finetune_module.CONFIG_KEYS)
+CONFIG_ONLY = ("dag", "debug", "cache", "mlflow", "mlflow_experiment")
+
+
+class _MaskCredentials(logging.Filter):
+    """Masks URL passwords in every log line (Hamilton logs a failing node's inputs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = finetune_module.mask_credentials(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = finetune_module.mask_credentials(text)
+            record.exc_info = None
+        return True
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -64,7 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", dest="data_path", help="JSON list or JSON Lines file of records")
+    g.add_argument(
+        "--data",
+        dest="data_path",
+        help="a JSON, JSON Lines, CSV, TSV or Parquet file, a `datasets` directory saved with "
+        "save_to_disk, or with --source sql a database URL (sqlite:///qa.db, postgresql://...)",
+    )
+    g.add_argument(
+        "--source",
+        choices=finetune_module.SOURCES,
+        help="file (default: read --data by its extension) or sql (--data is a SQLAlchemy URL)",
+    )
+    g.add_argument("--sql-table", dest="sql_table", help="with --source sql: table or view to read")
+    g.add_argument(
+        "--sql-query", dest="sql_query", help="with --source sql: a SELECT query instead"
+    )
+    g.add_argument(
+        "--split-column",
+        dest="split_column",
+        help="key whose value (train/validation/test) picks each record's set, "
+        "instead of --split-strategy",
+    )
     g.add_argument(
         "--input-key", dest="input_text_key", help="key of the input text (default: question)"
     )
@@ -269,7 +305,58 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="questions answered at once (default: 32)",
     )
+
+    g = p.add_argument_group("caching and tracking")
+    g.add_argument(
+        "--cache",
+        nargs="?",
+        const=".hamilton_cache",
+        metavar="DIR",
+        help="Hamilton's cache in DIR (default .hamilton_cache): a re-run with the same data, "
+        "model and training settings re-uses the tokenized data and the trained adapter",
+    )
+    g.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="TRACKING_URI",
+        help="log params, metrics and the saved model to MLflow (default store: ./mlruns)",
+    )
+    g.add_argument(
+        "--mlflow-experiment",
+        dest="mlflow_experiment",
+        help="MLflow experiment name (default: finetune)",
+    )
     return p
+
+
+def _adapters(cli: dict[str, Any]) -> list[Any]:
+    """The driver adapters the command line asks for: MLflow tracking with --mlflow."""
+    if "mlflow" not in cli:
+        return []
+    from finetune_module.tracking import DEFAULT_EXPERIMENT, mlflow_tracker
+
+    experiment = cli.get("mlflow_experiment") or DEFAULT_EXPERIMENT
+    return [mlflow_tracker(cli["mlflow"] or None, experiment)]
+
+
+def _print_cache_use(dr: Any, cache_dir: str) -> None:
+    """Which results the run took from the cache and which it computed."""
+    from hamilton.caching.adapter import CachingEventType
+
+    logs = dr.cache.logs(dr.cache.last_run_id, level="debug")
+    taken = sorted(
+        name
+        for name, events in logs.items()
+        if any(e.event_type == CachingEventType.GET_RESULT for e in events)
+    )
+    computed = sorted(
+        name
+        for name, events in logs.items()
+        if any(e.event_type == CachingEventType.EXECUTE_NODE for e in events)
+    )
+    print(f"Cache {cache_dir}: re-used {len(taken)} results ({', '.join(taken) or 'none'})")
+    print(f"  computed {len(computed)} ({', '.join(computed)})")
 
 
 def settings_from(argv: list[str]) -> dict[str, Any]:
@@ -365,14 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_MaskCredentials())
     logging.getLogger("hamilton").setLevel(logging.WARNING if debug else logging.CRITICAL)
     try:
         settings = settings_from(argv)
+        cli = {name: settings.pop(name) for name in CONFIG_ONLY if name in settings}
         start = settings.pop("start", "base")
-        dag_path = settings.pop("dag", None)
-        settings.pop("debug", None)
+        dag_path = cli.get("dag")
         config = {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS[1:] if k in settings}
-        dr = finetune_module.build_driver(start, **config)
+        dr = finetune_module.build_driver(
+            start, cache=cli.get("cache"), adapters=_adapters(cli), **config
+        )
         if dag_path:
             dr.display_all_functions(dag_path, deduplicate_inputs=True)
             print(f"Drew the dataflow ({start}) to {dag_path}")
@@ -392,12 +483,14 @@ def main(argv: list[str] | None = None) -> int:
         result = dr.execute(outputs, inputs=settings)
         if distributed.is_main_process():
             _print_summary(result, start, time.perf_counter() - began)
+            if cli.get("cache"):
+                _print_cache_use(dr, cli["cache"])
         distributed.end()
         return 0
     except finetune_module.FinetuneInputError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {finetune_module.mask_credentials(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:
@@ -411,9 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        print(
-            f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
-        )
+        message = finetune_module.mask_credentials(f"{type(e).__name__}: {e}")
+        print(f"error: {message} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overrides = _overrides(args.ablate, caps)
 
     counts = {"tokens": 0.0, "answers": 0.0, "seconds": 0.0}
-    outputs = [*finetune_module.DEFAULT_OUTPUTS, "tokenized_train", "peft_model"]
+    outputs = [*finetune_module.DEFAULT_OUTPUTS, "tokenized_train", "evaluation_model"]
     started = time.perf_counter()
     with _counting_generation(counts):
         result = dr.execute(outputs, inputs=inputs, overrides=overrides)
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     counts = _summed_over_processes(counts)
     metrics = result["training_and_validation_set_metrics"]
-    config = result["peft_model"].get_base_model().config
+    config = result["evaluation_model"].get_base_model().config
     train = result["tokenized_train"]
     epochs = metrics["epoch"]
     real_tokens = sum(len(x["input_ids"]) + len(x["labels"]) for x in train) * epochs

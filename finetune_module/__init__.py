@@ -20,16 +20,19 @@ result = dr.execute(
 config key.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 from hamilton import driver
 
 from finetune_module import artifacts, data, evaluation, model, tokenization, training
+from finetune_module.data import SOURCES
 from finetune_module.errors import (
     DataError,
     FinetuneInputError,
     ModelNotAvailableError,
     SettingsError,
+    mask_credentials,
 )
 from finetune_module.evaluation import TASKS
 from finetune_module.model import MODEL_TYPES
@@ -49,23 +52,42 @@ DEFAULT_OUTPUTS = (
 STARTS = ("base", "presaved")
 
 #: The keys of the driver config (the rest of the settings are inputs).
-CONFIG_KEYS = ("start", "model_type", "use_lora")
+CONFIG_KEYS = ("start", "source", "model_type", "use_lora")
 
 
-def build_driver(start: str = "base", **config: Any) -> driver.Driver:
+def build_driver(
+    start: str = "base",
+    *,
+    cache: str | None = None,
+    adapters: Sequence[Any] = (),
+    **config: Any,
+) -> driver.Driver:
     """The dataflow's Hamilton driver for `start` ("base": fine-tune, "presaved": evaluate a
-    saved fine-tune) and the other config keys (`model_type`, `use_lora`): the same as
+    saved fine-tune) and the other config keys (`source`, `model_type`, `use_lora`): the same as
     `driver.Builder().with_config({"start": start, **config}).with_modules(*MODULES).build()`,
-    with a clear error for an unknown start or config key.
+    with a clear error for an unknown start, source or config key.
+
+    :param cache: a directory for Hamilton's cache (`.with_cache(cache)`): a re-run with the same
+        data, model and training settings re-uses the tokenized data and the trained weights.
+    :param adapters: more driver adapters, e.g. `finetune_module.tracking.mlflow_tracker()`.
     """
     if start not in STARTS:
         raise SettingsError(f"start must be one of {', '.join(STARTS)}; got {start!r}.")
+    if config.get("source", "file") not in SOURCES:
+        raise SettingsError(
+            f"source must be one of {', '.join(SOURCES)}; got {config['source']!r}."
+        )
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise SettingsError(
             f"Unknown driver config keys: {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}."
         )
-    return driver.Builder().with_config({"start": start, **config}).with_modules(*MODULES).build()
+    builder = driver.Builder().with_config({"start": start, **config}).with_modules(*MODULES)
+    if cache:
+        builder = builder.with_cache(cache, log_to_file=True)
+    if adapters:
+        builder = builder.with_adapters(*adapters)
+    return builder.build()
 
 
 __all__ = [
@@ -73,6 +95,7 @@ __all__ = [
     "DEFAULT_OUTPUTS",
     "MODEL_TYPES",
     "MODULES",
+    "SOURCES",
     "STARTS",
     "TASKS",
     "DataError",
@@ -80,4 +103,5 @@ __all__ = [
     "ModelNotAvailableError",
     "SettingsError",
     "build_driver",
+    "mask_credentials",
 ]

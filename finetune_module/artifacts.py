@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
-from hamilton.function_modifiers import config
-from transformers import PreTrainedTokenizerBase, Seq2SeqTrainer
+from hamilton.function_modifiers import cache, config
+from transformers import PreTrainedTokenizerBase
 
 from finetune_module.distributed import is_main_process, wait_for_everyone
-from finetune_module.model import BACKUP_SUFFIX, DEFAULT_OUTPUT_DIR
+from finetune_module.model import BACKUP_SUFFIX, DEFAULT_OUTPUT_DIR, LanguageModel
 
 METRICS_FILE = "metrics.json"
 HOLD_OUT_PREDICTIONS_FILE = "hold_out_predictions.csv"
@@ -92,9 +92,10 @@ def _write_run_files(
     )
 
 
+@cache(behavior="recompute")  # writing files is the point: never skipped on a cached re-run
 @config.when(start="base")
 def save_best_models__base(
-    fitted_trainer: Seq2SeqTrainer,
+    evaluation_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
     best_model_dir: str,
     training_and_validation_set_metrics: dict[str, Any],
@@ -112,13 +113,9 @@ def save_best_models__base(
 
     Loadable with `PeftModel.from_pretrained(base_model, path)` or `{"start": "presaved"}`.
     """
-    # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
-    state_dict = fitted_trainer.accelerator.get_state_dict(fitted_trainer.model)
     if is_main_process():
         with _atomic_directory(best_model_dir) as staging:
-            fitted_trainer.model.save_pretrained(
-                staging, state_dict=state_dict, safe_serialization=True
-            )
+            evaluation_model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             metrics = {
                 "training_and_validation": training_and_validation_set_metrics,
@@ -139,6 +136,7 @@ def save_best_models__base(
     return best_model_dir
 
 
+@cache(behavior="recompute")
 @config.when(start="presaved")
 def save_best_models__presaved(
     presaved_model_dir: str,

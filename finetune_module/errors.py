@@ -1,6 +1,10 @@
-"""The errors this package raises for problems a user can fix (bad data, bad settings)."""
+"""The errors this package raises for problems a user can fix (bad data, bad settings), and the
+masking that keeps credentials out of every message."""
 
+import importlib
 import importlib.util
+import re
+from types import ModuleType
 
 
 class FinetuneInputError(ValueError):
@@ -30,3 +34,27 @@ def require_package(package: str, setting: str) -> None:
             f"{setting} needs the {package} package, which is not installed here: "
             "pip install -r requirements-gpu.txt"
         )
+
+
+# scheme://user:PASSWORD@host  and  ...?password=PASSWORD&...
+_URL_PASSWORD = re.compile(r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)[^@\s]*@")
+_QUERY_PASSWORD = re.compile(r"(?P<keep>\bpassword=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def mask_credentials(text: str) -> str:
+    """The text with the password of every URL in it replaced by `***`."""
+    text = _URL_PASSWORD.sub(r"\g<keep>***@", text)
+    return _QUERY_PASSWORD.sub(r"\g<keep>***", text)
+
+
+EXTRAS_HINT = "install the optional packages with `pip install -r requirements-extras.txt`"
+
+
+def import_optional(module: str, needed_for: str) -> ModuleType:
+    """The optional package `module`, or a SettingsError saying what needs it and how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SettingsError(
+            f"{needed_for} needs the optional package {module.split('.')[0]!r}: {EXTRAS_HINT}."
+        ) from e

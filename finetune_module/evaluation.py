@@ -15,15 +15,18 @@ from typing import Any
 
 import pandas as pd
 import torch
-from hamilton.function_modifiers import config, extract_fields
+from hamilton.function_modifiers import cache, config, extract_fields
+from peft import PeftModel, set_peft_model_state_dict
 from rouge_score import rouge_scorer
+from safetensors.torch import load as load_safetensors_bytes
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as _confusion_matrix
-from transformers import PreTrainedTokenizerBase, Seq2SeqTrainer
+from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, TrainerState
 
 from finetune_module.distributed import gathered, this_process_share, weights_sharded
 from finetune_module.errors import SettingsError
 from finetune_module.model import LanguageModel
+from finetune_module.training import FittedWeights
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 TASKS = ("auto", "classification", "generation")  # values of the input "task"
@@ -31,12 +34,22 @@ MAX_AUTO_LABELS = 20  # task="auto": at most this many distinct targets, each se
 OTHER_LABEL = "(other)"  # confusion-matrix column of predictions outside the label set
 
 
+@cache(behavior="disable")
 @config.when(start="base")
-def evaluation_model__base(fitted_trainer: Seq2SeqTrainer) -> LanguageModel:
-    """The fine-tuned model to evaluate: the trainer's best checkpoint, in eval mode."""
-    return fitted_trainer.model.eval()
+def evaluation_model__base(
+    fitted_weights: FittedWeights, trainable_model: LanguageModel
+) -> LanguageModel:
+    """The fine-tuned model to evaluate: the trained weights (the best checkpoint's) loaded into
+    the model as it was before training (the fresh adapter, or the base model), in eval mode."""
+    weights = load_safetensors_bytes(fitted_weights.weights)
+    if isinstance(trainable_model, PeftModel):
+        set_peft_model_state_dict(trainable_model, weights)
+    else:
+        trainable_model.load_state_dict(weights)
+    return trainable_model.eval()
 
 
+@cache(behavior="disable")
 @config.when(start="presaved")
 def evaluation_model__presaved(presaved_model: LanguageModel) -> LanguageModel:
     """The fine-tuned model to evaluate: the saved fine-tune, in eval mode."""
@@ -232,28 +245,29 @@ def validation_loss(
     return sum(total for total, _ in all_sums) / max(1, sum(tokens for _, tokens in all_sums))
 
 
-def _training_summary(trainer: Seq2SeqTrainer) -> dict[str, Any]:
+def _training_summary(state: TrainerState, world_size: int) -> dict[str, Any]:
     """The trainer's own end-of-training figures (loss, runtime, throughput, best checkpoint)."""
     summary: dict[str, Any] = {}
-    for entry in trainer.state.log_history:
+    for entry in state.log_history:
         if "train_runtime" in entry:
             summary.update({k: v for k, v in entry.items() if k != "step"})
-    summary["global_step"] = trainer.state.global_step
-    summary["world_size"] = trainer.args.world_size
-    summary["best_eval_loss"] = trainer.state.best_metric
-    summary["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    summary["global_step"] = state.global_step
+    summary["world_size"] = world_size
+    summary["best_eval_loss"] = state.best_metric
+    summary["best_model_checkpoint"] = state.best_model_checkpoint
     return summary
 
 
 @config.when(start="base")
 def training_and_validation_set_metrics__base(
-    fitted_trainer: Seq2SeqTrainer,
+    fitted_weights: FittedWeights,
+    training_arguments: Seq2SeqTrainingArguments,
     validation_loss: float,
     validation_set_metrics: dict[str, float],
 ) -> dict[str, Any]:
     """Training figures (train_loss, train_runtime, ...) with the validation loss and ROUGE."""
     return {
-        **_training_summary(fitted_trainer),
+        **_training_summary(fitted_weights.trainer_state, training_arguments.world_size),
         "eval_loss": validation_loss,
         **validation_set_metrics,
     }

@@ -4,7 +4,10 @@ With `{"start": "base"}` a fresh LoRA adapter is put on the base model (or, with
 `{"use_lora": False}`, every weight of the base model trains); with `{"start": "presaved"}` a
 saved fine-tune is loaded: an adapter onto the base model it was trained from, or a full model.
 `{"model_type": "causal"}` loads decoder-only models (GPT-2, Llama, ...) instead of
-sequence-to-sequence ones.
+sequence-to-sequence ones. The model that trains is built inside the training stage; the models
+here are what the trained weights are loaded into for evaluation. Model objects are never written
+to Hamilton's cache (`@cache(behavior="disable")`): they are loaded on each run, and only plain
+data (tokens, the trained weights) is cached.
 """
 
 import json
@@ -12,10 +15,11 @@ import logging
 import os
 
 import torch
-from hamilton.function_modifiers import config
+from hamilton.function_modifiers import cache, config
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BitsAndBytesConfig,
@@ -85,6 +89,7 @@ def presaved_model_dir(best_model_dir: str, presaved_model_path: str | None = No
     return saved_adapter_dir(path, "presaved_model_path") if _is_adapter_dir(path) else path
 
 
+@cache(behavior="disable")
 def device() -> torch.device:
     """Where this process's model runs: a CUDA GPU when there is one (under `torchrun` or
     `accelerate launch`, the process's own GPU, cuda:LOCAL_RANK), else the CPU.
@@ -201,16 +206,38 @@ def _load_model(
             **(quantized if quantization_config is not None else {}),
         )
     except ValueError as e:
-        if "Unrecognized configuration class" not in str(e):
-            raise
-        raise SettingsError(
-            f"{model_id!r} cannot be loaded with {auto_model_class.__name__}. Set the config key "
-            'model_type to "causal" for decoder-only models (GPT-2, Llama, ...) or "seq2seq" '
-            "(the default) for encoder-decoder models (T5, BART, ...)."
-        ) from e
+        _refuse_other_kind(e, model_id, auto_model_class)
     return model if quantization_config is not None else model.to(device)
 
 
+def _refuse_other_kind(error: ValueError, model_id: str, auto_model_class: type) -> None:
+    """Re-raises a loading error; a model of the other kind is refused with the model_type."""
+    if "Unrecognized configuration class" not in str(error):
+        raise error
+    raise SettingsError(
+        f"{model_id!r} cannot be loaded with {auto_model_class.__name__}. Set the config key "
+        'model_type to "causal" for decoder-only models (GPT-2, Llama, ...) or "seq2seq" '
+        "(the default) for encoder-decoder models (T5, BART, ...)."
+    ) from error
+
+
+def _weightless_model(
+    auto_model_class: type, model_id: str, trust_remote_code: bool
+) -> PreTrainedModel:
+    """The model's architecture without its weights (on the meta device): enough to name its
+    layers, with no second copy of the weights in memory."""
+    model_config = load_pretrained(
+        AutoConfig.from_pretrained, model_id, trust_remote_code=trust_remote_code
+    )
+    try:
+        with torch.device("meta"):
+            return auto_model_class.from_config(model_config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        _refuse_other_kind(e, model_id, auto_model_class)
+        raise
+
+
+@cache(behavior="disable")
 @config.when(start="base")
 def base_model__base(
     device: torch.device,
@@ -219,7 +246,7 @@ def base_model__base(
     model_id: str = DEFAULT_MODEL_ID,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The pretrained model to fine-tune.
+    """The pretrained model the trained weights are loaded into for evaluation.
 
     :param device: where the model runs.
     :param auto_model_class: the transformers class that loads it (set by model_type).
@@ -243,6 +270,7 @@ def _adapter_base_model_id(adapter_dir: str) -> str:
         ) from e
 
 
+@cache(behavior="disable")
 @config.when(start="presaved")
 def base_model__presaved(
     presaved_model_dir: str,
@@ -311,7 +339,9 @@ def _has_transposed_weights(model: PreTrainedModel, targets: list[str]) -> bool:
 @config.when(start="base")
 @config.when_not(use_lora=False)
 def lora_config(
-    base_model: PreTrainedModel,
+    auto_model_class: type,
+    model_id: str = DEFAULT_MODEL_ID,
+    trust_remote_code: bool = False,
     r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float | int = 0.05,
@@ -319,7 +349,10 @@ def lora_config(
 ) -> LoraConfig:
     """The LoRA adapter's shape: rank, scaling, dropout and which layers it adapts.
 
-    :param base_model: the model the adapter goes on (its architecture picks default targets).
+    :param auto_model_class: the transformers class of the model (set by model_type).
+    :param model_id: the model the adapter goes on: its architecture picks the default targets
+        (only its config is read, so no second copy of the weights is loaded).
+    :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
     :param r: rank of the low-rank update matrices.
     :param lora_alpha: scaling of the update (the update is multiplied by lora_alpha / r).
     :param lora_dropout: dropout on the adapter's input during training.
@@ -331,6 +364,7 @@ def lora_config(
         raise SettingsError(f"r (the LoRA rank) must be at least 1, got {r}.")
     if not 0 <= lora_dropout < 1:
         raise SettingsError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
+    base_model = _weightless_model(auto_model_class, model_id, trust_remote_code)
     if target_modules:
         names = _linear_layer_names(base_model)
         unknown = [t for t in target_modules if t.rsplit(".", 1)[-1] not in names]
@@ -366,29 +400,17 @@ def _load_adapter(base_model: PreTrainedModel, adapter_dir: str, is_trainable: b
         ) from e
 
 
-@config.when(start="base")
-@config.when_not(use_lora=False)
-def peft_model__base(
+def _trainable_adapter(
     base_model: PreTrainedModel,
     lora_config: LoraConfig,
     quantization_config: BitsAndBytesConfig | None,
-    gradient_checkpointing: bool = False,
-    seed: int = 42,
-    init_adapter_path: str | None = None,
+    gradient_checkpointing: bool,
+    seed: int,
+    init_adapter_path: str | None,
 ) -> PeftModel:
-    """The base model with a trainable LoRA adapter: a fresh one, or the saved one to continue
-    from when `init_adapter_path` is given (only the adapter's weights train).
-
-    A quantized base is first prepared for training (peft's `prepare_model_for_kbit_training`:
-    frozen, norms in fp32, input gradients on for gradient checkpointing).
-
-    :param gradient_checkpointing: recompute activations in the backward pass to save memory.
-    :param seed: seed of the adapter's random initialisation (and of training).
-    :param init_adapter_path: a saved adapter (a `best_model/` or `checkpoint-N/` folder) to
-        continue training instead of a fresh LoRA; its own rank and targets are kept, so the
-        LoRA settings (r, lora_alpha, ...) do not apply. It should have been trained on
-        `model_id`.
-    """
+    """The base model with a trainable LoRA adapter (fresh, or the saved one to continue from);
+    a quantized base is first prepared for training. (The training stage uses it too, on its own
+    copy of the base model.)"""
     if seed < 0:
         raise SettingsError(f"seed must be 0 or more, got {seed}.")
     set_seed(seed)
@@ -412,6 +434,42 @@ def peft_model__base(
     return _load_adapter(base_model, adapter_dir, is_trainable=True)
 
 
+@cache(behavior="disable")
+@config.when(start="base")
+@config.when_not(use_lora=False)
+def peft_model__base(
+    base_model: PreTrainedModel,
+    lora_config: LoraConfig,
+    quantization_config: BitsAndBytesConfig | None,
+    gradient_checkpointing: bool = False,
+    seed: int = 42,
+    init_adapter_path: str | None = None,
+) -> PeftModel:
+    """The base model with a trainable LoRA adapter: a fresh one, or the saved one to continue
+    from when `init_adapter_path` is given (only the adapter's weights train); the evaluation
+    stage loads the trained adapter's weights into it.
+
+    A quantized base is first prepared for training (peft's `prepare_model_for_kbit_training`:
+    frozen, norms in fp32, input gradients on for gradient checkpointing).
+
+    :param gradient_checkpointing: recompute activations in the backward pass to save memory.
+    :param seed: seed of the adapter's random initialisation (and of training).
+    :param init_adapter_path: a saved adapter (a `best_model/` or `checkpoint-N/` folder) to
+        continue training instead of a fresh LoRA; its own rank and targets are kept, so the
+        LoRA settings (r, lora_alpha, ...) do not apply. It should have been trained on
+        `model_id`.
+    """
+    return _trainable_adapter(
+        base_model,
+        lora_config,
+        quantization_config,
+        gradient_checkpointing,
+        seed,
+        init_adapter_path,
+    )
+
+
+@cache(behavior="disable")
 @config.when(start="base")
 @config.when_not(use_lora=False)
 def trainable_model__lora(peft_model: PeftModel, use_lora: bool = True) -> LanguageModel:
@@ -423,15 +481,11 @@ def trainable_model__lora(peft_model: PeftModel, use_lora: bool = True) -> Langu
     return peft_model
 
 
-@config.when(start="base", use_lora=False)
-def trainable_model__full(
+def _fully_trainable(
     base_model: PreTrainedModel, quantization_config: BitsAndBytesConfig | None
-) -> LanguageModel:
-    """The model the trainer updates: with `{"use_lora": False}` the base model itself, every
-    weight trainable (full fine-tuning; it takes a lower learning_rate than LoRA, e.g. 5e-5).
-
-    :param quantization_config: must be None: a quantized base model trains through LoRA only.
-    """
+) -> PreTrainedModel:
+    """The base model with every weight trainable; a quantized one is refused. (The training
+    stage uses it too, on its own copy of the base model.)"""
     if quantization_config is not None:
         raise SettingsError(
             "load_in_4bit and load_in_8bit quantize a frozen base model for LoRA; full "
@@ -442,6 +496,21 @@ def trainable_model__full(
     return base_model
 
 
+@cache(behavior="disable")
+@config.when(start="base", use_lora=False)
+def trainable_model__full(
+    base_model: PreTrainedModel, quantization_config: BitsAndBytesConfig | None
+) -> LanguageModel:
+    """The model the trainer updates: with `{"use_lora": False}` the base model itself, every
+    weight trainable (full fine-tuning; it takes a lower learning_rate than LoRA, e.g. 5e-5).
+    The evaluation stage loads the trained weights into it.
+
+    :param quantization_config: must be None: a quantized base model trains through LoRA only.
+    """
+    return _fully_trainable(base_model, quantization_config)
+
+
+@cache(behavior="disable")
 @config.when(start="presaved")
 def presaved_model(base_model: PreTrainedModel, presaved_model_dir: str) -> LanguageModel:
     """The saved fine-tune, ready for evaluation: its LoRA adapter on the base model, or, for a

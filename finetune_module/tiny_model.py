@@ -40,7 +40,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from finetune_module.data import raw_records
+from finetune_module.data import raw_records__file
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2, as in T5
 ARCHITECTURES = ("t5", "gpt2", "llama")
@@ -193,10 +193,10 @@ def _save_random_model(
 
 
 def texts_of(data_path: str) -> list[str]:
-    """Every string value of every record in a JSON or JSON Lines data file."""
+    """Every string value of every record in a data file (any format the data stage reads)."""
     return [
         value
-        for record in raw_records(data_path)
+        for record in raw_records__file(data_path)
         if isinstance(record, dict)
         for value in record.values()
         if isinstance(value, str)
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data",
         default="example-support-dataset.json",
-        help="JSON/JSONL file whose texts train the tokenizer (default: %(default)s)",
+        help="data file whose texts train the tokenizer (default: %(default)s)",
     )
     parser.add_argument("--vocab-size", type=int, default=1000, help="default: %(default)s")
     parser.add_argument("--d-model", type=int, default=64, help="default: %(default)s")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from hamilton.function_modifiers import config, parameterize, source
+from hamilton.function_modifiers import cache, config, parameterize, source
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune_module.errors import SettingsError
@@ -28,6 +28,8 @@ def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
     return tokenizer
 
 
+# tokenizers are always loaded (a model directory may change in place) and cached by content
+@cache(behavior="recompute")
 @config.when(start="base")
 def tokenizer__base(
     model_id: str = DEFAULT_MODEL_ID, trust_remote_code: bool = False
@@ -44,6 +46,7 @@ def tokenizer__base(
     )
 
 
+@cache(behavior="recompute")
 @config.when(start="presaved")
 def tokenizer__presaved(
     presaved_model_dir: str, trust_remote_code: bool = False

@@ -1,8 +1,10 @@
-"""Training stage (start=base): training arguments, collator, trainer, the fitted trainer.
+"""Training stage (start=base): training arguments, collator, the fitted weights.
 
 The Hugging Face `Seq2SeqTrainer` does the training loop. Batches are drawn grouped by length
 and padded per batch, the model is evaluated on the validation set each epoch, and the
-checkpoint with the lowest validation loss is loaded back at the end.
+checkpoint with the lowest validation loss is loaded back at the end. What training yields is
+plain data, the trained weights and the trainer's state, so that Hamilton's cache can keep it
+and a re-run with the same data, model and training settings skips training.
 """
 
 import dataclasses
@@ -16,19 +18,30 @@ from typing import Any
 
 import pandas as pd
 import torch
+from accelerate.utils import broadcast_object_list
 from hamilton.function_modifiers import config
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+from safetensors.torch import save as safetensors_bytes
 from transformers import (
+    BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
+    TrainerState,
 )
 from transformers.trainer import TRAINER_STATE_NAME
 
 from finetune_module.distributed import world_size
 from finetune_module.errors import SettingsError, require_package
-from finetune_module.model import DEFAULT_OUTPUT_DIR, LanguageModel
+from finetune_module.loading import DEFAULT_MODEL_ID
+from finetune_module.model import (
+    DEFAULT_OUTPUT_DIR,
+    LanguageModel,
+    _fully_trainable,
+    _load_model,
+    _trainable_adapter,
+)
 
 LABEL_PAD_TOKEN_ID = -100  # label positions with this id are left out of the loss
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folders
@@ -194,9 +207,9 @@ def training_arguments(
     :param train_set: the training set (its size sets the logging and evaluation steps).
     :param device: where training runs.
     :param scaling_arguments: precision, memory and multi-process settings.
-    :param generation_settings: how answers are generated; its beams are recorded as
-        generation_num_beams, for the trainer's own `predict`, and bad generation settings are
-        refused before training starts.
+    :param generation_settings: how answers are generated: taken here so that bad generation
+        settings are refused before training starts (they are not part of the arguments, so
+        that a cached re-run with other generation settings does not train again).
     :param output_dir: the run's output directory; Trainer checkpoints go to its `checkpoints/`.
     :param num_train_epochs: passes over the training set.
     :param max_steps: if positive, the number of optimizer steps, overriding num_train_epochs.
@@ -236,7 +249,6 @@ def training_arguments(
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "seed": seed,
         "resume_from_checkpoint": _checkpoint_to_resume(resume_from_checkpoint, checkpoints_dir),
-        "generation_num_beams": generation_settings["num_beams"],
         # evaluate and save each epoch (or once at the end of a run shorter than an epoch)
         "eval_strategy": "epoch" if per_epoch else "steps",
         "save_strategy": "epoch" if per_epoch else "steps",
@@ -268,16 +280,16 @@ def training_arguments(
 
 @config.when_not(model_type="causal")
 def data_collator(
-    tokenizer: PreTrainedTokenizerBase, base_model: PreTrainedModel, device: torch.device
+    tokenizer: PreTrainedTokenizerBase, device: torch.device
 ) -> DataCollatorForSeq2Seq:
     """Turns a list of examples into a batch padded to its own longest example.
 
     Labels are padded with -100 so that padding is left out of the loss; on a GPU lengths are
-    rounded up to a multiple of 8 for tensor cores. The model builds the decoder's inputs.
+    rounded up to a multiple of 8 for tensor cores. The model builds the decoder's inputs from
+    the labels; the collator holds no model, so it is plain data to Hamilton's cache.
     """
     return DataCollatorForSeq2Seq(
         tokenizer,
-        model=base_model,
         label_pad_token_id=LABEL_PAD_TOKEN_ID,
         pad_to_multiple_of=8 if device.type == "cuda" else None,
     )
@@ -320,23 +332,27 @@ def data_collator__causal(
     )
 
 
-@config.when(start="base")
-def trainer(
+@dataclasses.dataclass(frozen=True)
+class FittedWeights:
+    """What training produced, as plain data that Hamilton's cache can store and fingerprint."""
+
+    weights: bytes  # the trained weights (LoRA adapter, or every weight) in safetensors format
+    trainer_state: TrainerState  # log history, global step, best metric and checkpoint
+
+
+def _fit(
+    model: LanguageModel,
     tokenized_train: list[dict[str, list[int]]],
     tokenized_validation: list[dict[str, list[int]]],
     training_arguments: Seq2SeqTrainingArguments,
-    trainable_model: LanguageModel,
     data_collator: Callable,
     tokenizer: PreTrainedTokenizerBase,
-) -> Seq2SeqTrainer:
-    """The trainer, set up and not yet run.
-
-    The data and then the training arguments come first among the parameters: Hamilton computes
-    dependencies in parameter order, so bad data and bad settings are refused before the model
-    is loaded (and DeepSpeed ZeRO-3 is configured before the model exists, as it must be).
-    """
+) -> FittedWeights:
+    """Trains the model with a Seq2SeqTrainer (continuing from
+    `training_arguments.resume_from_checkpoint` when that is set; the best checkpoint is loaded
+    back at the end) and returns its trained weights, gathered and shared with every process."""
     trainer = Seq2SeqTrainer(
-        model=trainable_model,
+        model=model,
         args=training_arguments,
         data_collator=data_collator,
         train_dataset=tokenized_train,
@@ -348,14 +364,92 @@ def trainer(
     # itself; otherwise gradients and logged losses grow with both. (Decoder-only models are
     # averaged the same way then: per batch, over accumulation steps and processes.)
     trainer.model_accepts_loss_kwargs = False
-    return trainer
+    trainer.train(resume_from_checkpoint=training_arguments.resume_from_checkpoint)
+    # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if isinstance(trainer.model, PeftModel):
+        state_dict = get_peft_model_state_dict(trainer.model, state_dict=state_dict)
+    # copies on the CPU (tied weights become separate tensors, as safetensors wants)
+    weights = {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
+    payload = [safetensors_bytes(weights)]
+    if world_size() > 1:  # the gathered weights may live on the main process only: share them
+        broadcast_object_list(payload, from_process=0)
+    return FittedWeights(weights=payload[0], trainer_state=trainer.state)
 
 
 @config.when(start="base")
-def fitted_trainer(trainer: Seq2SeqTrainer) -> Seq2SeqTrainer:
-    """The trainer after training, holding the best checkpoint's weights (lowest eval_loss).
+@config.when_not(use_lora=False)
+def fitted_weights__lora(
+    tokenized_train: list[dict[str, list[int]]],
+    tokenized_validation: list[dict[str, list[int]]],
+    training_arguments: Seq2SeqTrainingArguments,
+    data_collator: Callable,
+    tokenizer: PreTrainedTokenizerBase,
+    auto_model_class: type,
+    lora_config: LoraConfig,
+    quantization_config: BitsAndBytesConfig | None,
+    model_id: str = DEFAULT_MODEL_ID,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    seed: int = 42,
+    init_adapter_path: str | None = None,
+) -> FittedWeights:
+    """The trained LoRA adapter: the weights of the checkpoint with the lowest validation loss,
+    and the trainer's state.
 
-    Training continues from `trainer.args.resume_from_checkpoint` when that is set.
+    The base model, the adapter and the `Seq2SeqTrainer` live only inside this node, and it
+    returns plain data: with Hamilton's caching on, a re-run with the same data, model and
+    training settings takes the weights from the cache instead of training again. The data and
+    then the training arguments come first among the parameters: Hamilton computes dependencies
+    in parameter order, so bad data and bad settings are refused before the model is loaded (and
+    DeepSpeed ZeRO-3 is configured before the model exists, as it must be).
+
+    :param auto_model_class: the transformers class that loads the base model.
+    :param quantization_config: how to quantize the base model (QLoRA), or None for fp32.
+    :param model_id: the base model (hub id or local directory).
+    :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
+    :param gradient_checkpointing: recompute activations in the backward pass to save memory.
+    :param seed: seed of the adapter's random initialisation (and of training).
+    :param init_adapter_path: a saved adapter to continue training instead of a fresh LoRA.
     """
-    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    return trainer
+    base = _load_model(
+        auto_model_class, model_id, training_arguments.device, trust_remote_code,
+        quantization_config,
+    )  # fmt: skip
+    model = _trainable_adapter(
+        base, lora_config, quantization_config, gradient_checkpointing, seed, init_adapter_path
+    )
+    return _fit(
+        model, tokenized_train, tokenized_validation, training_arguments, data_collator, tokenizer
+    )
+
+
+@config.when(start="base", use_lora=False)
+def fitted_weights__full(
+    tokenized_train: list[dict[str, list[int]]],
+    tokenized_validation: list[dict[str, list[int]]],
+    training_arguments: Seq2SeqTrainingArguments,
+    data_collator: Callable,
+    tokenizer: PreTrainedTokenizerBase,
+    auto_model_class: type,
+    quantization_config: BitsAndBytesConfig | None,
+    model_id: str = DEFAULT_MODEL_ID,
+    trust_remote_code: bool = False,
+) -> FittedWeights:
+    """With `{"use_lora": False}`: every weight of the fine-tuned model (from the checkpoint
+    with the lowest validation loss), and the trainer's state. As for the LoRA variant, the
+    model and the trainer live only inside this node, so that the cache can keep the result.
+
+    :param auto_model_class: the transformers class that loads the base model.
+    :param quantization_config: must be None: a quantized base model trains through LoRA only.
+    :param model_id: the base model (hub id or local directory).
+    :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
+    """
+    base = _load_model(
+        auto_model_class, model_id, training_arguments.device, trust_remote_code,
+        quantization_config,
+    )  # fmt: skip
+    model = _fully_trainable(base, quantization_config)
+    return _fit(
+        model, tokenized_train, tokenized_validation, training_arguments, data_collator, tokenizer
+    )

@@ -22,16 +22,29 @@ EXAMPLE_DATA = REPO / "example-support-dataset.json"
 TINY = {"vocab_size": 400, "d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64}
 
 
-def run_dag(start: str, **inputs: Any) -> dict[str, Any]:
+def run_dag(start: str, *, source: str = "file", **inputs: Any) -> dict[str, Any]:
     """Runs the dataflow the way a user's run file does, and returns the four outputs."""
     dr = (
         driver.Builder()
-        .with_config({"start": start})
+        .with_config({"start": start, "source": source})
         .with_modules(*finetune_module.MODULES)
         .build()
     )
     base_inputs = {"input_text_key": "question", "output_text_key": "reply"}
     return dr.execute(list(finetune_module.DEFAULT_OUTPUTS), inputs={**base_inputs, **inputs})
+
+
+def data_stage(source: str = "file", **inputs: Any) -> dict[str, Any]:
+    """The data stage's outputs (and the tokenized training set) for a source, from the driver."""
+    dr = (
+        driver.Builder()
+        .with_config({"start": "base", "source": source})
+        .with_modules(*finetune_module.MODULES)
+        .build()
+    )
+    nodes = ["qa_table", "train_set", "validation_set", "hold_out_set", "tokenized_train"]
+    base_inputs = {"input_text_key": "question", "output_text_key": "reply"}
+    return dr.execute(nodes, inputs={**base_inputs, **inputs})
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +74,10 @@ def base_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     }
     result = run_dag("base", **inputs)
     return {"inputs": inputs, "result": result, "output_dir": output_dir}
+
+
+# a short fine-tune for tests that need a trained model but not a good one
+QUICK = {"max_steps": 2, "max_new_tokens": 4}
 
 
 def read_json(path: Path) -> Any:

@@ -96,7 +96,7 @@ def test_unknown_start_is_refused_by_name() -> None:
         finetune_module.build_driver("bse")
     presaved = finetune_module.build_driver("presaved")
     variables = {v.name for v in presaved.list_available_variables()}
-    assert "save_best_models" in variables and "fitted_trainer" not in variables
+    assert "save_best_models" in variables and "fitted_weights" not in variables
 
 
 def _write(path: Path, text: str) -> str:

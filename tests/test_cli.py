@@ -115,3 +115,18 @@ def test_unknown_config_key_and_missing_data_are_refused(tmp_path: Path) -> None
     assert out.returncode == 2 and "Unknown settings in the config file: epochs" in out.stderr
     out = _cli("--model-id", "x")
     assert out.returncode == 2 and "--data" in out.stderr
+
+
+def test_database_errors_exit_2_and_never_show_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("psycopg")
+    url = "postgresql://finetune:s3cret-pw@127.0.0.1:1/qa"
+    assert run.main(["--source", "sql", "--data", url, "--sql-table", "qa"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: postgresql://finetune:***@127.0.0.1:1/qa table 'qa': ")
+    assert "cannot connect to the database" in err and "s3cret-pw" not in err
+    # --debug: Hamilton logs the failing node's inputs, and the traceback follows; still masked
+    out = _cli("--source", "sql", "--data", url, "--sql-table", "qa", "--debug")
+    assert out.returncode != 0 and "Node inputs" in out.stderr
+    assert "s3cret-pw" not in out.stdout + out.stderr

@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from finetune_module.data import data_splits, qa_table, raw_records
+from finetune_module.data import data_splits, qa_table
+from finetune_module.data import raw_records__file as raw_records
 from finetune_module.errors import DataError, SettingsError
 
 

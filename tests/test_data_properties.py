@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune_module.data import _minimum_records, _split_sizes, data_splits, qa_table, raw_records
+from finetune_module.data import _minimum_records, _split_sizes, data_splits, qa_table
+from finetune_module.data import raw_records__file as raw_records
 from finetune_module.errors import DataError
 
 QUICK = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -182,7 +182,7 @@ def test_valid_config_builds_a_driver_that_needs_only_the_documented_inputs(name
     )
     upstream = {node.name for node in dr.what_is_upstream_of("save_best_models")}
     is_base = VALID_CONFIGS[name]["config"]["start"] == "base"
-    assert ("fitted_trainer" in upstream) == is_base
+    assert ("fitted_weights" in upstream) == is_base
     full = VALID_CONFIGS[name]["config"].get("use_lora") is False
     assert ("peft_model" in upstream) == (is_base and not full)
 

@@ -112,7 +112,7 @@ def test_presaved_loads_any_checkpoint_directory(base_run: dict[str, Any], tmp_p
     assert result["hold_out_set_predictions"] == base_run["result"]["hold_out_set_predictions"]
 
 
-def test_save_best_models_depends_on_the_fitted_trainer() -> None:
+def test_save_best_models_depends_on_the_fitted_weights() -> None:
     dr = (
         driver.Builder()
         .with_config({"start": "base"})
@@ -120,7 +120,7 @@ def test_save_best_models_depends_on_the_fitted_trainer() -> None:
         .build()
     )
     upstream = {node.name for node in dr.what_is_upstream_of("save_best_models")}
-    assert "fitted_trainer" in upstream
+    assert "fitted_weights" in upstream
 
 
 def test_max_steps_shorter_than_an_epoch_still_evaluates_and_keeps_the_best(
