@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         start = settings.pop("start", "base")
         dag_path = cli.get("dag")
         config = {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS[1:] if k in settings}
+        config.setdefault("source", "file")  # named in the DAG picture and MLflow params
         dr = finetune_module.build_driver(
             start, cache=cli.get("cache"), adapters=_adapters(cli), **config
         )

@@ -210,7 +210,7 @@ def test_parquet_nulls_and_numbers_are_named(tmp_path: Path) -> None:
     pytest.importorskip("pyarrow")
     records = [{"question": "q", "reply": "a"}, {"question": None, "reply": "b"}]
     path = _write_table(tmp_path / "nulls.parquet", records)
-    with pytest.raises(DataError, match=r"record 1, key 'question': expected text, found NoneType"):
+    with pytest.raises(DataError, match=r"record 1, key .question.: expected text, found null"):
         data_stage(data_path=path)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
