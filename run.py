@@ -7,17 +7,24 @@
     python run.py --data d.json --model-id ./tiny-gpt2 --model-type causal   # decoder-only
     python run.py --data qa.parquet --cache .hamilton_cache   # re-runs re-use what is unchanged
     python run.py --source sql --data sqlite:///qa.db --sql-table qa --mlflow
+    python run.py predict --model-dir finetuned-model/best_model "How do I ...?"
+    python run.py export --model-dir finetuned-model/best_model --to merged-model
 
 Every setting is an input of the Hamilton dataflow in `finetune_module/`; a YAML file given with
 --config uses the same names as the inputs (data_path, model_id, num_train_epochs, ...).
+`predict` answers questions with a saved fine-tune and `export` merges its adapter into the
+base model (see `python run.py predict --help`, `python run.py export --help`).
 Exit status: 0 on success, 2 on bad data or settings, 1 on any other failure, 130 when
 interrupted (Ctrl-C).
 """
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import yaml
@@ -25,6 +32,7 @@ from hamilton import driver, htypes
 
 import finetune_module
 from finetune_module import distributed
+from finetune_module.artifacts import REPORT_FILE
 
 # settings of the CLI and the driver's adapters (the driver config is finetune_module.CONFIG_KEYS)
 CONFIG_ONLY = ("dag", "debug", "cache", "mlflow", "mlflow_experiment")
@@ -41,6 +49,9 @@ class _MaskCredentials(logging.Filter):
             record.exc_text = finetune_module.mask_credentials(text)
             record.exc_info = None
         return True
+
+
+DEFAULT_MODEL_DIR = "finetuned-model/best_model"  # what predict and export read
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -327,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mlflow_experiment",
         help="MLflow experiment name (default: finetune)",
     )
+
+    g = p.add_argument_group("progress")
+    g.add_argument(
+        "--quiet",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars (DAG nodes, training, generation) and no training log lines; "
+        "for CI and log files",
+    )
     return p
 
 
@@ -445,6 +465,129 @@ def _print_summary(result: dict[str, Any], start: str, seconds: float) -> None:
     for question, prediction, _ in predictions[:3]:
         print(f"  Q: {question[:90]}\n  A: {prediction[:90]}")
     print(f"Saved to: {result['save_best_models']}")
+    print(f"Report: {os.path.join(result['save_best_models'], REPORT_FILE)}")
+
+
+def _quiet_libraries() -> None:
+    """Silences the progress bars, log warnings and deprecation notices that the libraries
+    print by themselves."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def progress_adapters(quiet: bool) -> list[Any]:
+    """Hamilton's progress bar over the DAG's nodes, shown on a terminal by the main process
+    unless `quiet` (in a log or a pipe its redrawn line would only be noise, ahead of the
+    one-line error a bad input gets)."""
+    if quiet or not sys.stderr.isatty() or not distributed.is_main_process():
+        return []
+    from hamilton.plugins import h_tqdm
+
+    return [h_tqdm.ProgressBar(desc="finetune")]
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that `predict` and `export` share: the saved model and how to load it."""
+    p.add_argument(
+        "--model-dir",
+        default=DEFAULT_MODEL_DIR,
+        help=f"the saved fine-tune: a best_model/ or checkpoint directory (default: "
+        f"{DEFAULT_MODEL_DIR}); predict also takes an exported model",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code shipped with the model to run"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    """`run.py predict`: answer questions with a saved fine-tune."""
+    p = argparse.ArgumentParser(
+        prog="python run.py predict",
+        description="Answer questions with a saved fine-tune (batched, greedy by default). "
+        "Prints one answer per line, in the order of the questions (positional ones first, "
+        "then those of --file).",
+    )
+    p.add_argument("questions", nargs="*", help="questions to answer")
+    p.add_argument(
+        "--file",
+        help="more questions: records holding --input-key in a .json list (or plain strings), "
+        ".jsonl, .csv, .tsv or .parquet file; any other file is read as one question per line",
+    )
+    p.add_argument("--input-key", default="question", help="key of the question in --file records")
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default)")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="answer length bound (default: the saved one)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="questions answered at once (default: the saved one)"
+    )
+    p.add_argument(
+        "--jsonl",
+        action="store_true",
+        help='print JSON Lines {"question": ..., "prediction": ...} instead of bare answers',
+    )
+    _common_flags(p)
+    return p
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """`run.py export`: merge a saved adapter into its base model."""
+    p = argparse.ArgumentParser(
+        prog="python run.py export",
+        description="Merge a saved LoRA adapter into its base model and save a plain "
+        "AutoModelForSeq2SeqLM directory (safetensors, tokenizer, finetune_settings.json) "
+        "that loads without peft.",
+    )
+    p.add_argument("--to", dest="export_dir", required=True, help="directory for the merged model")
+    _common_flags(p)
+    return p
+
+
+def _predict(argv: list[str]) -> int:
+    """`run.py predict`: prints the saved fine-tune's answers."""
+    args = build_predict_parser().parse_args(argv)
+    if args.quiet:
+        _quiet_libraries()
+    questions = list(args.questions)
+    if args.file:
+        questions += finetune_module.read_texts(args.file, args.input_key)
+    if not questions:
+        raise finetune_module.SettingsError("Give questions to answer, or --file.")
+    answers = finetune_module.predict(
+        args.model_dir,
+        questions,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+        quiet=args.quiet,
+    )
+    for question, answer in zip(questions, answers, strict=True):
+        if args.jsonl:
+            print(json.dumps({"question": question, "prediction": answer}, ensure_ascii=False))
+        else:
+            print(" ".join(answer.splitlines()))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    """`run.py export`: writes the merged model."""
+    args = build_export_parser().parse_args(argv)
+    if args.quiet:
+        _quiet_libraries()
+    path = finetune_module.export_merged(
+        args.model_dir, args.export_dir, trust_remote_code=args.trust_remote_code
+    )
+    print(f"Exported the merged model to {path}")
+    return 0
+
+
+COMMANDS = {"predict": _predict, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,14 +599,19 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_MaskCredentials())
     logging.getLogger("hamilton").setLevel(logging.WARNING if debug else logging.CRITICAL)
     try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
         settings = settings_from(argv)
         cli = {name: settings.pop(name) for name in CONFIG_ONLY if name in settings}
         start = settings.pop("start", "base")
         dag_path = cli.get("dag")
         config = {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS[1:] if k in settings}
         config.setdefault("source", "file")  # named in the DAG picture and MLflow params
+        if settings.get("quiet"):
+            _quiet_libraries()
+        adapters = [*_adapters(cli), *progress_adapters(settings.get("quiet", False))]
         dr = finetune_module.build_driver(
-            start, cache=cli.get("cache"), adapters=_adapters(cli), **config
+            start, cache=cli.get("cache"), adapters=adapters, **config
         )
         if dag_path:
             dr.display_all_functions(dag_path, deduplicate_inputs=True)

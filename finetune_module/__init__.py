@@ -15,6 +15,8 @@ result = dr.execute(
     inputs={"data_path": "example-support-dataset.json",
             "input_text_key": "question", "output_text_key": "reply"},
 )
+answers = finetune_module.predict(result["save_best_models"], ["How do I reset my password?"])
+finetune_module.export_merged(result["save_best_models"], "merged-model")  # no peft needed
 ```
 `finetune_module.build_driver("base")` builds the same driver, refusing an unknown start or
 config key.
@@ -25,7 +27,7 @@ from typing import Any
 
 from hamilton import driver
 
-from finetune_module import artifacts, data, evaluation, model, tokenization, training
+from finetune_module import artifacts, data, evaluation, model, report, tokenization, training
 from finetune_module.data import SOURCES
 from finetune_module.errors import (
     DataError,
@@ -35,10 +37,11 @@ from finetune_module.errors import (
     mask_credentials,
 )
 from finetune_module.evaluation import TASKS
+from finetune_module.inference import export_merged, predict, read_texts
 from finetune_module.model import MODEL_TYPES
 
 #: The Hamilton modules of the dataflow, in execution order.
-MODULES = (data, tokenization, model, training, evaluation, artifacts)
+MODULES = (data, tokenization, model, training, evaluation, report, artifacts)
 
 #: The outputs a full run asks for.
 DEFAULT_OUTPUTS = (
@@ -103,5 +106,8 @@ __all__ = [
     "ModelNotAvailableError",
     "SettingsError",
     "build_driver",
+    "export_merged",
     "mask_credentials",
+    "predict",
+    "read_texts",
 ]

@@ -19,13 +19,17 @@ import pandas as pd
 from hamilton.function_modifiers import cache, config
 from transformers import PreTrainedTokenizerBase
 
+from finetune_module.data import DEFAULT_PROMPT_TEMPLATE
 from finetune_module.distributed import is_main_process, wait_for_everyone
 from finetune_module.model import BACKUP_SUFFIX, DEFAULT_OUTPUT_DIR, LanguageModel
+from finetune_module.training import TRAINING_LOG_FILE
 
 METRICS_FILE = "metrics.json"
 HOLD_OUT_PREDICTIONS_FILE = "hold_out_predictions.csv"
 VALIDATION_PREDICTIONS_FILE = "validation_predictions.csv"
+BASE_MODEL_PREDICTIONS_FILE = "base_model_predictions.csv"
 SETTINGS_FILE = "finetune_settings.json"
+REPORT_FILE = "report.html"
 
 logger = logging.getLogger(__name__)
 
@@ -68,28 +72,53 @@ def _write_json(path: str, value: Any) -> None:
         f.write("\n")
 
 
-def _write_run_files(
-    directory: str,
-    metrics: dict[str, Any],
+def _prediction_rows(rows: pd.DataFrame, predictions: list[str]) -> list[tuple[str, str, str]]:
+    """(question, prediction, reference) for each row of a set and its predicted answer."""
+    return list(zip(rows["input_text"], predictions, rows["output_text"], strict=True))
+
+
+def prediction_tables(
     hold_out_set_predictions: list[tuple[str, str, str]],
     validation_set: pd.DataFrame,
     validation_predictions: list[str],
-) -> None:
-    """The metrics (JSON) and the validation and hold-out predictions (CSV) in `directory`."""
-    _write_json(os.path.join(directory, METRICS_FILE), metrics)
+    hold_out_set: pd.DataFrame,
+    base_model_on_validation_set: list[str],
+    base_model_on_hold_out_set: list[str],
+) -> dict[str, pd.DataFrame]:
+    """The answers saved with a run, by file name: the fine-tune's on the validation and hold-out
+    sets (question, prediction, reference) and the base model's on both (with a `set` column;
+    no rows for a full fine-tune, which has no base model to compare with)."""
     columns = ["question", "prediction", "reference"]
-    pd.DataFrame(hold_out_set_predictions, columns=columns).to_csv(
-        os.path.join(directory, HOLD_OUT_PREDICTIONS_FILE), index=False
-    )
-    validation_rows = zip(
-        validation_set["input_text"],
-        validation_predictions,
-        validation_set["output_text"],
-        strict=True,
-    )
-    pd.DataFrame(list(validation_rows), columns=columns).to_csv(
-        os.path.join(directory, VALIDATION_PREDICTIONS_FILE), index=False
-    )
+    base_rows = [
+        (name, *row)
+        for name, rows, predictions in (
+            ("validation", validation_set, base_model_on_validation_set),
+            ("hold_out", hold_out_set, base_model_on_hold_out_set),
+        )
+        if predictions  # none for a full fine-tune
+        for row in _prediction_rows(rows, predictions)
+    ]
+    return {
+        VALIDATION_PREDICTIONS_FILE: pd.DataFrame(
+            _prediction_rows(validation_set, validation_predictions), columns=columns
+        ),
+        HOLD_OUT_PREDICTIONS_FILE: pd.DataFrame(hold_out_set_predictions, columns=columns),
+        BASE_MODEL_PREDICTIONS_FILE: pd.DataFrame(base_rows, columns=["set", *columns]),
+    }
+
+
+def _write_run_files(
+    directory: str,
+    metrics: dict[str, Any],
+    prediction_tables: dict[str, pd.DataFrame],
+    report_html: str,
+) -> None:
+    """The metrics (JSON), the prediction tables (CSV) and the report (HTML) in `directory`."""
+    _write_json(os.path.join(directory, METRICS_FILE), metrics)
+    for name, table in prediction_tables.items():
+        table.to_csv(os.path.join(directory, name), index=False)
+    with open(os.path.join(directory, REPORT_FILE), "w", encoding="utf-8") as f:
+        f.write(report_html)
 
 
 @cache(behavior="recompute")  # writing files is the point: never skipped on a cached re-run
@@ -100,18 +129,24 @@ def save_best_models__base(
     best_model_dir: str,
     training_and_validation_set_metrics: dict[str, Any],
     hold_out_set_metrics: dict[str, float],
-    hold_out_set_predictions: list[tuple[str, str, str]],
-    validation_set: pd.DataFrame,
-    validation_predictions: list[str],
     source_length_cap: int,
     target_length_cap: int,
     generation_settings: dict[str, int],
+    base_vs_finetuned_metrics: dict[str, dict[str, dict[str, float]]],
+    prediction_tables: dict[str, pd.DataFrame],
+    training_log: pd.DataFrame,
+    report_html: str,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> str:
     """Where the best fine-tune was saved: the LoRA adapter (safetensors) and tokenizer, with
-    `metrics.json`, `validation_predictions.csv`, `hold_out_predictions.csv` and
-    `finetune_settings.json` (length caps and generation settings).
+    `metrics.json` (including base vs fine-tuned ROUGE), `validation_predictions.csv`,
+    `hold_out_predictions.csv`, `base_model_predictions.csv`, `training_log.csv`, `report.html`
+    and `finetune_settings.json` (length caps, generation settings and the prompt template, which
+    `finetune_module.predict` uses).
 
     Loadable with `PeftModel.from_pretrained(base_model, path)` or `{"start": "presaved"}`.
+
+    :param prompt_template: the prompt the model was trained with (see `prompt_texts`).
     """
     if is_main_process():
         with _atomic_directory(best_model_dir) as staging:
@@ -120,16 +155,17 @@ def save_best_models__base(
             metrics = {
                 "training_and_validation": training_and_validation_set_metrics,
                 "hold_out": hold_out_set_metrics,
+                "base_vs_finetuned": base_vs_finetuned_metrics,
             }
-            _write_run_files(
-                staging, metrics, hold_out_set_predictions, validation_set, validation_predictions
-            )
+            _write_run_files(staging, metrics, prediction_tables, report_html)
+            training_log.to_csv(os.path.join(staging, TRAINING_LOG_FILE), index=False)
             _write_json(
                 os.path.join(staging, SETTINGS_FILE),
                 {
                     "source_length_cap": source_length_cap,
                     "target_length_cap": target_length_cap,
                     **generation_settings,
+                    "prompt_template": prompt_template,
                 },
             )
     wait_for_everyone()
@@ -142,13 +178,14 @@ def save_best_models__presaved(
     presaved_model_dir: str,
     training_and_validation_set_metrics: dict[str, Any],
     hold_out_set_metrics: dict[str, float],
-    hold_out_set_predictions: list[tuple[str, str, str]],
-    validation_set: pd.DataFrame,
-    validation_predictions: list[str],
+    base_vs_finetuned_metrics: dict[str, dict[str, dict[str, float]]],
+    prediction_tables: dict[str, pd.DataFrame],
+    report_html: str,
     output_dir: str = DEFAULT_OUTPUT_DIR,
 ) -> str:
     """Where the evaluation of the saved fine-tune was written: `<output_dir>/evaluation/` with
-    `metrics.json` and the prediction CSVs. The saved model itself is left as it is.
+    `metrics.json` (including base vs fine-tuned ROUGE), the prediction CSVs and `report.html`.
+    The saved model itself is left as it is.
 
     :param presaved_model_dir: the evaluated fine-tune (recorded in metrics.json).
     :param output_dir: the run's output directory.
@@ -160,9 +197,8 @@ def save_best_models__presaved(
                 "model_dir": presaved_model_dir,
                 "validation": training_and_validation_set_metrics,
                 "hold_out": hold_out_set_metrics,
+                "base_vs_finetuned": base_vs_finetuned_metrics,
             }
-            _write_run_files(
-                staging, metrics, hold_out_set_predictions, validation_set, validation_predictions
-            )
+            _write_run_files(staging, metrics, prediction_tables, report_html)
     wait_for_everyone()
     return evaluation_dir

@@ -1,11 +1,13 @@
-"""Evaluation stage: batched greedy generation, ROUGE, validation loss, hold-out predictions.
+"""Evaluation stage: batched greedy generation, ROUGE, validation loss, hold-out predictions,
+and the same sets answered by the base model for comparison.
 
 Generation is deterministic by default (greedy; beam search with `num_beams > 1`), runs in
 batches of similar length with the KV cache, and stops at the data-derived target length.
 ROUGE is computed with the `rouge-score` package (no download needed). When the targets are
 class labels, accuracy and macro-F1 (scikit-learn) are reported too. Under a multi-process
 launcher the batches are shared out between the processes and the results gathered, so every
-process holds the same predictions and metrics as a single-process run.
+process holds the same predictions and metrics as a single-process run. The base model's answers
+come from the same model object with the adapter switched off (no second copy of the weights).
 """
 
 import re
@@ -15,15 +17,22 @@ from typing import Any
 
 import pandas as pd
 import torch
-from hamilton.function_modifiers import cache, config, extract_fields
+from hamilton.function_modifiers import cache, config, extract_fields, parameterize, source
+from hamilton.function_modifiers import value as fixed
 from peft import PeftModel, set_peft_model_state_dict
 from rouge_score import rouge_scorer
 from safetensors.torch import load as load_safetensors_bytes
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as _confusion_matrix
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments, TrainerState
 
-from finetune_module.distributed import gathered, this_process_share, weights_sharded
+from finetune_module.distributed import (
+    gathered,
+    is_main_process,
+    this_process_share,
+    weights_sharded,
+)
 from finetune_module.errors import SettingsError
 from finetune_module.model import LanguageModel
 from finetune_module.training import FittedWeights
@@ -68,21 +77,31 @@ def _generate(
     max_new_tokens: int,
     num_beams: int,
     batch_size: int,
+    desc: str = "answering",
+    quiet: bool = True,
 ) -> list[str]:
     """The model's decoded answers to the examples' `input_ids`, in the examples' order.
 
     Examples are sorted by length so that each batch pads little, then put back in order. With
     several processes each answers its share of the same batches, so the answers do not depend
     on how many processes there are. A decoder-only model's prompts are padded on the left, so
-    that its answer follows on.
+    that its answer follows on. A progress bar named `desc` counts the answers (the main
+    process's share) unless `quiet`.
     """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     answered: list[tuple[int, str]] = []
     device, sharded = _model_device(model), weights_sharded(model)
     decoder_only = not model.config.is_encoder_decoder
-    with torch.inference_mode():
-        for indices in this_process_share(batches, model):
+    share = this_process_share(batches, model)
+    progress = tqdm(
+        total=sum(map(len, share)),
+        desc=desc,
+        unit="answer",
+        disable=quiet or not is_main_process(),
+    )
+    with torch.inference_mode(), progress:
+        for indices in share:
             batch = tokenizer.pad(
                 {"input_ids": [examples[i]["input_ids"] for i in indices]},
                 padding_side="left" if decoder_only else None,
@@ -102,6 +121,7 @@ def _generate(
                 generated = generated[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
             answered.extend((i, text.strip()) for i, text in zip(indices, texts, strict=True))
+            progress.update(len(indices))
     answers = [""] * len(examples)
     for i, text in gathered(answered, model):
         answers[i] = text
@@ -143,11 +163,20 @@ def finetuned_model_on_validation_set(
     tokenized_validation: list[dict[str, list[int]]],
     validation_set: pd.DataFrame,
     generation_settings: dict[str, int],
+    quiet: bool = False,
 ) -> dict[str, list[str]]:
-    """The fine-tuned model's answers to the validation questions, and the reference answers."""
+    """The fine-tuned model's answers to the validation questions, and the reference answers.
+
+    :param quiet: no progress bars (training and generation).
+    """
     return {
         "validation_predictions": _generate(
-            evaluation_model, tokenizer, tokenized_validation, **generation_settings
+            evaluation_model,
+            tokenizer,
+            tokenized_validation,
+            **generation_settings,
+            desc="fine-tuned model, validation set",
+            quiet=quiet,
         ),
         "validation_references": list(validation_set["output_text"]),
     }
@@ -258,27 +287,48 @@ def _training_summary(state: TrainerState, world_size: int) -> dict[str, Any]:
     return summary
 
 
+def _base_fields(base: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
+    """The base model's metrics as `base_<key>` and the fine-tune's gain as `<key>_gain` (none
+    for a full fine-tune, which has no base model to compare with)."""
+    gains = _gains(base, finetuned)
+    return {
+        **{f"base_{key}": value for key, value in base.items()},
+        **{f"{key}_gain": value for key, value in gains.items()},
+    }
+
+
 @config.when(start="base")
 def training_and_validation_set_metrics__base(
     fitted_weights: FittedWeights,
     training_arguments: Seq2SeqTrainingArguments,
     validation_loss: float,
     validation_set_metrics: dict[str, float],
+    base_validation_set_metrics: dict[str, float],
 ) -> dict[str, Any]:
-    """Training figures (train_loss, train_runtime, ...) with the validation loss and ROUGE."""
+    """Training figures (train_loss, train_runtime, ...) with the validation loss and ROUGE, the
+    base model's validation ROUGE (`base_rouge1`, ...) and the gain over it (`rouge1_gain`, ...)
+    (with LoRA; a full fine-tune has no base to compare with)."""
     return {
         **_training_summary(fitted_weights.trainer_state, training_arguments.world_size),
         "eval_loss": validation_loss,
         **validation_set_metrics,
+        **_base_fields(base_validation_set_metrics, validation_set_metrics),
     }
 
 
 @config.when(start="presaved")
 def training_and_validation_set_metrics__presaved(
-    validation_loss: float, validation_set_metrics: dict[str, float]
+    validation_loss: float,
+    validation_set_metrics: dict[str, float],
+    base_validation_set_metrics: dict[str, float],
 ) -> dict[str, Any]:
-    """The saved model's validation loss and ROUGE (there is no training in this mode)."""
-    return {"eval_loss": validation_loss, **validation_set_metrics}
+    """The saved model's validation loss and ROUGE, the base model's validation ROUGE
+    (`base_rouge1`, ...) and the gain over it (`rouge1_gain`, ...); no training in this mode."""
+    return {
+        "eval_loss": validation_loss,
+        **validation_set_metrics,
+        **_base_fields(base_validation_set_metrics, validation_set_metrics),
+    }
 
 
 def hold_out_set_predictions(
@@ -287,10 +337,21 @@ def hold_out_set_predictions(
     tokenized_hold_out: list[dict[str, list[int]]],
     hold_out_set: pd.DataFrame,
     generation_settings: dict[str, int],
+    quiet: bool = False,
 ) -> list[tuple[str, str, str]]:
     """The fine-tuned model's answers to the hold-out questions, as
-    (question, prediction, reference) tuples in hold-out order."""
-    predictions = _generate(evaluation_model, tokenizer, tokenized_hold_out, **generation_settings)
+    (question, prediction, reference) tuples in hold-out order.
+
+    :param quiet: no progress bars (training and generation).
+    """
+    predictions = _generate(
+        evaluation_model,
+        tokenizer,
+        tokenized_hold_out,
+        **generation_settings,
+        desc="fine-tuned model, hold-out set",
+        quiet=quiet,
+    )
     return list(
         zip(hold_out_set["input_text"], predictions, hold_out_set["output_text"], strict=True)
     )
@@ -328,3 +389,78 @@ def confusion_matrix(
         index=pd.Index(class_labels, name="reference"),
         columns=pd.Index(columns, name="prediction"),
     )
+
+
+@parameterize(
+    base_model_on_validation_set=(
+        {"examples": source("tokenized_validation"), "desc": fixed("base model, validation set")},
+        "The base model's answers (adapter switched off) to the validation questions.",
+    ),
+    base_model_on_hold_out_set=(
+        {"examples": source("tokenized_hold_out"), "desc": fixed("base model, hold-out set")},
+        "The base model's answers (adapter switched off) to the hold-out questions.",
+    ),
+)
+def base_model_answers(
+    evaluation_model: LanguageModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict[str, list[int]]],
+    generation_settings: dict[str, int],
+    desc: str,
+    quiet: bool = False,
+) -> list[str]:
+    """The base model's answers to the examples: the fine-tuned model with its LoRA adapter
+    switched off (no second copy of the weights), generated exactly as the fine-tune's answers
+    are. Empty for a full fine-tune: its weights were trained in place, no adapter to switch off.
+    """
+    if not isinstance(evaluation_model, PeftModel):
+        return []
+    with evaluation_model.disable_adapter():
+        return _generate(
+            evaluation_model, tokenizer, examples, **generation_settings, desc=desc, quiet=quiet
+        )
+
+
+@parameterize(
+    base_validation_set_metrics=(
+        {"answers": source("base_model_on_validation_set"), "rows": source("validation_set")},
+        "ROUGE-1/2/L/Lsum (F-measure, 0-100) of the base model's validation answers, with "
+        "accuracy and macro_f1 when the targets are class labels (empty without base answers).",
+    ),
+    base_hold_out_set_metrics=(
+        {"answers": source("base_model_on_hold_out_set"), "rows": source("hold_out_set")},
+        "ROUGE-1/2/L/Lsum (F-measure, 0-100) of the base model's hold-out answers, with "
+        "accuracy and macro_f1 when the targets are class labels (empty without base answers).",
+    ),
+)
+def base_set_metrics(
+    answers: list[str], rows: pd.DataFrame, class_labels: list[str]
+) -> dict[str, float]:
+    """The metrics of the base model's answers against the rows' reference answers."""
+    if not answers:
+        return {}
+    return _text_metrics(answers, list(rows["output_text"]), class_labels)
+
+
+def _gains(base: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
+    """Fine-tuned minus base, for each metric both have (positive: the fine-tune scores higher)."""
+    return {key: round(finetuned[key] - base[key], 4) for key in finetuned if key in base}
+
+
+def base_vs_finetuned_metrics(
+    validation_set_metrics: dict[str, float],
+    base_validation_set_metrics: dict[str, float],
+    hold_out_set_metrics: dict[str, float],
+    base_hold_out_set_metrics: dict[str, float],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """ROUGE (and accuracy, macro_f1 for class labels) of the base model and of the fine-tune on
+    the validation and hold-out sets, with the gain (fine-tuned minus base):
+    `{"validation": {"base": {...}, "finetuned": {...}, "gain": {...}}, "hold_out": {...}}`
+    ("base" and "gain" are empty for a full fine-tune)."""
+    return {
+        name: {"base": base, "finetuned": finetuned, "gain": _gains(base, finetuned)}
+        for name, base, finetuned in (
+            ("validation", base_validation_set_metrics, validation_set_metrics),
+            ("hold_out", base_hold_out_set_metrics, hold_out_set_metrics),
+        )
+    }

@@ -1,4 +1,5 @@
-"""Training stage (start=base): training arguments, collator, the fitted weights.
+"""Training stage (start=base): training arguments, collator, the fitted weights, and the
+training log (with start=presaved: the log saved with the model, if any).
 
 The Hugging Face `Seq2SeqTrainer` does the training loop. Batches are drawn grouped by length
 and padded per batch, the model is evaluated on the validation set each epoch, and the
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +28,13 @@ from transformers import (
     BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
     PreTrainedTokenizerBase,
+    PrinterCallback,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
+    TrainerCallback,
+    TrainerControl,
     TrainerState,
+    TrainingArguments,
 )
 from transformers.trainer import TRAINER_STATE_NAME
 
@@ -47,6 +53,18 @@ LABEL_PAD_TOKEN_ID = -100  # label positions with this id are left out of the lo
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folders
 
 logger = logging.getLogger(__name__)
+
+TRAINING_LOG_FILE = "training_log.csv"  # saved with the best model
+#: The training log's first columns; any other logged figures follow in name order.
+TRAINING_LOG_COLUMNS = (
+    "step",
+    "epoch",
+    "elapsed_seconds",
+    "loss",
+    "eval_loss",
+    "learning_rate",
+    "grad_norm",
+)
 
 
 def _check_positive(**settings: float) -> None:
@@ -201,6 +219,7 @@ def training_arguments(
     seed: int = 42,
     resume_from_checkpoint: bool | str = False,
     extra_training_args: dict[str, Any] | None = None,
+    quiet: bool = False,
 ) -> Seq2SeqTrainingArguments:
     """The Hugging Face training arguments of the run.
 
@@ -223,6 +242,7 @@ def training_arguments(
         of a `checkpoint-N` folder to continue from; False (default) trains from the start.
     :param extra_training_args: any other `Seq2SeqTrainingArguments` field, passed straight
         through and overriding the values above (e.g. {"push_to_hub": True, "warmup_steps": 10}).
+    :param quiet: no progress bars (training and generation).
     """
     _check_positive(
         per_device_train_batch_size=per_device_train_batch_size,
@@ -264,6 +284,7 @@ def training_arguments(
         "report_to": "none",
         "use_cpu": device.type == "cpu",
         **scaling_arguments,
+        "disable_tqdm": quiet,
     }
     arguments.update(extra_training_args or {})
     known = {field.name for field in dataclasses.fields(Seq2SeqTrainingArguments)}
@@ -332,6 +353,26 @@ def data_collator__causal(
     )
 
 
+class _TrainingClock(TrainerCallback):
+    """Stamps each entry of the trainer's log with the seconds since training began (a resumed
+    run carries on from the time its checkpoint's log reached)."""
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        earlier = [e["elapsed_seconds"] for e in state.log_history if "elapsed_seconds" in e]
+        self.began = time.perf_counter() - (earlier[-1] if earlier else 0.0)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # the trainer appends the entry to state.log_history before it calls on_log; the
+        # end-of-training summary has its own train_runtime
+        entry = state.log_history[-1]
+        if "train_runtime" not in entry:
+            entry["elapsed_seconds"] = round(time.perf_counter() - self.began, 3)
+
+
 @dataclasses.dataclass(frozen=True)
 class FittedWeights:
     """What training produced, as plain data that Hamilton's cache can store and fingerprint."""
@@ -358,12 +399,15 @@ def _fit(
         train_dataset=tokenized_train,
         eval_dataset=tokenized_validation,
         processing_class=tokenizer,
+        callbacks=[_TrainingClock()],
     )
     # Seq2seq models (T5, BART) average their loss over their own batch and ignore the
     # Trainer's token count, so the Trainer must average over accumulation steps and processes
     # itself; otherwise gradients and logged losses grow with both. (Decoder-only models are
     # averaged the same way then: per batch, over accumulation steps and processes.)
     trainer.model_accepts_loss_kwargs = False
+    if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=training_arguments.resume_from_checkpoint)
     # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
@@ -453,3 +497,37 @@ def fitted_weights__full(
     return _fit(
         model, tokenized_train, tokenized_validation, training_arguments, data_collator, tokenizer
     )
+
+
+def _log_table(log_history: list[dict[str, Any]]) -> pd.DataFrame:
+    """The trainer's log entries as a table, one row per logging step or evaluation; the
+    end-of-training summary (train_runtime, ...) is left to the metrics."""
+    rows = [entry for entry in log_history if "train_runtime" not in entry]
+    table = pd.DataFrame(rows)
+    others = sorted(set(table.columns) - set(TRAINING_LOG_COLUMNS))
+    return table.reindex(columns=[*TRAINING_LOG_COLUMNS, *others])
+
+
+@config.when(start="base")
+def training_log__base(fitted_weights: FittedWeights) -> pd.DataFrame:
+    """The training log: one row per logging step (loss, learning_rate, grad_norm) and per
+    evaluation (eval_loss, eval_runtime, ...), each with its step, epoch and elapsed_seconds
+    since training began. Saved as `training_log.csv` with the best model."""
+    return _log_table(fitted_weights.trainer_state.log_history)
+
+
+@config.when(start="presaved")
+def training_log__presaved(presaved_model_dir: str) -> pd.DataFrame:
+    """The training log saved with the fine-tune: its `training_log.csv`, else the log of a
+    Trainer checkpoint's `trainer_state.json`, else an empty table (nothing was logged).
+
+    :param presaved_model_dir: the directory of the saved fine-tune.
+    """
+    saved_log = os.path.join(presaved_model_dir, TRAINING_LOG_FILE)
+    if os.path.isfile(saved_log):
+        return _log_table(pd.read_csv(saved_log).to_dict("records"))
+    state_file = os.path.join(presaved_model_dir, "trainer_state.json")
+    if os.path.isfile(state_file):
+        with open(state_file, encoding="utf-8") as f:
+            return _log_table(json.load(f).get("log_history", []))
+    return _log_table([])

@@ -1,5 +1,6 @@
 """run.py from the shell: help, the DAG picture, a run from a YAML file, exit statuses."""
 
+import io
 import os
 import shutil
 import subprocess
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hamilton import driver
 
+import finetune_module
 import run
 from tests.conftest import EXAMPLE_DATA, REPO, read_json
 
@@ -76,10 +79,20 @@ def test_config_file_run_with_flag_override_then_presaved(
         )
     )
     out = _cli(
-        "--config", str(config), "--num_train_epochs", "1", "--training-arg", "weight_decay=0.01"
+        "--config",
+        str(config),
+        "--num_train_epochs",
+        "1",
+        "--training-arg",
+        "weight_decay=0.01",
+        "--quiet",
     )
     assert out.returncode == 0, out.stderr
     assert "rougeL" in out.stdout and f"Saved to: {tmp_path / 'out' / 'best_model'}" in out.stdout
+    assert f"Report: {tmp_path / 'out' / 'best_model' / 'report.html'}" in out.stdout
+    # --quiet: no progress bars (DAG, training, generation, loading) and no trainer log lines
+    assert "%|" not in out.stderr and "Execution Complete" not in out.stderr
+    assert "'loss'" not in out.stdout + out.stderr
     state = read_json(
         next((tmp_path / "out" / "checkpoints").glob("checkpoint-*")) / "trainer_state.json"
     )
@@ -87,6 +100,10 @@ def test_config_file_run_with_flag_override_then_presaved(
     out = _cli("--config", str(config), "--start", "presaved")
     assert out.returncode == 0, out.stderr
     assert f"Saved to: {tmp_path / 'out' / 'evaluation'}" in out.stdout
+    # without --quiet: a progress bar per generation (the bar over the nodes needs a terminal)
+    assert "finetune ->" not in out.stderr
+    assert "base model, hold-out set: 100%|" in out.stderr
+    assert "fine-tuned model, validation set: 100%|" in out.stderr
 
 
 def test_bad_input_exits_2_with_one_line_on_stderr(tmp_path: Path) -> None:
@@ -130,3 +147,31 @@ def test_database_errors_exit_2_and_never_show_the_password(
     out = _cli("--source", "sql", "--data", url, "--sql-table", "qa", "--debug")
     assert out.returncode != 0 and "Node inputs" in out.stderr
     assert "s3cret-pw" not in out.stdout + out.stderr
+
+
+class _Terminal(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_node_progress_bar_on_a_terminal_unless_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run.progress_adapters(quiet=True) == []
+    adapters = run.progress_adapters(quiet=False)
+    assert [type(a).__name__ for a in adapters] == ["ProgressBar"]
+    dr = (
+        driver.Builder()
+        .with_config({"start": "base"})
+        .with_modules(*finetune_module.MODULES)
+        .with_adapters(*adapters)
+        .build()
+    )
+    inputs = {"data_path": str(EXAMPLE_DATA), "input_text_key": "question"}
+    dr.execute(["qa_table"], inputs={**inputs, "output_text_key": "reply"})
+    assert "finetune -> Execution Complete!" in terminal.getvalue()
+    assert "-> raw_records" in terminal.getvalue() and "2/2" in terminal.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file
+    assert run.progress_adapters(quiet=False) == []

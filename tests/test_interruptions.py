@@ -63,7 +63,7 @@ def _loss_curve(checkpoint: Path) -> list[dict[str, Any]]:
     """The log history in a checkpoint's trainer_state.json, without the timings."""
     history = read_json(checkpoint / "trainer_state.json")["log_history"]
     return [
-        {k: v for k, v in entry.items() if not k.endswith(("runtime", "per_second"))}
+        {k: v for k, v in entry.items() if not k.endswith(("runtime", "per_second", "seconds"))}
         for entry in history
     ]
 

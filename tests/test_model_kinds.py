@@ -540,3 +540,36 @@ def test_cli_switches_reach_the_dataflow(
     assert (saved / "model.safetensors").exists() and not (saved / "adapter_config.json").exists()
     assert "macro_f1" in read_json(saved / "metrics.json")["hold_out"]
     assert "accuracy" in capsys.readouterr().out
+
+
+# --- base model vs fine-tune, report, predict across the kinds ----------------------------------
+
+
+@pytest.mark.parametrize("name", list(VALID_CONFIGS))
+def test_lora_runs_compare_with_the_base_model_and_every_run_writes_a_report(
+    name: str, config_run: Callable[[str], dict[str, Any]]
+) -> None:
+    run_ = config_run(name)
+    metrics = run_["result"]["training_and_validation_set_metrics"]
+    # a full fine-tune trained the base weights in place: no adapter to switch off
+    full = VALID_CONFIGS[run_["base"] or name]["config"].get("use_lora") is False
+    assert ("base_rougeL" in metrics) == (not full)
+    assert ("rougeL_gain" in metrics) == (not full)
+    saved = Path(run_["result"]["save_best_models"])
+    page = (saved / "report.html").read_text("utf-8")
+    assert page.startswith("<!DOCTYPE html>") and ("<td>n/a</td>" in page) == full
+    if "accuracy" in metrics and not full:  # class labels: the base model is scored alike
+        assert metrics["accuracy_gain"] == pytest.approx(
+            metrics["accuracy"] - metrics["base_accuracy"]
+        )
+
+
+def test_predict_gives_the_causal_runs_answers_through_its_prompt_template(
+    config_run: Callable[[str], dict[str, Any]],
+) -> None:
+    result = config_run("causal")["result"]
+    saved = Path(result["save_best_models"])
+    assert read_json(saved / "finetune_settings.json")["prompt_template"] == PROMPT
+    questions = [question for question, _, _ in result["hold_out_set_predictions"]]
+    answers = [answer for _, answer, _ in result["hold_out_set_predictions"]]
+    assert finetune_module.predict(str(saved), questions) == answers

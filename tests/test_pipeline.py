@@ -62,6 +62,9 @@ def test_saved_files(base_run: dict[str, Any]) -> None:
         "hold_out_predictions.csv",
         "validation_predictions.csv",
         "finetune_settings.json",
+        "base_model_predictions.csv",
+        "training_log.csv",
+        "report.html",
     } <= names
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in names)
     weights = load_file(str(saved / "adapter_model.safetensors"))
@@ -99,6 +102,17 @@ def test_presaved_reproduces_the_saved_runs_greedy_answers(base_run: dict[str, A
     evaluation = Path(result["save_best_models"])
     assert evaluation == Path(base_run["output_dir"]) / "evaluation"
     assert read_json(evaluation / "metrics.json")["model_dir"].endswith("best_model")
+    for key in ("base_rougeL", "rougeL_gain"):  # base vs fine-tuned, also without training
+        assert metrics[key] == base_metrics[key]
+    saved = read_json(evaluation / "metrics.json")["base_vs_finetuned"]
+    assert (
+        saved
+        == read_json(Path(base_run["output_dir"]) / "best_model" / "metrics.json")[
+            "base_vs_finetuned"
+        ]
+    )
+    assert (evaluation / "report.html").read_text("utf-8").startswith("<!DOCTYPE html>")
+    assert (evaluation / "base_model_predictions.csv").is_file()
 
 
 def test_presaved_loads_any_checkpoint_directory(base_run: dict[str, Any], tmp_path: Path) -> None:

@@ -1,0 +1,224 @@
+"""What a person sees after a run: base vs fine-tuned ROUGE, the training log, the HTML report
+(rendered in a real headless Chromium when one is installed)."""
+
+import html
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from hamilton import driver
+
+import finetune_module
+from finetune_module.evaluation import ROUGE_KEYS
+from finetune_module.report import report_html
+from finetune_module.training import TRAINING_LOG_COLUMNS, _log_table
+from tests.conftest import read_json
+
+FIGURE_IDS = ("loss-curves", "rouge", "lengths")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def test_metrics_hold_base_and_finetuned_rouge_with_the_gain(base_run: dict[str, Any]) -> None:
+    metrics = base_run["result"]["training_and_validation_set_metrics"]
+    saved = read_json(Path(base_run["result"]["save_best_models"]) / "metrics.json")
+    comparison = saved["base_vs_finetuned"]
+    assert set(comparison) == {"validation", "hold_out"}
+    for key in ROUGE_KEYS:
+        assert 0 <= metrics[f"base_{key}"] <= 100
+        assert metrics[f"{key}_gain"] == pytest.approx(metrics[key] - metrics[f"base_{key}"])
+        assert comparison["validation"]["base"][key] == metrics[f"base_{key}"]
+        assert comparison["validation"]["finetuned"][key] == metrics[key]
+        assert comparison["hold_out"]["finetuned"][key] == saved["hold_out"][key]
+        assert comparison["hold_out"]["gain"][key] == pytest.approx(
+            saved["hold_out"][key] - comparison["hold_out"]["base"][key]
+        )
+
+
+def test_base_answers_come_from_the_base_model_with_the_adapter_off(
+    base_run: dict[str, Any], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    saved = Path(base_run["result"]["save_best_models"])
+    base_answers = _csv(saved / "base_model_predictions.csv")
+    assert list(base_answers.columns) == ["set", "question", "prediction", "reference"]
+    hold_out = base_answers[base_answers["set"] == "hold_out"]
+    tuned = base_run["result"]["hold_out_set_predictions"]
+    assert list(hold_out["question"]) == [question for question, _, _ in tuned]
+    assert list(base_answers["set"]).count("validation") == len(
+        base_run["result"]["finetuned_model_on_validation_set"]["validation_predictions"]
+    )
+    # the untouched base model, with the run's caps, answers exactly as the adapter-off model did
+    plain_base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, plain_base)
+    shutil.copy(saved / "finetune_settings.json", plain_base)
+    questions = list(hold_out["question"])
+    assert finetune_module.predict(str(plain_base), questions) == list(hold_out["prediction"])
+    # ... and not as the fine-tune does: the adapter really was switched off, then back on
+    assert list(hold_out["prediction"]) != [prediction for _, prediction, _ in tuned]
+
+
+def test_training_log_is_saved_and_matches_the_trainer(base_run: dict[str, Any]) -> None:
+    saved = Path(base_run["result"]["save_best_models"])
+    log = pd.read_csv(saved / "training_log.csv")
+    assert tuple(log.columns[: len(TRAINING_LOG_COLUMNS)]) == TRAINING_LOG_COLUMNS
+    checkpoint = Path(
+        base_run["result"]["training_and_validation_set_metrics"]["best_model_checkpoint"]
+    )
+    history = read_json(checkpoint / "trainer_state.json")["log_history"]
+    losses = log.dropna(subset=["loss"])
+    evaluations = log.dropna(subset=["eval_loss"])
+    assert list(losses["loss"]) == pytest.approx([e["loss"] for e in history if "loss" in e])
+    assert list(evaluations["eval_loss"]) == pytest.approx(
+        [e["eval_loss"] for e in history if "eval_loss" in e]
+    )
+    assert len(evaluations) == 2 and list(evaluations["epoch"]) == [1.0, 2.0]
+    assert losses["learning_rate"].notna().all() and (losses["learning_rate"] > 0).all()
+    assert log["elapsed_seconds"].is_monotonic_increasing and (log["elapsed_seconds"] > 0).all()
+    assert log["step"].is_monotonic_increasing
+    assert "train_runtime" not in log.columns  # the end-of-training summary is in metrics.json
+
+
+def test_presaved_training_log_is_the_one_saved_with_the_model(base_run: dict[str, Any]) -> None:
+    saved = Path(base_run["result"]["save_best_models"])
+    dr = (
+        driver.Builder()
+        .with_config({"start": "presaved"})
+        .with_modules(*finetune_module.MODULES)
+        .build()
+    )
+    from_best = dr.execute(["training_log"], inputs={"presaved_model_path": str(saved)})
+    pd.testing.assert_frame_equal(
+        from_best["training_log"], pd.read_csv(saved / "training_log.csv"), check_dtype=False
+    )
+    checkpoint = base_run["result"]["training_and_validation_set_metrics"]["best_model_checkpoint"]
+    from_checkpoint = dr.execute(["training_log"], inputs={"presaved_model_path": checkpoint})
+    columns = ["step", "loss", "eval_loss", "elapsed_seconds"]
+    pd.testing.assert_frame_equal(
+        from_checkpoint["training_log"][columns], from_best["training_log"][columns]
+    )
+
+
+def test_report_is_one_self_contained_file(base_run: dict[str, Any]) -> None:
+    page = (Path(base_run["result"]["save_best_models"]) / "report.html").read_text("utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    markup = re.sub(r"<script\b.*?</script>", "", page, flags=re.DOTALL)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", markup)  # nothing fetched
+    assert not re.search(r"<script[^>]*\bsrc=", page) and "Plotly.newPlot" in page
+    assert len(page) > 1_000_000  # plotly.js itself is inside
+    for figure_id in FIGURE_IDS:
+        assert f'id="{figure_id}"' in page
+    base_answers = _csv(Path(base_run["result"]["save_best_models"]) / "base_model_predictions.csv")
+    for question, prediction, reference in base_run["result"]["hold_out_set_predictions"]:
+        for text in (question, prediction, reference):
+            assert f"<td>{html.escape(text)}</td>" in page
+    for text in base_answers[base_answers["set"] == "hold_out"]["prediction"]:
+        assert f"<td>{html.escape(text)}</td>" in page
+
+
+def _minimal_report(**changes: Any) -> str:
+    """A report of made-up figures (no model needed)."""
+    scores = dict.fromkeys(ROUGE_KEYS, 10.0)
+    comparison = {"base": scores, "finetuned": scores, "gain": dict.fromkeys(ROUGE_KEYS, 0.0)}
+    inputs = {
+        "training_log": _log_table([]),
+        "base_vs_finetuned_metrics": {"validation": comparison, "hold_out": comparison},
+        "training_and_validation_set_metrics": {"eval_loss": 1.5},
+        "source_token_ids": [[1] * 3, [1] * 9],
+        "target_token_ids": [[1] * 4, [1] * 5],
+        "source_length_cap": 8,
+        "target_length_cap": 5,
+        "hold_out_set_predictions": [("<script>alert(1)</script>", "tuned", "ref & more")],
+        "base_model_on_hold_out_set": ["base"],
+    }
+    return report_html(**{**inputs, **changes})
+
+
+def test_report_escapes_texts_and_says_when_there_is_no_training_log() -> None:
+    page = _minimal_report()
+    assert "<script>alert(1)</script>" not in page
+    assert "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in page
+    assert "<td>ref &amp; more</td>" in page
+    assert "No training log was found" in page and 'id="loss-curves"' not in page
+    assert "cap 8: 1 of 2 truncated" in page and "cap 5: 0 of 2 truncated" in page
+
+
+def _chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on a page from disk, with its console written to stderr."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
+    return subprocess.run(
+        [CHROMIUM, *flags, *args, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _figures_in(dom: str) -> dict[str, str]:
+    """Each figure's part of the page, from its div's id to the next figure's id."""
+    pattern = 'id="({})"'.format("|".join(FIGURE_IDS))
+    found = [(m.start(), m.group(1)) for m in re.finditer(pattern, dom)]
+    ends = [start for start, _ in found[1:]] + [len(dom)]
+    return {name: dom[start:end] for (start, name), end in zip(found, ends, strict=True)}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium_without_script_errors(
+    base_run: dict[str, Any], tmp_path: Path
+) -> None:
+    page = Path(base_run["result"]["save_best_models"]) / "report.html"
+    out = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert out.returncode == 0, out.stderr[-2000:]
+    console = [line for line in out.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, "\n".join(console)  # no script errors, nor anything else logged
+    figures = _figures_in(out.stdout)
+    assert set(figures) == set(FIGURE_IDS)
+    for figure_id, drawing in figures.items():
+        # plotly filled the empty div with its drawing: SVG layers holding the data's traces
+        assert 'class="main-svg"' in drawing, f"figure {figure_id} was not drawn"
+    assert re.search(r'class="[^"]*\btrace\b', figures["rouge"])
+    assert "cap " in figures["lengths"] and "truncated" in figures["lengths"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_a_broken_page_is_caught_by_the_browser_check(tmp_path: Path) -> None:
+    """The check above can fail: a figure whose script breaks is reported and not drawn."""
+    page = tmp_path / "broken.html"
+    page.write_text(
+        _minimal_report().replace("Plotly.newPlot(", "Plotly.noSuchFunction(", 1), "utf-8"
+    )
+    out = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert any("Uncaught" in line for line in out.stderr.splitlines() if ":CONSOLE" in line)
+    figures = _figures_in(out.stdout)
+    assert 'class="main-svg"' not in figures["rouge"]  # the broken figure
+    assert 'class="main-svg"' in figures["lengths"]  # the one after it still drew
+
+
+def test_report_of_a_full_fine_tune_has_no_base_columns() -> None:
+    """A full fine-tune has no adapter to switch off: the report says n/a instead of failing."""
+    tuned = {**dict.fromkeys(ROUGE_KEYS, 10.0), "accuracy": 50.0}
+    comparison = {"base": {}, "finetuned": tuned, "gain": {}}
+    page = _minimal_report(
+        base_vs_finetuned_metrics={"validation": comparison, "hold_out": comparison},
+        base_model_on_hold_out_set=[],
+    )
+    assert "<td>n/a</td>" in page and "<td>tuned</td>" in page
+    assert '"accuracy"' in page  # class-label metrics are drawn with ROUGE
