@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from hamilton import driver
 from hamilton.lifecycle import api
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, Seq2SeqTrainer
 from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from bench.data import build_dataset
-from finetune_module import distributed
+from finetune_module import distributed, speedups, training
 from finetune_module.tiny_model import build_t5, texts_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +78,17 @@ ABLATIONS = {
     "no-grouping": "random batches instead of length-grouped ones",
     "unbatched-generation": "answer one question at a time, up to 512 new tokens",
     "one-thread": "torch on one thread instead of both cores",
+    "stock-dropout": "torch's nn.Dropout (a 32-bit draw and a float mask per value)",
+    "python-gelu": "T5's tanh GELU as five tensor operations instead of one kernel",
+    "system-malloc": "glibc's default allocator settings (big blocks mapped and unmapped)",
+    "eval-logits": "the trainer's evaluations keep every logit (prediction_loss_only off)",
+    "input-grouping": "Hugging Face's group_by_length batches (input length only)",
+}
+# the speed-ups the ablations above switch off, by the name of the `speedups` function
+_SPEEDUP_OFF = {
+    "stock-dropout": ("cheaper_dropout", lambda model: model),
+    "python-gelu": ("fuse_gelu", lambda model: model),
+    "system-malloc": ("keep_freed_memory", lambda: False),
 }
 
 
@@ -230,6 +241,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.ablate == "one-thread":
         torch.set_num_threads(1)
+    if args.ablate in _SPEEDUP_OFF:
+        setattr(speedups, *_SPEEDUP_OFF[args.ablate])
+    if args.ablate == "input-grouping":
+        training._Trainer._get_train_sampler = Seq2SeqTrainer._get_train_sampler
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
     data_path, model_dir = _prepare(args, work)
     # under --nproc the launcher measured the peak with every core before starting the ranks
@@ -257,6 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs["max_steps"] = args.max_steps
     if args.ablate == "no-grouping":
         inputs["extra_training_args"]["train_sampling_strategy"] = "random"
+    if args.ablate == "eval-logits":
+        inputs["extra_training_args"]["prediction_loss_only"] = False
     caps = dr.execute(["tokenizer", "source_length_cap", "target_length_cap"], inputs=inputs)
     overrides = _overrides(args.ablate, caps)
 

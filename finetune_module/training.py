@@ -38,6 +38,7 @@ from transformers import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 
+from finetune_module.batching import LengthGroupedBatches
 from finetune_module.distributed import world_size
 from finetune_module.errors import SettingsError, require_package
 from finetune_module.loading import DEFAULT_MODEL_ID
@@ -278,6 +279,7 @@ def training_arguments(
         "logging_steps": max(1, steps_per_epoch // 5),
         "load_best_model_at_end": True,
         "metric_for_best_model": "eval_loss",
+        "prediction_loss_only": True,  # evaluation needs the loss only: keep no logits
         "greater_is_better": False,
         "save_total_limit": 2,
         "train_sampling_strategy": "group_by_length",
@@ -373,6 +375,26 @@ class _TrainingClock(TrainerCallback):
             entry["elapsed_seconds"] = round(time.perf_counter() - self.began, 3)
 
 
+class _Trainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` whose `group_by_length` batches group targets by length too."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        """`LengthGroupedBatches` for `train_sampling_strategy="group_by_length"` (the default
+        here): a sequence-to-sequence batch groups by input and target length, a decoder-only
+        one by the length of prompt and answer together."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+            return super()._get_train_sampler(train_dataset)
+        sources = [len(e["input_ids"]) for e in dataset]
+        targets = [len(e["labels"]) for e in dataset]
+        if not self.model.config.is_encoder_decoder:  # one sequence: prompt and answer
+            sources, targets = (
+                [s + t for s, t in zip(sources, targets, strict=True)],
+                [0] * len(sources),
+            )
+        return LengthGroupedBatches(sources, targets, self.args.train_batch_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class FittedWeights:
     """What training produced, as plain data that Hamilton's cache can store and fingerprint."""
@@ -392,7 +414,7 @@ def _fit(
     """Trains the model with a Seq2SeqTrainer (continuing from
     `training_arguments.resume_from_checkpoint` when that is set; the best checkpoint is loaded
     back at the end) and returns its trained weights, gathered and shared with every process."""
-    trainer = Seq2SeqTrainer(
+    trainer = _Trainer(
         model=model,
         args=training_arguments,
         data_collator=data_collator,

@@ -1,0 +1,93 @@
+"""The CPU speed-ups compute the same functions as what they replace."""
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoModelForSeq2SeqLM
+from transformers.activations import NewGELUActivation
+
+from finetune_module import speedups
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_keeps_each_value_with_probability_one_minus_p(p: float) -> None:
+    torch.manual_seed(0)
+    keep = speedups._keep_mask(torch.Size((1000, 1001)), p, torch.device("cpu"))
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    assert keep.float().mean().item() == pytest.approx(1 - p, abs=0.002)
+    # no pattern along either axis (rows, columns, or the four 16-bit lanes of a random word)
+    assert keep.float().mean(dim=0).std().item() < 0.05
+    assert keep.float().mean(dim=1).std().item() < 0.05
+    lanes = keep.flatten()[: 4 * 250_000].view(-1, 4).float().mean(dim=0)
+    assert torch.allclose(lanes, torch.full((4,), 1 - p), atol=0.005)
+
+
+def test_dropout_scales_kept_values_and_its_gradient_follows_the_mask() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(64, 300).abs().add(0.1).requires_grad_()
+    y = speedups.dropout(x, 0.25)
+    kept = y != 0
+    assert 0.7 < kept.float().mean().item() < 0.8
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+
+
+def test_dropout_is_the_identity_in_eval_mode_and_at_p_zero_and_zero_at_p_one() -> None:
+    x = torch.randn(10, 10)
+    assert speedups.dropout(x, 0.3, training=False) is x
+    assert speedups.dropout(x, 0.0) is x
+    assert not speedups.dropout(x, 1.0).any()
+    module = speedups.FastDropout(0.3).eval()
+    assert module(x) is x
+
+
+def test_dropout_masks_follow_the_torch_seed() -> None:
+    x = torch.ones(50, 50)
+    torch.manual_seed(7)
+    first = speedups.dropout(x, 0.5)
+    torch.manual_seed(7)
+    assert torch.equal(speedups.dropout(x, 0.5), first)
+    assert not torch.equal(speedups.dropout(x, 0.5), first)
+
+
+def _tiny_t5(tiny_model_dir: Path) -> nn.Module:
+    return AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir)
+
+
+def test_cheaper_dropout_replaces_every_dropout_of_a_lora_model(tiny_model_dir: Path) -> None:
+    model = get_peft_model(
+        _tiny_t5(tiny_model_dir),
+        LoraConfig(r=4, target_modules=["q", "v"], lora_dropout=0.05, task_type="SEQ_2_SEQ_LM"),
+    )
+    before = [m.p for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
+    assert before, "the tiny T5 and its adapter have dropout"
+    speedups.cheaper_dropout(model)
+    assert not [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
+    assert sorted(m.p for m in model.modules() if isinstance(m, speedups.FastDropout)) == sorted(
+        before
+    )
+
+
+def test_fused_gelu_gives_the_same_outputs(tiny_model_dir: Path) -> None:
+    model = _tiny_t5(tiny_model_dir).eval()
+    ids = torch.randint(3, 200, (2, 17))
+    labels = torch.randint(3, 200, (2, 9))
+    with torch.inference_mode():
+        before = model(input_ids=ids, labels=labels).logits
+        assert any(isinstance(m, NewGELUActivation) for m in model.modules())
+        speedups.fuse_gelu(model)
+        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+        after = model(input_ids=ids, labels=labels).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_keep_freed_memory_applies_on_glibc() -> None:
+    assert speedups.keep_freed_memory() is True
