@@ -54,6 +54,16 @@ class _MaskCredentials(logging.Filter):
 DEFAULT_MODEL_DIR = "finetuned-model/best_model"  # what predict and export read
 
 
+def _gb_or_none(text: str) -> float | None:
+    """A number of GB, or None for "none"."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB or none, got {text!r}") from None
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     """`KEY=VALUE` with VALUE read as YAML (so numbers, booleans and lists keep their type)."""
     key, sep, value = text.partition("=")
@@ -233,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # unique, in order
         g.add_argument(*flags, dest=name, action="store_true", help=help_text)
+    g.add_argument(
+        "--activation-memory-gb",
+        "--activation_memory_gb",
+        dest="activation_memory_gb",
+        type=_gb_or_none,
+        metavar="GB",
+        help="about how much memory a training batch may keep for its backward pass; longer "
+        "batches recompute just enough layers to stay within it (default: 1.0; none: no "
+        "limit, fastest)",
+    )
     g.add_argument("--deepspeed", dest="deepspeed", metavar="JSON", help="DeepSpeed config file")
     g.add_argument(
         "--fsdp_config",

@@ -83,6 +83,8 @@ ABLATIONS = {
     "system-malloc": "glibc's default allocator settings (big blocks mapped and unmapped)",
     "eval-logits": "the trainer's evaluations keep every logit (prediction_loss_only off)",
     "input-grouping": "Hugging Face's group_by_length batches (input length only)",
+    "stock-loss": "the model's own loss (keeps the 32k-wide logits and their log-softmax)",
+    "no-memory-budget": "no activation-memory budget (activation_memory_gb None)",
 }
 # the speed-ups the ablations above switch off, by the name of the `speedups` function
 _SPEEDUP_OFF = {
@@ -245,6 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setattr(speedups, *_SPEEDUP_OFF[args.ablate])
     if args.ablate == "input-grouping":
         training._Trainer._get_train_sampler = Seq2SeqTrainer._get_train_sampler
+    if args.ablate == "stock-loss":
+        training._Trainer.compute_loss = Seq2SeqTrainer.compute_loss
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
     data_path, model_dir = _prepare(args, work)
     # under --nproc the launcher measured the peak with every core before starting the ranks
@@ -274,6 +278,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs["extra_training_args"]["train_sampling_strategy"] = "random"
     if args.ablate == "eval-logits":
         inputs["extra_training_args"]["prediction_loss_only"] = False
+    if args.ablate == "no-memory-budget":
+        inputs["activation_memory_gb"] = None
     caps = dr.execute(["tokenizer", "source_length_cap", "target_length_cap"], inputs=inputs)
     overrides = _overrides(args.ablate, caps)
 

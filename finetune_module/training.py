@@ -27,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from transformers import (
     BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
     Seq2SeqTrainer,
@@ -38,10 +39,16 @@ from transformers import (
 )
 from transformers.trainer import TRAINER_STATE_NAME
 
+from finetune_module import speedups
 from finetune_module.batching import LengthGroupedBatches
 from finetune_module.distributed import world_size
 from finetune_module.errors import SettingsError, require_package
 from finetune_module.loading import DEFAULT_MODEL_ID
+from finetune_module.memory import (
+    DEFAULT_ACTIVATION_MEMORY_GB,
+    ActivationBudget,
+    activation_budget,
+)
 from finetune_module.model import (
     DEFAULT_OUTPUT_DIR,
     LanguageModel,
@@ -376,7 +383,55 @@ class _TrainingClock(TrainerCallback):
 
 
 class _Trainer(Seq2SeqTrainer):
-    """`Seq2SeqTrainer` whose `group_by_length` batches group targets by length too."""
+    """`Seq2SeqTrainer` whose `group_by_length` batches group targets by length too, and
+    which keeps each batch's activations within a budget (when it has one)."""
+
+    activation_budget: ActivationBudget | None = None
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One step; first, the layers that recompute their activations for this batch."""
+        if self.activation_budget is not None:
+            self.activation_budget.before_step(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """The training loss of a sequence-to-sequence model with a frozen output layer, in
+        fp32, computed without keeping its logits (`speedups.linear_cross_entropy`: the same
+        mean cross-entropy); anything else as the Trainer computes it."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if isinstance(base, PeftModel) else base
+        head = base.get_output_embeddings() if isinstance(base, PreTrainedModel) else None
+        if (
+            return_outputs
+            or not model.training
+            or "labels" not in inputs
+            or type(head) is not torch.nn.Linear
+            or head.bias is not None
+            or head.weight.requires_grad
+            or not base.config.is_encoder_decoder
+            or self.args.bf16
+            or self.args.fp16
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+        with speedups.output_layer_off(base):
+            hidden = model(**forward).logits  # the last hidden states, as the head gets them
+        return speedups.linear_cross_entropy(hidden, head.weight, labels)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         """`LengthGroupedBatches` for `train_sampling_strategy="group_by_length"` (the default
@@ -410,10 +465,13 @@ def _fit(
     training_arguments: Seq2SeqTrainingArguments,
     data_collator: Callable,
     tokenizer: PreTrainedTokenizerBase,
+    activation_memory_gb: float | None,
 ) -> FittedWeights:
     """Trains the model with a Seq2SeqTrainer (continuing from
     `training_arguments.resume_from_checkpoint` when that is set; the best checkpoint is loaded
-    back at the end) and returns its trained weights, gathered and shared with every process."""
+    back at the end) and returns its trained weights, gathered and shared with every process.
+    Unless every layer recomputes its activations already (gradient_checkpointing), a batch
+    keeps at most about `activation_memory_gb` of them (None: no limit)."""
     trainer = _Trainer(
         model=model,
         args=training_arguments,
@@ -428,6 +486,11 @@ def _fit(
     # itself; otherwise gradients and logged losses grow with both. (Decoder-only models are
     # averaged the same way then: per batch, over accumulation steps and processes.)
     trainer.model_accepts_loss_kwargs = False
+    if activation_memory_gb is not None and not training_arguments.gradient_checkpointing:
+        try:
+            trainer.activation_budget = ActivationBudget(model, activation_memory_gb)
+        except ValueError as e:  # a model without gradient checkpointing trains unbudgeted
+            logger.info("activation_memory_gb does not apply: %s", e)
     if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=training_arguments.resume_from_checkpoint)
@@ -459,6 +522,7 @@ def fitted_weights__lora(
     gradient_checkpointing: bool = False,
     seed: int = 42,
     init_adapter_path: str | None = None,
+    activation_memory_gb: float | int | None = DEFAULT_ACTIVATION_MEMORY_GB,
 ) -> FittedWeights:
     """The trained LoRA adapter: the weights of the checkpoint with the lowest validation loss,
     and the trainer's state.
@@ -477,7 +541,12 @@ def fitted_weights__lora(
     :param gradient_checkpointing: recompute activations in the backward pass to save memory.
     :param seed: seed of the adapter's random initialisation (and of training).
     :param init_adapter_path: a saved adapter to continue training instead of a fresh LoRA.
+    :param activation_memory_gb: about how much memory (GB) a training batch may keep for its
+        backward pass; a longer batch recomputes just enough layers' activations to stay
+        within it (gradient checkpointing for those layers and that batch only). None: no
+        limit (fastest, most memory).
     """
+    budget = activation_budget(activation_memory_gb)
     base = _load_model(
         auto_model_class, model_id, training_arguments.device, trust_remote_code,
         quantization_config,
@@ -486,8 +555,9 @@ def fitted_weights__lora(
         base, lora_config, quantization_config, gradient_checkpointing, seed, init_adapter_path
     )
     return _fit(
-        model, tokenized_train, tokenized_validation, training_arguments, data_collator, tokenizer
-    )
+        model, tokenized_train, tokenized_validation, training_arguments, data_collator,
+        tokenizer, budget,
+    )  # fmt: skip
 
 
 @config.when(start="base", use_lora=False)
@@ -501,6 +571,7 @@ def fitted_weights__full(
     quantization_config: BitsAndBytesConfig | None,
     model_id: str = DEFAULT_MODEL_ID,
     trust_remote_code: bool = False,
+    activation_memory_gb: float | int | None = DEFAULT_ACTIVATION_MEMORY_GB,
 ) -> FittedWeights:
     """With `{"use_lora": False}`: every weight of the fine-tuned model (from the checkpoint
     with the lowest validation loss), and the trainer's state. As for the LoRA variant, the
@@ -510,15 +581,19 @@ def fitted_weights__full(
     :param quantization_config: must be None: a quantized base model trains through LoRA only.
     :param model_id: the base model (hub id or local directory).
     :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
+    :param activation_memory_gb: about how much memory (GB) a training batch may keep for its
+        backward pass (see the LoRA variant). None: no limit.
     """
+    budget = activation_budget(activation_memory_gb)
     base = _load_model(
         auto_model_class, model_id, training_arguments.device, trust_remote_code,
         quantization_config,
     )  # fmt: skip
     model = _fully_trainable(base, quantization_config)
     return _fit(
-        model, tokenized_train, tokenized_validation, training_arguments, data_collator, tokenizer
-    )
+        model, tokenized_train, tokenized_validation, training_arguments, data_collator,
+        tokenizer, budget,
+    )  # fmt: skip
 
 
 def _log_table(log_history: list[dict[str, Any]]) -> pd.DataFrame:

@@ -54,6 +54,19 @@ def test_help_documents_every_flag() -> None:
         assert flag in out.stdout
 
 
+def test_activation_memory_flag_takes_a_number_or_none() -> None:
+    parser = run.build_parser()
+    assert vars(parser.parse_args(["--activation-memory-gb", "1.5"])) == {
+        "activation_memory_gb": 1.5
+    }
+    assert vars(parser.parse_args(["--activation-memory-gb", "None"])) == {
+        "activation_memory_gb": None
+    }
+    assert vars(parser.parse_args([])) == {}  # unset: the dataflow's default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--activation-memory-gb", "lots"])
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
 def test_dag_draws_a_picture(tmp_path: Path) -> None:
     for start in ("base", "presaved"):

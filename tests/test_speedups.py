@@ -2,15 +2,17 @@
 
 import platform
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForSeq2SeqLM, Seq2SeqTrainer
 from transformers.activations import NewGELUActivation
 
-from finetune_module import speedups
+from finetune_module import speedups, training
+from tests.conftest import EXAMPLE_DATA, QUICK, run_dag
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -91,3 +93,42 @@ def test_fused_gelu_gives_the_same_outputs(tiny_model_dir: Path) -> None:
 )
 def test_keep_freed_memory_applies_on_glibc() -> None:
     assert speedups.keep_freed_memory() is True
+
+
+def test_linear_cross_entropy_equals_cross_entropy_and_its_gradient() -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 700, 64, requires_grad=True)  # more rows than one chunk
+    weight = torch.randn(1000, 64) * 3
+    labels = torch.randint(0, 1000, (3, 700))
+    labels[:, 600:] = -100
+    logits = (hidden @ weight.T).reshape(-1, 1000)
+    reference = nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
+    reference.backward()
+    expected_grad, hidden.grad = hidden.grad.clone(), None
+    loss = speedups.linear_cross_entropy(hidden, weight, labels)
+    (2 * loss).backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(hidden.grad, 2 * expected_grad)
+
+
+def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    fused = speedups.linear_cross_entropy
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return fused(*args)
+
+    monkeypatch.setattr(speedups, "linear_cross_entropy", counting)
+    common = {"data_path": str(EXAMPLE_DATA), "model_id": str(tiny_model_dir), **QUICK}
+    ours = run_dag("base", output_dir=str(tmp_path / "a"), **common)
+    assert len(calls) == QUICK["max_steps"]
+    monkeypatch.setattr(training._Trainer, "compute_loss", Seq2SeqTrainer.compute_loss)
+    stock = run_dag("base", output_dir=str(tmp_path / "b"), **common)
+    assert len(calls) == QUICK["max_steps"]
+    for key in ("train_loss", "eval_loss"):
+        assert ours["training_and_validation_set_metrics"][key] == pytest.approx(
+            stock["training_and_validation_set_metrics"][key], rel=1e-5
+        )
