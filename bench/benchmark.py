@@ -157,15 +157,24 @@ def _counting_generation(counts: dict[str, float]) -> Iterator[None]:
         GenerationMixin.generate = original
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 8, trials: int = 3) -> float:
-    """The machine's fp32 matmul throughput: the best of a few timed `torch.matmul` runs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(
+    n: int = 2048, repeats: int = 8, trials: int = 3, dtype: torch.dtype = torch.float32
+) -> float:
+    """The machine's matmul throughput: the best of a few timed `torch.matmul` runs (on the GPU
+    when there is one, in `dtype`)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)
     best = 0.0
     for _ in range(trials):
+        if device == "cuda":
+            torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(repeats):
             torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9)
     return best
 
@@ -252,7 +261,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
     data_path, model_dir = _prepare(args, work)
     # under --nproc the launcher measured the peak with every core before starting the ranks
-    peak_gflops = args.matmul_peak or matmul_gflops()
+    peak_gflops = args.matmul_peak or matmul_gflops(
+        dtype=torch.bfloat16 if args.bf16 else torch.float32
+    )
 
     timer = _NodeTimer()
     dr = (
@@ -274,6 +285,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.max_steps:
         inputs["max_steps"] = args.max_steps
+    if args.bf16:
+        inputs["bf16"] = True
     if args.ablate == "no-grouping":
         inputs["extra_training_args"]["train_sampling_strategy"] = "random"
     if args.ablate == "eval-logits":
@@ -316,6 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_per_answer = counts["seconds"] / max(1, counts["answers"])
     figures = {
         "ablation": args.ablate,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
         "model": "tiny" if args.quick else "flan-t5-small shape",
         "records": args.records,
         "train_examples": len(train),
@@ -426,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         help="switch one lever off: " + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
     )
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torchrun)")
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (a CUDA GPU with bf16 support)"
+    )
     p.add_argument("--matmul-peak", type=float, help=argparse.SUPPRESS)  # set by --nproc
     p.add_argument("--workdir", help="where the model, data and run go (default: a temp dir)")
     p.add_argument(
