@@ -65,7 +65,6 @@ class ActivationBudget:
         for module in base.modules():  # the stacks' own flag only turns their cache off
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
-        self.checkpointed_steps = 0
 
     def set(self, flags: list[bool]) -> None:
         """Turns checkpointing on or off for each layer."""
@@ -105,15 +104,10 @@ class ActivationBudget:
 
     def before_step(self, inputs: dict[str, torch.Tensor]) -> None:
         """Sets the layers' checkpointing for the batch `inputs` (as the collator made it)."""
-        ids = inputs["input_ids"]
-        labels = inputs.get("labels")
-        if self.config.is_encoder_decoder:
-            target = labels.shape[1] if labels is not None else 1
-            flags = self.plan(ids.shape[0], ids.shape[1], target)
-        else:  # the collator joined prompt and answer
-            flags = self.plan(ids.shape[0], ids.shape[1], 0)
-        self.checkpointed_steps += any(flags)
-        self.set(flags)
+        ids, labels = inputs["input_ids"], inputs.get("labels")
+        # a decoder-only model's collator joined prompt and answer into input_ids
+        seq2seq = self.config.is_encoder_decoder and labels is not None
+        self.set(self.plan(ids.shape[0], ids.shape[1], labels.shape[1] if seq2seq else 0))
 
 
 def activation_budget(value: float | int | None) -> float | None:

@@ -57,7 +57,7 @@ from finetune_module.model import (
     _trainable_adapter,
 )
 
-LABEL_PAD_TOKEN_ID = -100  # label positions with this id are left out of the loss
+LABEL_PAD_TOKEN_ID = speedups.IGNORE_INDEX  # label positions left out of the loss
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folders
 
 logger = logging.getLogger(__name__)
