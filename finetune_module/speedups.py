@@ -109,6 +109,9 @@ def keep_freed_memory() -> bool:
 
 IGNORE_INDEX = -100  # label of padding: left out of the loss
 _LOSS_ROWS = 1024  # target tokens whose logits are computed at a time
+# exp() of anything below this is a subnormal float (or 0), which the CPU computes tens of times
+# slower; clamped to it, each such term adds at most 1.7e-38 to a sum of at least 1 (no change)
+_EXP_FLOOR = -87.0
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -132,7 +135,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             targets = labels[rows].clamp(min=0).unsqueeze(1)
             target_logits = logits.gather(1, targets)
             peak = logits.amax(dim=1, keepdim=True)
-            exps = logits.sub_(peak).exp_()  # in place of the logits: one pass of exp
+            # in place of the logits: one pass of exp, with no subnormal results
+            exps = logits.sub_(peak).clamp_(min=_EXP_FLOOR).exp_()
             sums = exps.sum(dim=1, keepdim=True)
             losses = (peak + sums.log() - target_logits).squeeze(1)
             total += losses[kept[rows]].sum()
