@@ -39,9 +39,9 @@ from transformers import PretrainedConfig, Seq2SeqTrainer
 from transformers.generation.utils import GenerationMixin
 
 import finetune_module
-from bench.data import build_dataset
+from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
 from finetune_module import distributed, speedups, training
-from finetune_module.tiny_model import build_t5, texts_of
+from finetune_module.tiny_model import build_t5
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,16 +57,15 @@ REFERENCE = {
 GOALS = {"train": 4.0, "eval": 20.0, "dag": 5.0, "peak_rss_gb": 3.0, "matmul_share": 0.40}
 
 SHAPES = {
-    # flan-t5-small; the learned tokenizer is small (its vocabulary is padded to 32128) and sized
-    # so that questions take as many tokens as flan-t5's tokenizer gives them (median ~99; the
-    # answers come out longer than the reference's 53, which makes the work heavier, not lighter).
+    # flan-t5-small; the learned tokenizer is small (its vocabulary is padded to 32128): with it
+    # the dataset has the reference's token spread (see bench/data.py)
     "flan-t5-small": {
         "d_model": 512,
         "d_kv": 64,
         "num_heads": 6,
         "num_layers": 8,
         "d_ff": 1024,
-        "vocab_size": 1000,
+        "vocab_size": TOKENIZER_VOCABULARY,
         "pad_vocab_to": 32128,
     },
     "tiny": {"d_model": 32, "num_heads": 2, "num_layers": 1, "d_ff": 64, "vocab_size": 1000},
@@ -238,12 +237,12 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """The benchmark's dataset and model in `work`, built unless already there."""
     work.mkdir(parents=True, exist_ok=True)
     size = "tiny" if args.quick else "flan-t5-small"
-    data_path = work / f"bench-data-{args.records}.json"
+    data_path = work / f"bench-data-{DATA_VERSION}-{args.records}.json"
     if not data_path.exists():
         build_dataset(REPO / "example-support-dataset.json", data_path, records=args.records)
-    model_dir = work / f"model-{size}-{args.records}"
+    model_dir = work / f"model-{size}-{DATA_VERSION}-{args.records}"
     if not (model_dir / "model.safetensors").exists():
-        build_t5(str(model_dir), texts_of(str(data_path)), **SHAPES[size])
+        build_t5(str(model_dir), training_texts(data_path), **SHAPES[size])
     return data_path, model_dir
 
 
