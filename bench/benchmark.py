@@ -77,7 +77,8 @@ ABLATIONS = {
     "no-grouping": "random batches instead of length-grouped ones",
     "unbatched-generation": "answer one question at a time, up to 512 new tokens",
     "one-thread": "torch on one thread instead of both cores",
-    "stock-dropout": "torch's nn.Dropout (a 32-bit draw and a float mask per value)",
+    "stock-dropout": "torch's nn.Dropout and SDPA's attention dropout (32-bit draws, float masks)",
+    "sdpa-dropout": "SDPA's own dropout on the attention weights (the layers' dropout stays cheap)",
     "python-gelu": "T5's tanh GELU as five tensor operations instead of one kernel",
     "system-malloc": "glibc's default allocator settings (big blocks mapped and unmapped)",
     "eval-logits": "the trainer's evaluations keep every logit (prediction_loss_only off)",
@@ -88,6 +89,7 @@ ABLATIONS = {
 # the speed-ups the ablations above switch off, by the name of the `speedups` function
 _SPEEDUP_OFF = {
     "stock-dropout": ("cheaper_dropout", lambda model: model),
+    "sdpa-dropout": ("cheaper_attention_dropout", lambda model: model),
     "python-gelu": ("fuse_gelu", lambda model: model),
     "system-malloc": ("keep_freed_memory", lambda: False),
 }

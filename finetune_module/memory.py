@@ -19,13 +19,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from finetune_module.errors import SettingsError
 
 FLOAT_BYTES = 4
-# Per token a layer keeps about 13 x hidden size + 6 x feed-forward size floats (inputs of its
+# Per token a layer keeps about 9 x hidden size + 4 x feed-forward size floats (inputs of its
 # linear layers and LoRA, norms, activation, dropout masks, attention heads); per attention
-# score about 7 bytes (softmax output, dropped-out weights, mask). Fitted to T5 (flan-t5-small's
-# shape) measured with torch's saved-tensor hooks: within 7% for batches of 8 x (100 + 73) to
-# 8 x (500 + 154) tokens.
-TOKEN_FLOATS = (13, 6)  # x hidden size, x feed-forward size
-SCORE_BYTES = 7
+# score about 5 bytes (the attention weights and their one-byte dropout mask, see
+# `speedups.attention`). Fitted to T5 (flan-t5-small's shape, LoRA on q and v) measured with
+# torch's saved-tensor hooks: within 1% for batches of 8 x (60 + 109) to 8 x (520 + 109) tokens.
+TOKEN_FLOATS = (9, 4)  # x hidden size, x feed-forward size
+SCORE_BYTES = 5
 DEFAULT_ACTIVATION_MEMORY_GB = 1.0
 
 

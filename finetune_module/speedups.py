@@ -1,5 +1,6 @@
-"""CPU speed-ups that leave the maths alone: a cheaper dropout, a fused GELU, a training loss
-that does not keep the logits, and the C allocator told to keep the memory it has.
+"""CPU speed-ups that leave the maths alone: a cheaper dropout (in the layers and on the attention
+weights), a fused GELU, a training loss that does not keep the logits, and the C allocator told
+to keep the memory it has.
 
 Each is the same function as the one it replaces (dropout keeps each value with probability
 1 - p and scales it by 1 / (1 - p); GELU is the same tanh approximation, computed in one
@@ -17,7 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations.sdpa_attention import (
+    create_position_bias_mask,
+    sdpa_attention_forward,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # glibc's mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -85,11 +92,116 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
 
 def cheaper_dropout(model: nn.Module) -> nn.Module:
     """Replaces each `nn.Dropout` module (the model's and LoRA's) with `FastDropout` of the
-    same p; returns the model. (Dropout inside the attention kernel is left to it.)"""
+    same p, and the dropout on attention weights with the same cheaper one
+    (`cheaper_attention_dropout`); returns the model."""
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Dropout and child.p > 0:
                 setattr(module, name, FastDropout(child.p))
+    return cheaper_attention_dropout(model)
+
+
+class _DroppedOutAttention(torch.autograd.Function):
+    """`dropout(weights, p) @ value` that keeps the attention weights and a one-byte mask for the
+    backward pass (5 bytes per attention score; SDPA's own dropout keeps about 12) and draws
+    the mask as `FastDropout` does (16 random bits per score, not 32)."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
+        keep = _keep_mask(weights.shape, p, weights.device)
+        ctx.save_for_backward(weights, keep, value)
+        ctx.scale = 1.0 / (1.0 - p)
+        return torch.where(keep, weights, 0.0).mul_(ctx.scale) @ value
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        weights, keep, value = ctx.saved_tensors
+        grad_weights = grad_value = None
+        if ctx.needs_input_grad[1]:
+            dropped = torch.where(keep, weights, 0.0).mul_(ctx.scale)
+            grad_value = dropped.transpose(-1, -2) @ grad
+        if ctx.needs_input_grad[0]:
+            grad_weights = torch.where(keep, grad @ value.transpose(-1, -2), 0.0).mul_(ctx.scale)
+        return grad_weights, grad_value, None
+
+
+def _additive_mask(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    position_bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """What SDPA adds to the attention scores: the position bias (T5) and the mask, as floats."""
+    if position_bias is not None:
+        return create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+    if is_causal:
+        rows = torch.arange(query.shape[2], device=query.device)[:, None]
+        attention_mask = rows >= torch.arange(key.shape[2], device=key.device)[None, :]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        lowest = torch.finfo(query.dtype).min
+        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, lowest
+        )
+    return attention_mask
+
+
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Transformers' SDPA attention, except while training on the CPU with dropout on the
+    attention weights: then the same attention with `FastDropout`'s cheaper mask, keeping
+    less for the backward pass (see `_DroppedOutAttention`)."""
+    if (
+        not module.training
+        or not 0.0 < dropout < 1.0
+        or query.device.type != "cpu"
+        or getattr(module, "num_key_value_groups", 1) != 1
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, position_bias=position_bias, **kwargs,
+        )  # fmt: skip
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    scores = query @ key.transpose(-1, -2)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if scaling != 1.0:
+        scores.mul_(scaling)
+    added = _additive_mask(query, key, attention_mask, causal, position_bias)
+    if added is not None:
+        scores.add_(added)
+    weights = torch.softmax(scores, dim=-1)
+    output = _DroppedOutAttention.apply(weights, value, dropout)
+    return output.transpose(1, 2).contiguous(), None
+
+
+CHEAP_DROPOUT_ATTENTION = "sdpa_cheap_cpu_dropout"
+AttentionInterface.register(CHEAP_DROPOUT_ATTENTION, attention)
+AttentionMaskInterface.register(CHEAP_DROPOUT_ATTENTION, sdpa_mask)  # the masks SDPA gets
+
+
+def cheaper_attention_dropout(model: nn.Module) -> nn.Module:
+    """Switches a model that uses SDPA attention to `attention` (SDPA but for the dropout on
+    the attention weights when training on the CPU); returns the model."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            if module.config._attn_implementation == "sdpa":
+                module.set_attn_implementation(CHEAP_DROPOUT_ATTENTION)
+            break  # the outermost model sets its submodels
     return model
 
 

@@ -1,5 +1,6 @@
 """The CPU speed-ups compute the same functions as what they replace."""
 
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -8,10 +9,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM, Seq2SeqTrainer
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Seq2SeqTrainer
 from transformers.activations import NewGELUActivation
 
 from finetune_module import speedups, training
+from finetune_module.tiny_model import build_causal, build_t5
 from tests.conftest import EXAMPLE_DATA, QUICK, run_dag
 
 
@@ -93,6 +95,72 @@ def test_fused_gelu_gives_the_same_outputs(tiny_model_dir: Path) -> None:
 )
 def test_keep_freed_memory_applies_on_glibc() -> None:
     assert speedups.keep_freed_memory() is True
+
+
+class _Attending(nn.Module):
+    """A stand-in for an attention layer: only its training flag is read."""
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_drops_out_weights_and_its_gradients_follow_the_mask(causal: bool) -> None:
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 7, 7)
+    module = _Attending().train()
+    module.is_causal = causal
+    torch.manual_seed(3)
+    out, _ = speedups.attention(module, q, k, v, None, dropout=0.3, scaling=0.5, position_bias=bias)
+    torch.manual_seed(3)  # the same mask, drawn again
+    keep = speedups._keep_mask(torch.Size((2, 3, 7, 7)), 0.3, q.device)
+    scores = q @ k.transpose(-1, -2) * 0.5 + bias
+    if causal:
+        scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    expected = ((scores.softmax(-1) * keep / 0.7) @ v).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_models_attend_as_with_sdpa(arch: str, tmp_path: Path) -> None:
+    """A model in training mode gives the same outputs and gradients with its attention on the
+    cheaper path as with SDPA (dropout so small that no weight is dropped)."""
+    texts = [r["question"] for r in json.loads(EXAMPLE_DATA.read_text())]
+    if arch == "t5":
+        path = build_t5(str(tmp_path), texts, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dropout_rate=1e-9)
+    else:
+        path = build_causal(str(tmp_path), texts, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_pdrop=1e-9, resid_pdrop=0.0, embd_pdrop=0.0
+        )
+    ids = torch.randint(3, 200, (2, 9))
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids).index_fill_(1, torch.tensor([7, 8]), 0),
+    }
+    inputs["labels"] = torch.randint(3, 200, (2, 5)) if arch == "t5" else ids
+    model.train()
+    results = []
+    for cheaper in (False, True):
+        if cheaper:
+            speedups.cheaper_attention_dropout(model)
+        assert model.config._attn_implementation == (
+            speedups.CHEAP_DROPOUT_ATTENTION if cheaper else "sdpa"
+        )
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        results.append(
+            (out.logits, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
+    (logits, grads), (cheap_logits, cheap_grads) = results
+    torch.testing.assert_close(cheap_logits, logits)
+    assert len(grads) == len(cheap_grads) > 0
+    for grad, cheap_grad in zip(grads, cheap_grads, strict=True):
+        torch.testing.assert_close(cheap_grad, grad)
 
 
 @pytest.mark.parametrize("scale", [3.0, 100.0])  # 100: logits hundreds apart (exp underflows)
