@@ -61,7 +61,9 @@ class ActivationBudget:
                 module.config.use_cache = False
         self.layers = _layer_stacks(base)
         self.budget = budget_gb * 1e9
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
         for module in base.modules():  # the stacks' own flag only turns their cache off
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
