@@ -156,28 +156,55 @@ def generation_settings(
     }
 
 
-@extract_fields({"validation_predictions": list, "validation_references": list})
-def finetuned_model_on_validation_set(
+def _answers_by_set(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    validation: list[dict[str, list[int]]],
+    hold_out: list[dict[str, list[int]]],
+    generation_settings: dict[str, int],
+    desc: str,
+    quiet: bool,
+) -> dict[str, list[str]]:
+    """The model's answers to the validation and the hold-out questions, by set, generated in
+    one pass over both: decoding is bound by reading the weights, so a batch of 20 answers
+    costs about what a batch of 4 does, and the small hold-out set fills the last batch."""
+    answers = _generate(
+        model, tokenizer, [*validation, *hold_out], **generation_settings, desc=desc, quiet=quiet
+    )
+    return {"validation": answers[: len(validation)], "hold_out": answers[len(validation) :]}
+
+
+def finetuned_model_answers(
     evaluation_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
     tokenized_validation: list[dict[str, list[int]]],
-    validation_set: pd.DataFrame,
+    tokenized_hold_out: list[dict[str, list[int]]],
     generation_settings: dict[str, int],
     quiet: bool = False,
 ) -> dict[str, list[str]]:
-    """The fine-tuned model's answers to the validation questions, and the reference answers.
+    """The fine-tuned model's answers to the validation and the hold-out questions, by set
+    ("validation", "hold_out"), generated together.
 
     :param quiet: no progress bars (training and generation).
     """
+    return _answers_by_set(
+        evaluation_model,
+        tokenizer,
+        tokenized_validation,
+        tokenized_hold_out,
+        generation_settings,
+        desc="fine-tuned model, validation and hold-out sets",
+        quiet=quiet,
+    )
+
+
+@extract_fields({"validation_predictions": list, "validation_references": list})
+def finetuned_model_on_validation_set(
+    finetuned_model_answers: dict[str, list[str]], validation_set: pd.DataFrame
+) -> dict[str, list[str]]:
+    """The fine-tuned model's answers to the validation questions, and the reference answers."""
     return {
-        "validation_predictions": _generate(
-            evaluation_model,
-            tokenizer,
-            tokenized_validation,
-            **generation_settings,
-            desc="fine-tuned model, validation set",
-            quiet=quiet,
-        ),
+        "validation_predictions": finetuned_model_answers["validation"],
         "validation_references": list(validation_set["output_text"]),
     }
 
@@ -332,28 +359,17 @@ def training_and_validation_set_metrics__presaved(
 
 
 def hold_out_set_predictions(
-    evaluation_model: LanguageModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tokenized_hold_out: list[dict[str, list[int]]],
-    hold_out_set: pd.DataFrame,
-    generation_settings: dict[str, int],
-    quiet: bool = False,
+    finetuned_model_answers: dict[str, list[str]], hold_out_set: pd.DataFrame
 ) -> list[tuple[str, str, str]]:
     """The fine-tuned model's answers to the hold-out questions, as
-    (question, prediction, reference) tuples in hold-out order.
-
-    :param quiet: no progress bars (training and generation).
-    """
-    predictions = _generate(
-        evaluation_model,
-        tokenizer,
-        tokenized_hold_out,
-        **generation_settings,
-        desc="fine-tuned model, hold-out set",
-        quiet=quiet,
-    )
+    (question, prediction, reference) tuples in hold-out order."""
     return list(
-        zip(hold_out_set["input_text"], predictions, hold_out_set["output_text"], strict=True)
+        zip(
+            hold_out_set["input_text"],
+            finetuned_model_answers["hold_out"],
+            hold_out_set["output_text"],
+            strict=True,
+        )
     )
 
 
@@ -391,34 +407,46 @@ def confusion_matrix(
     )
 
 
-@parameterize(
-    base_model_on_validation_set=(
-        {"examples": source("tokenized_validation"), "desc": fixed("base model, validation set")},
-        "The base model's answers (adapter switched off) to the validation questions.",
-    ),
-    base_model_on_hold_out_set=(
-        {"examples": source("tokenized_hold_out"), "desc": fixed("base model, hold-out set")},
-        "The base model's answers (adapter switched off) to the hold-out questions.",
-    ),
-)
 def base_model_answers(
     evaluation_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[dict[str, list[int]]],
+    tokenized_validation: list[dict[str, list[int]]],
+    tokenized_hold_out: list[dict[str, list[int]]],
     generation_settings: dict[str, int],
-    desc: str,
     quiet: bool = False,
-) -> list[str]:
-    """The base model's answers to the examples: the fine-tuned model with its LoRA adapter
-    switched off (no second copy of the weights), generated exactly as the fine-tune's answers
-    are. Empty for a full fine-tune: its weights were trained in place, no adapter to switch off.
+) -> dict[str, list[str]]:
+    """The base model's answers to the validation and the hold-out questions, by set: the
+    fine-tuned model with its LoRA adapter switched off (no second copy of the weights),
+    generated exactly as the fine-tune's answers are. Empty for a full fine-tune: its weights
+    were trained in place, no adapter to switch off.
     """
     if not isinstance(evaluation_model, PeftModel):
-        return []
+        return {"validation": [], "hold_out": []}
     with evaluation_model.disable_adapter():
-        return _generate(
-            evaluation_model, tokenizer, examples, **generation_settings, desc=desc, quiet=quiet
+        return _answers_by_set(
+            evaluation_model,
+            tokenizer,
+            tokenized_validation,
+            tokenized_hold_out,
+            generation_settings,
+            desc="base model, validation and hold-out sets",
+            quiet=quiet,
         )
+
+
+@parameterize(
+    base_model_on_validation_set=(
+        {"answer_set": fixed("validation")},
+        "The base model's answers (adapter switched off) to the validation questions.",
+    ),
+    base_model_on_hold_out_set=(
+        {"answer_set": fixed("hold_out")},
+        "The base model's answers (adapter switched off) to the hold-out questions.",
+    ),
+)
+def base_model_set_answers(base_model_answers: dict[str, list[str]], answer_set: str) -> list[str]:
+    """The base model's answers to one set's questions."""
+    return base_model_answers[answer_set]
 
 
 @parameterize(

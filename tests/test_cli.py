@@ -116,8 +116,8 @@ def test_config_file_run_with_flag_override_then_presaved(
     assert f"Saved to: {tmp_path / 'out' / 'evaluation'}" in out.stdout
     # without --quiet: a progress bar per generation (the bar over the nodes needs a terminal)
     assert "finetune ->" not in out.stderr
-    assert "base model, hold-out set: 100%|" in out.stderr
-    assert "fine-tuned model, validation set: 100%|" in out.stderr
+    assert "base model, validation and hold-out sets: 100%|" in out.stderr
+    assert "fine-tuned model, validation and hold-out sets: 100%|" in out.stderr
 
 
 def test_bad_input_exits_2_with_one_line_on_stderr(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from hamilton import driver
 from safetensors.torch import load_file
+from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from finetune_module.data import _split_sizes
@@ -84,6 +85,24 @@ def test_saved_files(base_run: dict[str, Any]) -> None:
     settings = read_json(saved / "finetune_settings.json")
     assert settings["max_new_tokens"] == settings["target_length_cap"] > 1
     assert not list(Path(base_run["output_dir"]).glob(".best_model.tmp-*"))
+
+
+def test_each_model_answers_both_sets_in_one_pass(
+    base_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    generate = GenerationMixin.generate
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        batches.append(kwargs["input_ids"].shape[0])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", counting)
+    inputs = {k: v for k, v in base_run["inputs"].items() if k in ("data_path", "output_dir")}
+    result = run_dag("presaved", **inputs)
+    # the fine-tuned model, then the base model: one batch each holds both sets' questions
+    assert batches == [N_VALIDATION + N_HOLD_OUT] * 2
+    assert len(result["hold_out_set_predictions"]) == N_HOLD_OUT
 
 
 def test_presaved_reproduces_the_saved_runs_greedy_answers(base_run: dict[str, Any]) -> None:
