@@ -196,7 +196,10 @@ AttentionMaskInterface.register(CHEAP_DROPOUT_ATTENTION, sdpa_mask)  # the masks
 
 def cheaper_attention_dropout(model: nn.Module) -> nn.Module:
     """Switches a model that uses SDPA attention to `attention` (SDPA but for the dropout on
-    the attention weights when training on the CPU); returns the model."""
+    the attention weights when training on the CPU) on a machine without an accelerator (one
+    with an accelerator trains there, with SDPA's own kernels); returns the model."""
+    if torch.accelerator.is_available():
+        return model
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             if module.config._attn_implementation == "sdpa":
