@@ -162,15 +162,16 @@ def _answers_by_set(
     validation: list[dict[str, list[int]]],
     hold_out: list[dict[str, list[int]]],
     generation_settings: dict[str, int],
-    desc: str,
+    who: str,
     quiet: bool,
 ) -> dict[str, list[str]]:
-    """The model's answers to the validation and the hold-out questions, by set, generated in
-    one pass over both: decoding is bound by reading the weights, so a batch of 20 answers
-    costs about what a batch of 4 does, and the small hold-out set fills the last batch."""
-    answers = _generate(
-        model, tokenizer, [*validation, *hold_out], **generation_settings, desc=desc, quiet=quiet
-    )
+    """The answers of the model (called `who` on its progress bar) to the validation and the
+    hold-out questions, by set, generated in one pass over both: decoding is bound by reading
+    the weights, so a batch of 20 answers costs about what a batch of 4 does, and the small
+    hold-out set fills the last batch."""
+    desc = f"{who}, validation and hold-out sets"
+    examples = [*validation, *hold_out]
+    answers = _generate(model, tokenizer, examples, **generation_settings, desc=desc, quiet=quiet)
     return {"validation": answers[: len(validation)], "hold_out": answers[len(validation) :]}
 
 
@@ -187,14 +188,9 @@ def finetuned_model_answers(
 
     :param quiet: no progress bars (training and generation).
     """
+    sets = (tokenized_validation, tokenized_hold_out)
     return _answers_by_set(
-        evaluation_model,
-        tokenizer,
-        tokenized_validation,
-        tokenized_hold_out,
-        generation_settings,
-        desc="fine-tuned model, validation and hold-out sets",
-        quiet=quiet,
+        evaluation_model, tokenizer, *sets, generation_settings, "fine-tuned model", quiet
     )
 
 
@@ -423,14 +419,9 @@ def base_model_answers(
     if not isinstance(evaluation_model, PeftModel):
         return {"validation": [], "hold_out": []}
     with evaluation_model.disable_adapter():
+        sets = (tokenized_validation, tokenized_hold_out)
         return _answers_by_set(
-            evaluation_model,
-            tokenizer,
-            tokenized_validation,
-            tokenized_hold_out,
-            generation_settings,
-            desc="base model, validation and hold-out sets",
-            quiet=quiet,
+            evaluation_model, tokenizer, *sets, generation_settings, "base model", quiet
         )
 
 

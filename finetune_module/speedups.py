@@ -101,6 +101,11 @@ def cheaper_dropout(model: nn.Module) -> nn.Module:
     return cheaper_attention_dropout(model)
 
 
+def _kept(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` where `keep` is True, times `scale`; 0 elsewhere."""
+    return torch.where(keep, x, 0.0).mul_(scale)
+
+
 class _DroppedOutAttention(torch.autograd.Function):
     """`dropout(weights, p) @ value` that keeps the attention weights and a one-byte mask for the
     backward pass (5 bytes per attention score; SDPA's own dropout keeps about 12) and draws
@@ -111,7 +116,7 @@ class _DroppedOutAttention(torch.autograd.Function):
         keep = _keep_mask(weights.shape, p, weights.device)
         ctx.save_for_backward(weights, keep, value)
         ctx.scale = 1.0 / (1.0 - p)
-        return torch.where(keep, weights, 0.0).mul_(ctx.scale) @ value
+        return _kept(weights, keep, ctx.scale) @ value
 
     @staticmethod
     def backward(
@@ -120,10 +125,9 @@ class _DroppedOutAttention(torch.autograd.Function):
         weights, keep, value = ctx.saved_tensors
         grad_weights = grad_value = None
         if ctx.needs_input_grad[1]:
-            dropped = torch.where(keep, weights, 0.0).mul_(ctx.scale)
-            grad_value = dropped.transpose(-1, -2) @ grad
+            grad_value = _kept(weights, keep, ctx.scale).transpose(-1, -2) @ grad
         if ctx.needs_input_grad[0]:
-            grad_weights = torch.where(keep, grad @ value.transpose(-1, -2), 0.0).mul_(ctx.scale)
+            grad_weights = _kept(grad @ value.transpose(-1, -2), keep, ctx.scale)
         return grad_weights, grad_value, None
 
 
