@@ -3,7 +3,8 @@
     python run.py --data example-support-dataset.json --model-id google/flan-t5-small
     python run.py --config run.yaml --num_train_epochs 3      # flags override the file
     python run.py --start presaved --data example-support-dataset.json   # evaluate a saved one
-    python run.py --dag dag.png                               # draw the dataflow, then exit
+    python run.py --dag dag.png                               # draw the stages, then exit
+    python run.py --dag training.png --dag-stage training     # one stage's nodes in full
     python run.py --data d.json --model-id ./tiny-gpt2 --model-type causal   # decoder-only
     python run.py --data qa.parquet --cache .hamilton_cache   # re-runs re-use what is unchanged
     python run.py --source sql --data sqlite:///qa.db --sql-table qa --mlflow
@@ -31,11 +32,11 @@ import yaml
 from hamilton import driver, htypes
 
 import finetune_module
-from finetune_module import distributed
 from finetune_module.artifacts import REPORT_FILE
+from finetune_module.engine import distributed
 
 # settings of the CLI and the driver's adapters (the driver config is finetune_module.CONFIG_KEYS)
-CONFIG_ONLY = ("dag", "debug", "cache", "mlflow", "mlflow_experiment")
+CONFIG_ONLY = ("dag", "dag_stage", "debug", "cache", "mlflow", "mlflow_experiment")
 
 
 class _MaskCredentials(logging.Filter):
@@ -54,14 +55,24 @@ class _MaskCredentials(logging.Filter):
 DEFAULT_MODEL_DIR = "finetuned-model/best_model"  # what predict and export read
 
 
-def _gb_or_none(text: str) -> float | None:
-    """A number of GB, or None for "none"."""
-    if text.strip().lower() == "none":
-        return None
+def _gb_or_none(text: str) -> float | str | None:
+    """A number of GB, "auto", or None for "none"."""
+    if text.strip().lower() in ("none", "auto"):
+        return None if text.strip().lower() == "none" else "auto"
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB or none, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number of GB, auto or none, got {text!r}"
+        ) from None
+
+
+def _speedups(text: str) -> bool | list[str] | None:
+    """`auto` (None), `on` (True), `off` (False), or speed-up names separated by commas."""
+    switch = {"auto": None, "on": True, "off": False}
+    if text.strip().lower() in switch:
+        return switch[text.strip().lower()]
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -95,8 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dag",
         metavar="PATH",
-        help="draw the dataflow to PATH (.png/.svg/.pdf); "
-        "exits after drawing unless --data is given",
+        help="draw the dataflow to PATH (.png/.svg/.pdf/.dot): one box per stage and the values "
+        "that pass between stages; exits after drawing unless --data is given",
+    )
+    p.add_argument(
+        "--dag-stage",
+        dest="dag_stage",
+        choices=[*finetune_module.STAGE_NAMES, "all"],
+        help="with --dag: draw this stage's nodes in full instead (all: every node)",
     )
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -250,8 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_gb_or_none,
         metavar="GB",
         help="about how much memory a training batch may keep for its backward pass; longer "
-        "batches recompute just enough layers to stay within it (default: 1.0; none: no "
-        "limit, fastest)",
+        "batches recompute just enough layers to stay within it (default: auto, 3 times the "
+        "model's weights; none: no limit, fastest)",
+    )
+    g.add_argument(
+        "--cpu-speedups",
+        "--cpu_speedups",
+        dest="cpu_speedups",
+        type=_speedups,
+        metavar="auto|on|off|NAMES",
+        help="the CPU speed layer: auto (default: on when the model runs on the CPU), on, off, "
+        "or the pieces to apply separated by commas (allocator, fused_gelu, cheap_dropout, "
+        "attention_dropout, logit_free_loss, activation_budget); each applies only to the "
+        "model families it is proven for",
     )
     g.add_argument("--deepspeed", dest="deepspeed", metavar="JSON", help="DeepSpeed config file")
     g.add_argument(
@@ -634,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             start, cache=cli.get("cache"), adapters=adapters, **config
         )
         if dag_path:
-            dr.display_all_functions(dag_path, deduplicate_inputs=True)
+            finetune_module.draw_dag(dr, dag_path, cli.get("dag_stage"))
             print(f"Drew the dataflow ({start}) to {dag_path}")
             if "data_path" not in settings:
                 return 0

@@ -40,7 +40,8 @@ from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
-from finetune_module import distributed, speedups, training
+from finetune_module.engine import distributed, speedups
+from finetune_module.engine.trainer import FinetuneTrainer
 from finetune_module.tiny_model import build_t5
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,12 +87,13 @@ ABLATIONS = {
     "stock-loss": "the model's own loss (keeps the 32k-wide logits and their log-softmax)",
     "no-memory-budget": "no activation-memory budget (activation_memory_gb None)",
 }
-# the speed-ups the ablations above switch off, by the name of the `speedups` function
-_SPEEDUP_OFF = {
-    "stock-dropout": ("cheaper_dropout", lambda model: model),
-    "sdpa-dropout": ("cheaper_attention_dropout", lambda model: model),
-    "python-gelu": ("fuse_gelu", lambda model: model),
-    "system-malloc": ("keep_freed_memory", lambda: False),
+# the pieces of the CPU speed layer the ablations above switch off (input `cpu_speedups`)
+_SPEEDUPS_OFF = {
+    "stock-dropout": ("cheap_dropout", "attention_dropout"),
+    "sdpa-dropout": ("attention_dropout",),
+    "python-gelu": ("fused_gelu",),
+    "system-malloc": ("allocator",),
+    "stock-loss": ("logit_free_loss",),
 }
 
 
@@ -253,12 +255,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.ablate == "one-thread":
         torch.set_num_threads(1)
-    if args.ablate in _SPEEDUP_OFF:
-        setattr(speedups, *_SPEEDUP_OFF[args.ablate])
     if args.ablate == "input-grouping":
-        training._Trainer._get_train_sampler = Seq2SeqTrainer._get_train_sampler
-    if args.ablate == "stock-loss":
-        training._Trainer.compute_loss = Seq2SeqTrainer.compute_loss
+        FinetuneTrainer._get_train_sampler = Seq2SeqTrainer._get_train_sampler
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
     data_path, model_dir = _prepare(args, work)
     # under --nproc the launcher measured the peak with every core before starting the ranks
@@ -294,11 +292,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs["extra_training_args"]["prediction_loss_only"] = False
     if args.ablate == "no-memory-budget":
         inputs["activation_memory_gb"] = None
+    if args.ablate in _SPEEDUPS_OFF:
+        off = _SPEEDUPS_OFF[args.ablate]
+        inputs["cpu_speedups"] = [name for name in speedups.SPEEDUPS if name not in off]
     caps = dr.execute(["tokenizer", "source_length_cap", "target_length_cap"], inputs=inputs)
     overrides = _overrides(args.ablate, caps)
 
     counts = {"tokens": 0.0, "answers": 0.0, "seconds": 0.0}
-    outputs = [*finetune_module.DEFAULT_OUTPUTS, "tokenized_train", "evaluation_model"]
+    outputs = [*finetune_module.DEFAULT_OUTPUTS, "tokenized_train", "finetuned_model"]
     started = time.perf_counter()
     with _counting_generation(counts):
         result = dr.execute(outputs, inputs=inputs, overrides=overrides)
@@ -306,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     counts = _summed_over_processes(counts)
     metrics = result["training_and_validation_set_metrics"]
-    config = result["evaluation_model"].get_base_model().config
+    config = result["finetuned_model"].get_base_model().config
     train = result["tokenized_train"]
     epochs = metrics["epoch"]
     real_tokens = sum(len(x["input_ids"]) + len(x["labels"]) for x in train) * epochs

@@ -1,8 +1,9 @@
-"""finetune_module: fine-tune a sequence-to-sequence model with LoRA, as a Hamilton dataflow.
+"""finetune_module: fine-tune a language model with LoRA (or fully), as a Hamilton dataflow.
 
 The driver config chooses the variant: "start" ("base" trains, "presaved" evaluates a saved
-fine-tune), "model_type" ("seq2seq", the default, or "causal" for decoder-only models) and
-"use_lora" (True, the default, or False for full fine-tuning); `valid_configs.jsonl` lists them.
+fine-tune), "model_type" ("seq2seq", the default, or "causal" for decoder-only models),
+"use_lora" (True, the default, or False for full fine-tuning) and "source" ("file", the
+default, or "sql"); `valid_configs.jsonl` lists them.
 
 ```python
 from hamilton import driver
@@ -19,16 +20,39 @@ answers = finetune_module.predict(result["save_best_models"], ["How do I reset m
 finetune_module.export_merged(result["save_best_models"], "merged-model")  # no peft needed
 ```
 `finetune_module.build_driver("base")` builds the same driver, refusing an unknown start or
-config key.
+config key; `finetune_module.draw_dag(dr, "dag.png")` draws it, one box per stage.
+
+The package has two kinds of code: the stage modules that `MODULES` lists (Hamilton nodes, in
+execution order) and the engine they call (`finetune_module.engine`: plain functions and
+classes, usable without Hamilton).
 """
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import warnings
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 from hamilton import driver
 
-from finetune_module import artifacts, data, evaluation, model, report, tokenization, training
+from finetune_module import (
+    artifacts,
+    data,
+    deprecated,
+    evaluation,
+    model,
+    pictures,
+    report,
+    settings,
+    tokenization,
+    training,
+)
 from finetune_module.data import SOURCES
+from finetune_module.engine.settings import MODEL_TYPES, TASKS
 from finetune_module.errors import (
     DataError,
     FinetuneInputError,
@@ -36,14 +60,15 @@ from finetune_module.errors import (
     SettingsError,
     mask_credentials,
 )
-from finetune_module.evaluation import TASKS
 from finetune_module.inference import export_merged, predict, read_texts
-from finetune_module.model import MODEL_TYPES
+from finetune_module.pictures import STAGE_NAMES
 
-#: The Hamilton modules of the dataflow, in execution order.
-MODULES = (data, tokenization, model, training, evaluation, report, artifacts)
+#: The stage modules of the dataflow, in execution order (the last holds deprecated names).
+STAGES = (settings, data, tokenization, model, training, evaluation, report, artifacts)
+#: The Hamilton modules of the dataflow: the stages, then the deprecated names.
+MODULES = (*STAGES, deprecated)
 
-#: The outputs a full run asks for.
+#: The outputs a full run asks for (the reference module's four).
 DEFAULT_OUTPUTS = (
     "save_best_models",
     "hold_out_set_predictions",
@@ -93,12 +118,66 @@ def build_driver(
     return builder.build()
 
 
+def draw_dag(dr: driver.Driver, path: str, stage: str | None = None) -> str:
+    """Draws the driver's dataflow to `path` (.png, .svg, .pdf or .dot; Graphviz's `dot` draws
+    it) and returns the path.
+
+    :param dr: a driver built with `MODULES` (any config; the picture names it).
+    :param stage: None (default): an overview, one box per stage with the values that pass
+        between stages, the inputs above and the four outputs below; a stage's name
+        (`STAGE_NAMES`: "settings", "data", ..., "artifacts"): that stage's nodes in full, with
+        what comes in from other stages; "all": every node, grouped by stage.
+    """
+    return pictures.draw(dr, path, stage, DEFAULT_OUTPUTS)
+
+
+#: Modules that moved into the engine -> where they are now (their old names still import).
+MOVED_MODULES = {
+    f"finetune_module.{name}": f"finetune_module.engine.{name}"
+    for name in ("batching", "distributed", "loading", "memory", "speedups")
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports a module's old name (`MOVED_MODULES`) as an alias of the module at its new
+    place (every name is looked up there), with a DeprecationWarning."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        warnings.warn(
+            f"{spec.name} moved to {MOVED_MODULES[spec.name]}; import it from there.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        target = importlib.import_module(MOVED_MODULES[spec.name])
+        alias = ModuleType(spec.name, target.__doc__)
+        alias.__getattr__ = lambda name: getattr(target, name)  # type: ignore[method-assign]
+        alias.__dir__ = lambda: dir(target)  # type: ignore[method-assign]
+        return alias
+
+    def exec_module(self, module: ModuleType) -> None:
+        """Nothing to run: the alias looks every name up in the module at its new place."""
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
+
+
 __all__ = [
     "CONFIG_KEYS",
     "DEFAULT_OUTPUTS",
     "MODEL_TYPES",
     "MODULES",
+    "MOVED_MODULES",
     "SOURCES",
+    "STAGES",
+    "STAGE_NAMES",
     "STARTS",
     "TASKS",
     "DataError",
@@ -106,6 +185,7 @@ __all__ = [
     "ModelNotAvailableError",
     "SettingsError",
     "build_driver",
+    "draw_dag",
     "export_merged",
     "mask_credentials",
     "predict",

@@ -1,28 +1,23 @@
 """Artifacts stage: the best model and the run's files, written atomically.
 
 Everything is written to a temporary directory beside the destination and renamed into
-place, so an interrupted run leaves the previous complete output (or none), never half of one.
-Under a multi-process launcher only the main process writes; the others wait until it is done.
+place (`finetune_module.engine.files.atomic_directory`), so an interrupted run leaves the
+previous complete output (or none), never half of one. Under a multi-process launcher only the
+main process writes; the others wait until it is done.
 """
 
-import glob
-import json
-import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
 from hamilton.function_modifiers import cache, config
 from transformers import PreTrainedTokenizerBase
 
-from finetune_module.data import DEFAULT_PROMPT_TEMPLATE
-from finetune_module.distributed import is_main_process, wait_for_everyone
-from finetune_module.model import BACKUP_SUFFIX, DEFAULT_OUTPUT_DIR, LanguageModel
-from finetune_module.training import TRAINING_LOG_FILE
+from finetune_module.engine.distributed import is_main_process, wait_for_everyone
+from finetune_module.engine.files import atomic_directory, write_json
+from finetune_module.engine.models import LanguageModel
+from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
+from finetune_module.engine.trainer import TRAINING_LOG_FILE
 
 METRICS_FILE = "metrics.json"
 HOLD_OUT_PREDICTIONS_FILE = "hold_out_predictions.csv"
@@ -30,46 +25,6 @@ VALIDATION_PREDICTIONS_FILE = "validation_predictions.csv"
 BASE_MODEL_PREDICTIONS_FILE = "base_model_predictions.csv"
 SETTINGS_FILE = "finetune_settings.json"
 REPORT_FILE = "report.html"
-
-logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def _atomic_directory(path: str) -> Iterator[str]:
-    """Yields a fresh temporary directory that replaces `path` once the block succeeds.
-
-    The old directory is moved aside, the new one renamed in, and the old one deleted; a
-    crash between the two renames leaves the old one as `<path>.old`, restored on the next write.
-    Staging directories left by a killed run (`.<name>.tmp-*`) are removed on the next write.
-    """
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    backup = path + BACKUP_SUFFIX
-    if os.path.isdir(backup) and not os.path.exists(path):
-        os.rename(backup, path)
-    prefix = f".{name}.tmp-"
-    for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        yield staging
-        if os.path.exists(path):
-            shutil.rmtree(backup, ignore_errors=True)
-            os.rename(path, backup)
-        os.rename(staging, path)
-        shutil.rmtree(backup, ignore_errors=True)
-        logger.info("Wrote %s", path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _write_json(path: str, value: Any) -> None:
-    """`value` as indented JSON in `path`."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, default=str)
-        f.write("\n")
 
 
 def _prediction_rows(rows: pd.DataFrame, predictions: list[str]) -> list[tuple[str, str, str]]:
@@ -80,10 +35,10 @@ def _prediction_rows(rows: pd.DataFrame, predictions: list[str]) -> list[tuple[s
 def prediction_tables(
     hold_out_set_predictions: list[tuple[str, str, str]],
     validation_set: pd.DataFrame,
-    validation_predictions: list[str],
+    finetuned_validation_answers: list[str],
     hold_out_set: pd.DataFrame,
-    base_model_on_validation_set: list[str],
-    base_model_on_hold_out_set: list[str],
+    base_validation_answers: list[str],
+    base_hold_out_answers: list[str],
 ) -> dict[str, pd.DataFrame]:
     """The answers saved with a run, by file name: the fine-tune's on the validation and hold-out
     sets (question, prediction, reference) and the base model's on both (with a `set` column;
@@ -92,15 +47,15 @@ def prediction_tables(
     base_rows = [
         (name, *row)
         for name, rows, predictions in (
-            ("validation", validation_set, base_model_on_validation_set),
-            ("hold_out", hold_out_set, base_model_on_hold_out_set),
+            ("validation", validation_set, base_validation_answers),
+            ("hold_out", hold_out_set, base_hold_out_answers),
         )
         if predictions  # none for a full fine-tune
         for row in _prediction_rows(rows, predictions)
     ]
     return {
         VALIDATION_PREDICTIONS_FILE: pd.DataFrame(
-            _prediction_rows(validation_set, validation_predictions), columns=columns
+            _prediction_rows(validation_set, finetuned_validation_answers), columns=columns
         ),
         HOLD_OUT_PREDICTIONS_FILE: pd.DataFrame(hold_out_set_predictions, columns=columns),
         BASE_MODEL_PREDICTIONS_FILE: pd.DataFrame(base_rows, columns=["set", *columns]),
@@ -114,7 +69,7 @@ def _write_run_files(
     report_html: str,
 ) -> None:
     """The metrics (JSON), the prediction tables (CSV) and the report (HTML) in `directory`."""
-    _write_json(os.path.join(directory, METRICS_FILE), metrics)
+    write_json(os.path.join(directory, METRICS_FILE), metrics)
     for name, table in prediction_tables.items():
         table.to_csv(os.path.join(directory, name), index=False)
     with open(os.path.join(directory, REPORT_FILE), "w", encoding="utf-8") as f:
@@ -124,11 +79,11 @@ def _write_run_files(
 @cache(behavior="recompute")  # writing files is the point: never skipped on a cached re-run
 @config.when(start="base")
 def save_best_models__base(
-    evaluation_model: LanguageModel,
+    finetuned_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
     best_model_dir: str,
     training_and_validation_set_metrics: dict[str, Any],
-    hold_out_set_metrics: dict[str, float],
+    finetuned_hold_out_metrics: dict[str, float],
     source_length_cap: int,
     target_length_cap: int,
     generation_settings: dict[str, int],
@@ -149,17 +104,17 @@ def save_best_models__base(
     :param prompt_template: the prompt the model was trained with (see `prompt_texts`).
     """
     if is_main_process():
-        with _atomic_directory(best_model_dir) as staging:
-            evaluation_model.save_pretrained(staging, safe_serialization=True)
+        with atomic_directory(best_model_dir) as staging:
+            finetuned_model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             metrics = {
                 "training_and_validation": training_and_validation_set_metrics,
-                "hold_out": hold_out_set_metrics,
+                "hold_out": finetuned_hold_out_metrics,
                 "base_vs_finetuned": base_vs_finetuned_metrics,
             }
             _write_run_files(staging, metrics, prediction_tables, report_html)
             training_log.to_csv(os.path.join(staging, TRAINING_LOG_FILE), index=False)
-            _write_json(
+            write_json(
                 os.path.join(staging, SETTINGS_FILE),
                 {
                     "source_length_cap": source_length_cap,
@@ -177,26 +132,23 @@ def save_best_models__base(
 def save_best_models__presaved(
     presaved_model_dir: str,
     training_and_validation_set_metrics: dict[str, Any],
-    hold_out_set_metrics: dict[str, float],
+    finetuned_hold_out_metrics: dict[str, float],
     base_vs_finetuned_metrics: dict[str, dict[str, dict[str, float]]],
     prediction_tables: dict[str, pd.DataFrame],
     report_html: str,
-    output_dir: str = DEFAULT_OUTPUT_DIR,
+    run_dir: str,
 ) -> str:
-    """Where the evaluation of the saved fine-tune was written: `<output_dir>/evaluation/` with
-    `metrics.json` (including base vs fine-tuned ROUGE), the prediction CSVs and `report.html`.
-    The saved model itself is left as it is.
-
-    :param presaved_model_dir: the evaluated fine-tune (recorded in metrics.json).
-    :param output_dir: the run's output directory.
-    """
-    evaluation_dir = os.path.join(os.path.abspath(output_dir), "evaluation")
+    """Where the evaluation of the saved fine-tune was written: `evaluation/` in the run's
+    directory, with `metrics.json` (including base vs fine-tuned ROUGE and the evaluated
+    model's directory), the prediction CSVs and `report.html`. The saved model itself is left
+    as it is."""
+    evaluation_dir = os.path.join(run_dir, "evaluation")
     if is_main_process():
-        with _atomic_directory(evaluation_dir) as staging:
+        with atomic_directory(evaluation_dir) as staging:
             metrics = {
                 "model_dir": presaved_model_dir,
                 "validation": training_and_validation_set_metrics,
-                "hold_out": hold_out_set_metrics,
+                "hold_out": finetuned_hold_out_metrics,
                 "base_vs_finetuned": base_vs_finetuned_metrics,
             }
             _write_run_files(staging, metrics, prediction_tables, report_html)

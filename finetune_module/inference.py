@@ -7,9 +7,9 @@ answers = finetune_module.predict("finetuned-model/best_model", ["How do I reset
 finetune_module.export_merged("finetuned-model/best_model", "finetuned-model/merged")
 ```
 
-This is not a stage of the dataflow (it is not in MODULES): it reuses the dataflow's loading,
-truncation and generation helpers, so that greedy answers equal those of the run that saved the
-model.
+This is not a stage of the dataflow (it is not in MODULES): it builds the model from the saved
+model's recipe with the engine's one builder, and truncates and generates as the dataflow does,
+so that greedy answers equal those of the run that saved the model.
 """
 
 import json
@@ -19,47 +19,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune_module.artifacts import SETTINGS_FILE, _atomic_directory
-from finetune_module.data import (
-    DEFAULT_PROMPT_TEMPLATE,
-    _check_key_exists,
-    _read_text,
-    raw_records__file,
-)
-from finetune_module.errors import DataError, ModelNotAvailableError, SettingsError
-from finetune_module.evaluation import _generate, generation_settings
-from finetune_module.loading import ADAPTER_CONFIG, load_pretrained, saved_adapter_dir
-from finetune_module.model import (
-    MODEL_CONFIG_FILE,
+from finetune_module.artifacts import SETTINGS_FILE
+from finetune_module.engine.distributed import process_device
+from finetune_module.engine.files import atomic_directory
+from finetune_module.engine.generation import generate
+from finetune_module.engine.loading import ADAPTER_CONFIG, load_pretrained
+from finetune_module.engine.models import (
     LanguageModel,
-    _adapter_base_model_id,
-    _is_adapter_dir,
-    _load_adapter,
-    _load_model,
-    device,
+    build_model,
+    is_adapter_dir,
+    saved_model_recipe,
 )
-from finetune_module.tokenization import _truncate, _truncate_start, _with_pad_token
+from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE, check_key_exists
+from finetune_module.engine.settings import EvaluationSettings, speedups_requested
+from finetune_module.engine.sources import RECORD_FILE_SUFFIXES, read_file_records, read_text
+from finetune_module.engine.tokens import truncate_middle, truncate_tail, with_pad_token
+from finetune_module.errors import DataError, ModelNotAvailableError, SettingsError
 
 #: The answer length bound of a model saved without finetune_settings.json (a checkpoint).
 DEFAULT_MAX_NEW_TOKENS = 128
-RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")  # read as records
-
-
-def _load(model_id: str, on: torch.device, trust_remote_code: bool) -> LanguageModel:
-    """The model in `model_id` in fp32: sequence-to-sequence or decoder-only, as its config says."""
-    config = load_pretrained(
-        AutoConfig.from_pretrained, model_id, trust_remote_code=trust_remote_code
-    )
-    kind = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return _load_model(kind, model_id, on, trust_remote_code, None)
 
 
 def _load_saved(
@@ -67,22 +47,17 @@ def _load_saved(
 ) -> tuple[LanguageModel, PreTrainedTokenizerBase]:
     """The saved model in eval mode and its tokenizer: a LoRA adapter on its base model (a
     directory with adapter_config.json) or a full model (config.json: a full fine-tune or an
-    export)."""
-    if _is_adapter_dir(model_dir):
-        adapter_dir = saved_adapter_dir(model_dir, "model_dir")
-        base = _load(_adapter_base_model_id(adapter_dir), on, trust_remote_code)
-        model = _load_adapter(base, adapter_dir, is_trainable=False)
-    elif os.path.isfile(os.path.join(model_dir, MODEL_CONFIG_FILE)):
-        model = _load(model_dir, on, trust_remote_code)
-    else:
-        raise ModelNotAvailableError(
-            f"No saved fine-tune in {model_dir!r}: expected {ADAPTER_CONFIG} (a LoRA adapter "
-            f"saved by a run) or {MODEL_CONFIG_FILE} (a full model or an export)."
-        )
+    export), built from its recipe with the speed-ups that apply on `on`."""
+    recipe = saved_model_recipe(
+        model_dir,
+        trust_remote_code=trust_remote_code,
+        speedups_requested=speedups_requested(on, None),
+    )
+    model = build_model(recipe, on)
     tokenizer = load_pretrained(
         AutoTokenizer.from_pretrained, model_dir, trust_remote_code=trust_remote_code
     )
-    return model.eval(), _with_pad_token(tokenizer)
+    return model, with_pad_token(tokenizer)
 
 
 def _saved_settings(model_dir: str) -> dict[str, Any]:
@@ -126,15 +101,20 @@ def predict(
             raise DataError(f"texts[{index}] is a {type(text).__name__}, expected text.")
     model_dir = os.path.abspath(model_dir)
     saved = _saved_settings(model_dir)
-    settings = generation_settings(
-        target_length_cap=saved.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+    checked = EvaluationSettings(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         generation_batch_size=batch_size or saved.get("batch_size", 32),
     )
+    settings = {
+        "num_beams": checked.num_beams,
+        "max_new_tokens": checked.max_new_tokens
+        or saved.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+        "batch_size": checked.generation_batch_size,
+    }
     if not texts:
         return []
-    model, tokenizer = _load_saved(model_dir, device(), trust_remote_code)
+    model, tokenizer = _load_saved(model_dir, process_device(), trust_remote_code)
     template = saved.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
     if "{context}" in template:
         raise SettingsError(
@@ -143,11 +123,11 @@ def predict(
         )
     prompts = [template.format(input=text) for text in texts]
     cap = saved.get("source_length_cap")
-    cut = _truncate if model.config.is_encoder_decoder else _truncate_start
+    cut = truncate_tail if model.config.is_encoder_decoder else truncate_middle
     examples = [
         {"input_ids": cut(ids, cap) if cap else ids} for ids in tokenizer(prompts)["input_ids"]
     ]
-    return _generate(model, tokenizer, examples, **settings, desc="predicting", quiet=quiet)
+    return generate(model, tokenizer, examples, **settings, desc="predicting", quiet=quiet)
 
 
 def read_texts(path: str, input_text_key: str = "question") -> list[str]:
@@ -158,12 +138,12 @@ def read_texts(path: str, input_text_key: str = "question") -> list[str]:
     :param path: the file.
     :param input_text_key: the key of the question in each record.
     """
-    if not path.lower().endswith(RECORD_SUFFIXES):
-        texts = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    if not path.lower().endswith(RECORD_FILE_SUFFIXES):
+        texts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     else:
-        records = raw_records__file(path)
+        records = read_file_records(path)
         if any(isinstance(record, dict) for record in records):
-            _check_key_exists(records, input_text_key, path)
+            check_key_exists(records, input_text_key, path)
         texts = []
         for index, record in enumerate(records):
             if isinstance(record, dict):
@@ -194,7 +174,7 @@ def export_merged(model_dir: str, export_dir: str, *, trust_remote_code: bool = 
     :param trust_remote_code: allow code shipped with the model to run.
     """
     source, target = os.path.abspath(model_dir), os.path.abspath(export_dir)
-    if not _is_adapter_dir(source):
+    if not is_adapter_dir(source):
         raise ModelNotAvailableError(
             f"No LoRA adapter in {source!r} (no {ADAPTER_CONFIG}); export merges an adapter "
             "saved by a run into its base model."
@@ -206,7 +186,7 @@ def export_merged(model_dir: str, export_dir: str, *, trust_remote_code: bool = 
         )
     model, tokenizer = _load_saved(source, torch.device("cpu"), trust_remote_code)
     merged = model.merge_and_unload()
-    with _atomic_directory(target) as staging:
+    with atomic_directory(target) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         settings = os.path.join(source, SETTINGS_FILE)

@@ -40,7 +40,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from finetune_module.data import raw_records__file
+from finetune_module.engine.sources import read_file_records
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2, as in T5
 ARCHITECTURES = ("t5", "gpt2", "llama")
@@ -196,7 +196,7 @@ def texts_of(data_path: str) -> list[str]:
     """Every string value of every record in a data file (any format the data stage reads)."""
     return [
         value
-        for record in raw_records__file(data_path)
+        for record in read_file_records(data_path)
         if isinstance(record, dict)
         for value in record.values()
         if isinstance(value, str)

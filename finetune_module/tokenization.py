@@ -11,37 +11,31 @@ sequence whose loss covers the answer only.
 
 from collections.abc import Callable
 
-import numpy as np
 import pandas as pd
 from hamilton.function_modifiers import cache, config, parameterize, source
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune_module.errors import SettingsError
-from finetune_module.loading import DEFAULT_MODEL_ID, load_pretrained
-
-
-def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """The tokenizer, padding with its end-of-sequence token when it has no padding token
-    (GPT-2, Llama and most decoder-only tokenizers); padding is masked out everywhere."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+from finetune_module.engine.loading import load_pretrained
+from finetune_module.engine.settings import LengthSettings, ModelSettings
+from finetune_module.engine.tokens import (
+    length_cap,
+    truncate_middle,
+    truncate_tail,
+    with_pad_token,
+)
 
 
 # tokenizers are always loaded (a model directory may change in place) and cached by content
 @cache(behavior="recompute")
 @config.when(start="base")
-def tokenizer__base(
-    model_id: str = DEFAULT_MODEL_ID, trust_remote_code: bool = False
-) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer.
-
-    :param model_id: a Hugging Face model id (default google/flan-t5-small) or a local directory.
-    :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
-    """
-    return _with_pad_token(
+def tokenizer__base(model_settings: ModelSettings) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer (padding with its end-of-sequence token if it has no padding
+    token of its own)."""
+    return with_pad_token(
         load_pretrained(
-            AutoTokenizer.from_pretrained, model_id, trust_remote_code=trust_remote_code
+            AutoTokenizer.from_pretrained,
+            model_settings.model_id,
+            trust_remote_code=model_settings.trust_remote_code,
         )
     )
 
@@ -49,16 +43,14 @@ def tokenizer__base(
 @cache(behavior="recompute")
 @config.when(start="presaved")
 def tokenizer__presaved(
-    presaved_model_dir: str, trust_remote_code: bool = False
+    presaved_model_dir: str, model_settings: ModelSettings
 ) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with the fine-tuned model.
-
-    :param presaved_model_dir: the directory of the saved fine-tune.
-    :param trust_remote_code: allow code shipped with the model to run (off unless you ask).
-    """
-    return _with_pad_token(
+    """The tokenizer saved with the fine-tuned model."""
+    return with_pad_token(
         load_pretrained(
-            AutoTokenizer.from_pretrained, presaved_model_dir, trust_remote_code=trust_remote_code
+            AutoTokenizer.from_pretrained,
+            presaved_model_dir,
+            trust_remote_code=model_settings.trust_remote_code,
         )
     )
 
@@ -87,57 +79,18 @@ def target_token_ids__causal(
     return [[*ids, tokenizer.eos_token_id] for ids in answers]
 
 
-def _length_cap(
-    token_ids: list[list[int]], override: int | None, percentile: float, name: str
-) -> int:
-    """The override if given, else the given percentile of the token lengths (rounded up)."""
-    if override is not None:
-        if override < 2:
-            raise SettingsError(f"{name} must be at least 2 tokens, got {override}.")
-        return int(override)
-    if not 0 < percentile <= 100:
-        raise SettingsError(f"length_percentile must be in (0, 100], got {percentile}.")
-    lengths = [len(ids) for ids in token_ids]
-    return max(2, int(np.ceil(np.percentile(lengths, percentile))))
+def source_length_cap(source_token_ids: list[list[int]], length_settings: LengthSettings) -> int:
+    """Longest input (prompt), in tokens, fed to the model; longer inputs are truncated: the
+    fixed max_source_length, else the length_percentile of the prompts' lengths."""
+    settings = length_settings
+    return length_cap(source_token_ids, settings.max_source_length, settings.length_percentile)
 
 
-def source_length_cap(
-    source_token_ids: list[list[int]],
-    max_source_length: int | None = None,
-    length_percentile: float | int = 95.0,
-) -> int:
-    """Longest input (prompt), in tokens, fed to the model; longer inputs are truncated.
-
-    :param source_token_ids: token ids of every prompt.
-    :param max_source_length: a fixed cap; by default the cap comes from the data.
-    :param length_percentile: percentile of the input lengths used as the cap (default 95).
-    """
-    return _length_cap(source_token_ids, max_source_length, length_percentile, "max_source_length")
-
-
-def target_length_cap(
-    target_token_ids: list[list[int]],
-    max_target_length: int | None = None,
-    length_percentile: float | int = 95.0,
-) -> int:
-    """Longest target, in tokens, trained on; also the generation length bound.
-
-    :param target_token_ids: token ids of every target text.
-    :param max_target_length: a fixed cap; by default the cap comes from the data.
-    :param length_percentile: percentile of the target lengths used as the cap (default 95).
-    """
-    return _length_cap(target_token_ids, max_target_length, length_percentile, "max_target_length")
-
-
-def _truncate(ids: list[int], cap: int) -> list[int]:
-    """The first `cap` tokens, keeping the final (end-of-sequence) token last."""
-    return ids if len(ids) <= cap else ids[: cap - 1] + ids[-1:]
-
-
-def _truncate_start(ids: list[int], cap: int) -> list[int]:
-    """The last `cap - 1` tokens after the first one: a prompt cut in its middle, keeping its
-    first token (beginning-of-sequence, where there is one) and its end, next to the answer."""
-    return ids if len(ids) <= cap else ids[:1] + ids[len(ids) - cap + 1 :]
+def target_length_cap(target_token_ids: list[list[int]], length_settings: LengthSettings) -> int:
+    """Longest target, in tokens, trained on; also the generation length bound: the fixed
+    max_target_length, else the length_percentile of the targets' lengths."""
+    settings = length_settings
+    return length_cap(target_token_ids, settings.max_target_length, settings.length_percentile)
 
 
 def _examples(
@@ -152,7 +105,7 @@ def _examples(
     return [
         {
             "input_ids": truncate_source(source_token_ids[i], source_cap),
-            "labels": _truncate(target_token_ids[i], target_cap),
+            "labels": truncate_tail(target_token_ids[i], target_cap),
         }
         for i in rows.index
     ]
@@ -175,10 +128,10 @@ def tokenized_set(
     source_length_cap: int,
     target_length_cap: int,
 ) -> list[dict[str, list[int]]]:
-    """The rows' examples as `{"input_ids", "labels"}`, truncated to the caps, not padded."""
-    return _examples(
-        rows, source_token_ids, target_token_ids, source_length_cap, target_length_cap, _truncate
-    )
+    """The rows' examples as `{"input_ids", "labels"}`, each cut to its cap keeping its
+    end-of-sequence token, not padded."""
+    caps = (source_length_cap, target_length_cap)
+    return _examples(rows, source_token_ids, target_token_ids, *caps, truncate_tail)
 
 
 @config.when(model_type="causal")
@@ -192,11 +145,5 @@ def tokenized_set__causal(
 ) -> list[dict[str, list[int]]]:
     """The rows' examples as `{"input_ids": prompt, "labels": answer}`, not padded: the prompt
     cut in its middle to its cap, the answer truncated to its cap keeping its end token."""
-    return _examples(
-        rows,
-        source_token_ids,
-        target_token_ids,
-        source_length_cap,
-        target_length_cap,
-        _truncate_start,
-    )
+    caps = (source_length_cap, target_length_cap)
+    return _examples(rows, source_token_ids, target_token_ids, *caps, truncate_middle)

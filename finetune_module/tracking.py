@@ -91,7 +91,7 @@ class FinetuneMLflowTracker(h_mlflow.MLFlowTracker):
 _NODE_LOGS: dict[str, Callable[[FinetuneMLflowTracker, Any], None]] = {
     "fitted_weights": FinetuneMLflowTracker._log_training_curve,
     "training_and_validation_set_metrics": lambda t, r: t._log_metrics(_numbers(r)),
-    "hold_out_set_metrics": lambda t, r: t._log_metrics(_numbers(r, "hold_out_")),
+    "finetuned_hold_out_metrics": lambda t, r: t._log_metrics(_numbers(r, "hold_out_")),
     "save_best_models": FinetuneMLflowTracker._log_saved_directory,
 }
 

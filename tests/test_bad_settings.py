@@ -38,7 +38,7 @@ BAD_SETTINGS = [
     ({"num_train_epochs": 0}, "num_train_epochs must be a positive number, got 0."),
     ({"learning_rate": 0}, "learning_rate must be a positive number, got 0."),
     ({"resume_from_checkpoint": "nowhere"}, "resume_from_checkpoint: '"),
-    ({"activation_memory_gb": 0}, "activation_memory_gb must be a positive number of GB or None"),
+    ({"activation_memory_gb": 0}, "activation_memory_gb must be a positive number of GB, None"),
     (
         {"extra_training_args": {"eval_strategy": "sometimes"}},
         "Invalid training arguments: sometimes is not a valid IntervalStrategy",

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from finetune_module.batching import LengthGroupedBatches
+from finetune_module.engine.batching import LengthGroupedBatches
 
 
 def _lengths(count: int, seed: int = 0) -> tuple[list[int], list[int]]:

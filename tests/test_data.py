@@ -8,6 +8,7 @@ import pytest
 
 from finetune_module.data import data_splits, qa_table
 from finetune_module.data import raw_records__file as raw_records
+from finetune_module.engine.settings import SplitSettings
 from finetune_module.errors import DataError, SettingsError
 
 
@@ -125,20 +126,20 @@ def test_duplicated_records_are_kept_and_reported_with_their_indices(
     records = _records(4)
     records += [records[1], {**records[0], "id": "other"}, records[1], {**records[2], "reply": "x"}]
     path = _write(tmp_path, "d.json", json.dumps(records))
-    with caplog.at_level("WARNING", logger="finetune_module.data"):
+    with caplog.at_level("WARNING", logger="finetune_module.engine.records"):
         table = _table(path)
     assert len(table) == 8  # kept
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith(f"{path}: 3 duplicated records")
     assert "4 (= 1), 5 (= 0), 6 (= 1)." in warning
     caplog.clear()
-    with caplog.at_level("WARNING", logger="finetune_module.data"):
+    with caplog.at_level("WARNING", logger="finetune_module.engine.records"):
         _table(_write(tmp_path, "clean.json", json.dumps(_records(4))))
     assert not caplog.records
 
 
 def _split(table: pd.DataFrame, **settings: object) -> dict[str, pd.DataFrame]:
-    return data_splits(table, "data.json", **settings)
+    return data_splits(table, "data.json", SplitSettings(**settings))
 
 
 def test_split_sizes_follow_the_reference_fractions() -> None:

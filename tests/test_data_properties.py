@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune_module.data import _minimum_records, _split_sizes, data_splits, qa_table
+from finetune_module.data import data_splits, qa_table
 from finetune_module.data import raw_records__file as raw_records
+from finetune_module.engine.records import minimum_records, split_sizes
+from finetune_module.engine.settings import SplitSettings
 from finetune_module.errors import DataError
 
 QUICK = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,15 +107,15 @@ def test_split_is_a_partition_or_says_how_many_records_are_needed(
     n: int, train_size: float, validation_size: float, seed: int
 ) -> None:
     table = pd.DataFrame({"input_text": [f"q{i}" for i in range(n)], "output_text": ["a"] * n})
-    needed = _minimum_records(train_size, validation_size)
+    needed = minimum_records(train_size, validation_size)
     if n < needed:
         with pytest.raises(DataError, match=f"at least {needed} are needed"):
-            data_splits(table, "d.json", seed, train_size, validation_size)
+            data_splits(table, "d.json", SplitSettings(seed, train_size, validation_size))
         return
-    sets = data_splits(table, "d.json", seed, train_size, validation_size)
-    again = data_splits(table, "d.json", seed, train_size, validation_size)
+    sets = data_splits(table, "d.json", SplitSettings(seed, train_size, validation_size))
+    again = data_splits(table, "d.json", SplitSettings(seed, train_size, validation_size))
     parts = [list(sets[k].index) for k in ("train_set", "validation_set", "hold_out_set")]
-    assert [len(p) for p in parts] == list(_split_sizes(n, train_size, validation_size))
+    assert [len(p) for p in parts] == list(split_sizes(n, train_size, validation_size))
     assert min(len(p) for p in parts) >= 1
     assert sorted(parts[0] + parts[1] + parts[2]) == list(range(n))
     assert parts == [list(again[k].index) for k in ("train_set", "validation_set", "hold_out_set")]

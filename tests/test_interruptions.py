@@ -22,11 +22,12 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from finetune_module import build_driver
-from finetune_module.artifacts import _atomic_directory
+from finetune_module.engine.files import atomic_directory
+from finetune_module.engine.models import ModelRecipe, build_model
+from finetune_module.engine.settings import ModelSettings, TrainingSettings
 from finetune_module.errors import SettingsError
-from finetune_module.evaluation import generation_settings
 from finetune_module.model import presaved_model_dir
-from finetune_module.training import scaling_arguments, training_arguments
+from finetune_module.training import training_arguments
 from tests.conftest import EXAMPLE_DATA, REPO, read_json, run_dag
 
 
@@ -92,7 +93,7 @@ def test_run_killed_mid_save_leaves_the_previous_best_model_whole(
     assert _digests(best) == previous  # byte for byte the previous complete model
     assert not (output_dir / "best_model.old").exists()
     # the next save clears the killed run's staging folder
-    with _atomic_directory(str(best)) as new:
+    with atomic_directory(str(best)) as new:
         Path(new, "adapter_model.safetensors").write_bytes(b"new")
     assert os.listdir(best) == ["adapter_model.safetensors"]
     assert sorted(os.listdir(output_dir)) == ["best_model", "checkpoints"]
@@ -150,7 +151,7 @@ def test_a_failed_save_leaves_the_previous_directory_and_no_staging(tmp_path: Pa
     target = tmp_path / "best_model"
     target.mkdir()
     (target / "metrics.json").write_text("{}")
-    with pytest.raises(RuntimeError), _atomic_directory(str(target)) as staging:
+    with pytest.raises(RuntimeError), atomic_directory(str(target)) as staging:
         Path(staging, "metrics.json").write_text('{"new": 1}')
         raise RuntimeError("disk full")
     assert os.listdir(tmp_path) == ["best_model"]
@@ -165,10 +166,10 @@ def test_a_save_killed_between_its_renames_is_recovered(
     shutil.copytree(saved, tmp_path / "best_model.old")
     (tmp_path / ".best_model.tmp-x").mkdir()
     # start=presaved finds the previous model where the killed save left it
-    found = presaved_model_dir(str(tmp_path / "best_model"))
+    found = presaved_model_dir(str(tmp_path / "best_model"), ModelSettings("m"))
     assert found == str(tmp_path / "best_model.old")
     # and the next save puts it back first, then replaces it whole
-    with _atomic_directory(str(tmp_path / "best_model")) as staging:
+    with atomic_directory(str(tmp_path / "best_model")) as staging:
         assert _digests(tmp_path / "best_model") == _digests(saved)
         Path(staging, "metrics.json").write_text("{}")
     assert os.listdir(tmp_path) == ["best_model"]
@@ -182,10 +183,10 @@ def _training_arguments(output_dir: Path, **inputs: Any) -> Any:
     return training_arguments(
         train_set=table,
         device=cpu,
-        scaling_arguments=scaling_arguments(cpu, "no"),
-        generation_settings=generation_settings(8),
-        output_dir=str(output_dir),
-        **inputs,
+        run_dir=str(output_dir),
+        training_settings=TrainingSettings(**inputs),
+        model_recipe=ModelRecipe("m"),
+        show_progress=False,
     )
 
 
@@ -206,7 +207,7 @@ def test_resume_picks_the_last_complete_checkpoint(
     given = _training_arguments(tmp_path, resume_from_checkpoint=str(complete))
     assert given.resume_from_checkpoint == str(complete)
     assert _training_arguments(tmp_path).resume_from_checkpoint is None
-    with caplog.at_level("WARNING", logger="finetune_module.training"):
+    with caplog.at_level("WARNING", logger="finetune_module.engine.trainer"):
         fresh = _training_arguments(tmp_path / "new", resume_from_checkpoint=True)
     assert fresh.resume_from_checkpoint is None
     assert "no complete checkpoint in" in caplog.text and "training from the start" in caplog.text
@@ -231,7 +232,9 @@ def test_base_run_can_continue_a_saved_adapter(
         "init_adapter_path": str(saved),
         "r": 4,  # the saved adapter's own rank is kept
     }
-    model = build_driver("base").execute(["peft_model"], inputs=inputs)["peft_model"]
+    recipe = build_driver("base").execute(["model_recipe"], inputs=inputs)["model_recipe"]
+    assert recipe.adapter_path == str(saved) and recipe.lora is None
+    model = build_model(recipe, torch.device("cpu"), trainable=True)
     start = get_peft_model_state_dict(model)
     saved_weights = load_file(str(saved / "adapter_model.safetensors"))
     assert start.keys() == saved_weights.keys() and saved_weights

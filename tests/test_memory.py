@@ -8,8 +8,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSeq2SeqLM
 
-from finetune_module import memory
-from finetune_module.memory import ActivationBudget
+from finetune_module.engine import memory
+from finetune_module.engine.memory import ActivationBudget
+from finetune_module.engine.settings import TrainingSettings
+from finetune_module.errors import SettingsError
 from tests.conftest import EXAMPLE_DATA, QUICK, run_dag
 
 
@@ -93,7 +95,19 @@ def test_a_run_under_a_tiny_budget_trains_exactly_as_without_one(
     assert tiny["hold_out_set_predictions"] == unlimited["hold_out_set_predictions"]
 
 
-@pytest.mark.parametrize("value", [0, -1.0, float("nan"), True])
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), True, "lots"])
 def test_a_bad_budget_is_refused(value: Any) -> None:
-    with pytest.raises(memory.SettingsError, match="activation_memory_gb must be a positive"):
-        memory.activation_budget(value)
+    with pytest.raises(SettingsError, match="activation_memory_gb must be a positive"):
+        TrainingSettings(activation_memory_gb=value)
+
+
+def test_the_automatic_budget_scales_with_the_models_weights(tiny_model_dir: Path) -> None:
+    model = _lora_t5(tiny_model_dir)
+    weights = sum(p.numel() for p in model.parameters()) * 4  # fp32
+    assert memory.budget_gb("auto", model) == pytest.approx(
+        memory.AUTO_BUDGET_WEIGHTS * weights / 1e9
+    )
+    assert memory.budget_gb(None, model) is None
+    assert memory.budget_gb(2, model) == 2.0
+    twice = torch.nn.Sequential(model, torch.nn.Linear(300, 1000))  # more weights, more budget
+    assert memory.budget_gb("auto", twice) > memory.budget_gb("auto", model)

@@ -12,34 +12,40 @@ import pytest
 import torch
 from hamilton import driver
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 import finetune_module
 import run
-from finetune_module.data import _split_sizes, prompt_texts, qa_table
+from finetune_module.data import prompt_texts, qa_table
+from finetune_module.engine import models
+from finetune_module.engine.generation import generate
+from finetune_module.engine.metrics import OTHER_LABEL, confusion_counts, labels_of, text_metrics
+from finetune_module.engine.models import build_model
+from finetune_module.engine.records import split_sizes
+from finetune_module.engine.settings import EvaluationSettings, ModelSettings
+from finetune_module.engine.tokens import IGNORE_INDEX, truncate_middle
+from finetune_module.engine.trainer import PromptAnswerCollator
 from finetune_module.errors import DataError, SettingsError
-from finetune_module.evaluation import (
-    OTHER_LABEL,
-    _generate,
-    _text_metrics,
-    class_labels,
-    confusion_matrix,
-)
-from finetune_module.model import trainable_model__full
+from finetune_module.evaluation import class_labels
+from finetune_module.model import model_recipe__full
 from finetune_module.tiny_model import main as build_tiny_model
-from finetune_module.tokenization import _truncate_start, tokenizer__base
-from finetune_module.training import LABEL_PAD_TOKEN_ID, PromptAnswerCollator
+from finetune_module.tokenization import tokenizer__base
 from tests.conftest import EXAMPLE_DATA, REPO, TINY, read_json
 
 VALID_CONFIGS = {
     entry["name"]: entry
     for entry in map(json.loads, (REPO / "valid_configs.jsonl").read_text().splitlines())
 }
-N_TRAIN, N_VALIDATION, N_HOLD_OUT = _split_sizes(len(read_json(EXAMPLE_DATA)), 0.95, 0.8)
+N_TRAIN, N_VALIDATION, N_HOLD_OUT = split_sizes(len(read_json(EXAMPLE_DATA)), 0.95, 0.8)
 LABELS = ("billing", "bug", "setup")
 PROMPT = "Question: {input}\nAnswer:"
 CONTEXT_PROMPT = "Context: {context} Question: {input}"
-EXTRA_OUTPUTS = ("hold_out_set_metrics", "confusion_matrix", "prompt_texts", "tokenized_validation")
+EXTRA_OUTPUTS = (
+    "finetuned_hold_out_metrics",
+    "confusion_matrix",
+    "prompt_texts",
+    "tokenized_validation",
+)
 FAST = {
     "input_text_key": "question",
     "output_text_key": "reply",
@@ -184,7 +190,7 @@ def test_valid_config_builds_a_driver_that_needs_only_the_documented_inputs(name
     is_base = VALID_CONFIGS[name]["config"]["start"] == "base"
     assert ("fitted_weights" in upstream) == is_base
     full = VALID_CONFIGS[name]["config"].get("use_lora") is False
-    assert ("peft_model" in upstream) == (is_base and not full)
+    assert ("lora_config" in upstream) == (is_base and not full)
 
 
 @pytest.mark.parametrize("name", list(VALID_CONFIGS))
@@ -201,7 +207,7 @@ def test_valid_config_runs_end_to_end(
     assert math.isfinite(metrics["eval_loss"])
     assert all(0.0 <= metrics[key] <= 100.0 for key in ("rouge1", "rouge2", "rougeL"))
     saved = Path(result["save_best_models"])
-    assert read_json(saved / "metrics.json")["hold_out"] == result["hold_out_set_metrics"]
+    assert read_json(saved / "metrics.json")["hold_out"] == result["finetuned_hold_out_metrics"]
     if run_["base"]:  # a saved fine-tune gives the greedy answers of the run that saved it
         base = config_run(run_["base"])["result"]
         assert result["hold_out_set_predictions"] == base["hold_out_set_predictions"]
@@ -240,7 +246,7 @@ def test_causal_examples_are_the_prompt_then_the_answer_with_its_end_token(
     config_run: Callable[[str], dict[str, Any]], tiny_gpt2_dir: Path
 ) -> None:
     result = config_run("causal")["result"]
-    tokenizer = tokenizer__base(str(tiny_gpt2_dir))
+    tokenizer = tokenizer__base(ModelSettings(str(tiny_gpt2_dir)))
     eos = tokenizer.eos_token_id
     questions = read_json(EXAMPLE_DATA)
     assert result["prompt_texts"] == [PROMPT.format(input=r["question"]) for r in questions]
@@ -262,7 +268,7 @@ def test_collator_joins_prompt_and_answer_and_leaves_the_prompt_out_of_the_loss(
     batch = collator(
         [{"input_ids": [5, 6, 7], "labels": [8, 9]}, {"input_ids": [5], "labels": [4]}]
     )
-    ignore = LABEL_PAD_TOKEN_ID
+    ignore = IGNORE_INDEX
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 0, 0, 0]]
     assert batch["labels"].tolist() == [
         [ignore, ignore, ignore, 8, 9],
@@ -276,19 +282,19 @@ def test_collator_joins_prompt_and_answer_and_leaves_the_prompt_out_of_the_loss(
 
 
 def test_prompt_truncation_keeps_the_first_token_and_the_end() -> None:
-    assert _truncate_start([1, 2, 3, 4, 5, 6], 4) == [1, 4, 5, 6]
-    assert _truncate_start([1, 2], 4) == [1, 2]
+    assert truncate_middle([1, 2, 3, 4, 5, 6], 4) == [1, 4, 5, 6]
+    assert truncate_middle([1, 2], 4) == [1, 2]
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_gpt2_dir: Path) -> None:
-    tokenizer = tokenizer__base(str(tiny_gpt2_dir))
+    tokenizer = tokenizer__base(ModelSettings(str(tiny_gpt2_dir)))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_gpt2_dir)).eval()
     questions = [r["question"] for r in read_json(EXAMPLE_DATA)[:6]]
     examples = [{"input_ids": ids} for ids in tokenizer(questions)["input_ids"]]
     assert len({len(e["input_ids"]) for e in examples}) > 1  # the batch needs padding
     settings = {"max_new_tokens": 6, "num_beams": 1}
-    batched = _generate(model, tokenizer, examples, batch_size=6, **settings)
-    one_by_one = _generate(model, tokenizer, examples, batch_size=1, **settings)
+    batched = generate(model, tokenizer, examples, batch_size=6, **settings)
+    one_by_one = generate(model, tokenizer, examples, batch_size=1, **settings)
     assert batched == one_by_one
     assert any(batched)  # the answers are the new tokens only, not the prompt repeated
     pairs = zip(questions, batched, strict=True)
@@ -338,12 +344,16 @@ def test_full_finetune_trains_every_weight_and_saves_a_full_model(
     assert not unchanged, f"weights that did not train: {unchanged}"
 
 
-def test_full_finetune_refuses_a_quantized_base(tiny_model_dir: Path) -> None:
-    base = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
+def test_full_finetune_refuses_a_quantized_base_and_trains_every_weight(
+    tiny_model_dir: Path,
+) -> None:
+    quantized = ModelSettings(str(tiny_model_dir), quantization="4bit")
     with pytest.raises(SettingsError, match=r"full fine-tuning \(use_lora False\) trains every"):
-        trainable_model__full(base, BitsAndBytesConfig(load_in_4bit=True))
-    assert trainable_model__full(base, None) is base
-    assert all(parameter.requires_grad for parameter in base.parameters())
+        model_recipe__full(quantized)
+    recipe = model_recipe__full(ModelSettings(str(tiny_model_dir)))
+    assert recipe.lora is None and recipe.adapter_path is None
+    model = build_model(recipe, torch.device("cpu"), trainable=True)
+    assert all(parameter.requires_grad for parameter in model.parameters())
 
 
 # --- prompt templates and context ------------------------------------------------------------
@@ -431,7 +441,7 @@ def test_templated_prompts_are_what_the_model_is_given(
         context="\n".join(records[1]["docs"]), input=records[1]["question"]
     )
     assert prompts[2] == CONTEXT_PROMPT.format(context="Note 2.", input=records[2]["question"])
-    tokenizer = tokenizer__base(str(tiny_model_dir))
+    tokenizer = tokenizer__base(ModelSettings(str(tiny_model_dir)))
     references = run_["result"]["finetuned_model_on_validation_set"]["validation_references"]
     by_reply = {r["reply"]: i for i, r in enumerate(records)}
     for example, reference in zip(run_["result"]["tokenized_validation"], references, strict=True):
@@ -439,7 +449,13 @@ def test_templated_prompts_are_what_the_model_is_given(
         assert example["input_ids"] in (ids, ids[: len(example["input_ids"]) - 1] + ids[-1:])
 
 
-def test_a_bad_template_is_refused_before_any_model_is_loaded(tmp_path: Path) -> None:
+def test_a_bad_template_is_refused_before_any_model_is_loaded(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
     with pytest.raises(SettingsError, match=r"unknown placeholders: \{question\}"):
         _driver({"start": "base"}).execute(
             list(finetune_module.DEFAULT_OUTPUTS),
@@ -447,7 +463,7 @@ def test_a_bad_template_is_refused_before_any_model_is_loaded(tmp_path: Path) ->
                 **FAST,
                 "data_path": str(EXAMPLE_DATA),
                 "output_dir": str(tmp_path),
-                "model_id": str(tmp_path / "no-model-here"),
+                "model_id": str(tiny_model_dir),
                 "prompt_template": "{question}",
             },
         )
@@ -463,39 +479,38 @@ def _table(targets: list[str]) -> pd.DataFrame:
 
 def test_class_labels_are_found_in_targets_that_look_like_labels() -> None:
     labels = ["yes", "no", "yes", " no", "maybe", "maybe"]
-    assert class_labels(_table(labels)) == ["maybe", "no", "yes"]
-    assert class_labels(_table(labels), task="generation") == []
-    assert class_labels(_table([*labels, "unsure"])) == []  # a label seen once: free text
-    assert class_labels(_table([*labels, "unsure"]), task="classification") == [
+    assert class_labels(_table(labels), EvaluationSettings()) == ["maybe", "no", "yes"]
+    assert labels_of(labels, task="generation") == []
+    assert labels_of([*labels, "unsure"]) == []  # a label seen once: free text
+    assert labels_of([*labels, "unsure"], task="classification") == [
         "maybe",
         "no",
         "unsure",
         "yes",
     ]
     many = [f"label {i}" for i in range(21)] * 2
-    assert class_labels(_table(many)) == []  # more than 20 distinct targets
+    assert labels_of(many) == []  # more than 20 distinct targets
     with pytest.raises(SettingsError, match="task must be one of auto, classification, generation"):
-        class_labels(_table(labels), task="classify")
+        EvaluationSettings(task="classify")
 
 
 def test_accuracy_macro_f1_and_confusion_matrix_of_label_answers() -> None:
     predictions = ["yes", "no ", "no", "maybe"]
     references = ["yes", "no", "yes", "no"]
-    metrics = _text_metrics(predictions, references, ["no", "yes"])
+    metrics = text_metrics(predictions, references, ["no", "yes"])
     # "no": precision 1/2, recall 1/2 -> F1 1/2; "yes": precision 1, recall 1/2 -> F1 2/3
     assert metrics["accuracy"] == 50.0
     assert metrics["macro_f1"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2, abs=1e-3)
     assert {"rouge1", "rougeL"} <= set(metrics)
-    assert "accuracy" not in _text_metrics(predictions, references, [])
-    rows = [("q", p, r) for p, r in zip(predictions, references, strict=True)]
-    matrix = confusion_matrix(rows, ["no", "yes"])
+    assert "accuracy" not in text_metrics(predictions, references, [])
+    matrix = confusion_counts(predictions, references, ["no", "yes"])
     assert list(matrix.index) == ["no", "yes"] and list(matrix.columns) == [
         "no",
         "yes",
         OTHER_LABEL,
     ]
     assert matrix.loc["no"].tolist() == [1, 0, 1] and matrix.loc["yes"].tolist() == [1, 1, 0]
-    assert confusion_matrix(rows, []).empty
+    assert confusion_counts(predictions, references, []).empty
 
 
 @pytest.mark.parametrize("name", ["default", "seq2seq_presaved"])
@@ -503,7 +518,10 @@ def test_label_targets_get_accuracy_macro_f1_and_a_confusion_matrix(
     name: str, config_run: Callable[[str], dict[str, Any]]
 ) -> None:
     result = config_run(name)["result"]
-    for metrics in (result["training_and_validation_set_metrics"], result["hold_out_set_metrics"]):
+    for metrics in (
+        result["training_and_validation_set_metrics"],
+        result["finetuned_hold_out_metrics"],
+    ):
         assert 0.0 <= metrics["accuracy"] <= 100.0 and 0.0 <= metrics["macro_f1"] <= 100.0
     saved = read_json(Path(result["save_best_models"]) / "metrics.json")
     assert "macro_f1" in saved["hold_out"]

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from transformers.generation.utils import GenerationMixin
 
 import finetune_module
-from finetune_module.data import _split_sizes
+from finetune_module.engine.records import split_sizes
 from finetune_module.errors import ModelNotAvailableError, SettingsError
 from tests.conftest import EXAMPLE_DATA, read_json, run_dag
 
-N_TRAIN, N_VALIDATION, N_HOLD_OUT = _split_sizes(len(read_json(EXAMPLE_DATA)), 0.95, 0.8)
+N_TRAIN, N_VALIDATION, N_HOLD_OUT = split_sizes(len(read_json(EXAMPLE_DATA)), 0.95, 0.8)
 
 
 def test_base_run_returns_the_four_outputs(base_run: dict[str, Any]) -> None:

@@ -13,9 +13,9 @@ import pytest
 from hamilton import driver
 
 import finetune_module
-from finetune_module.evaluation import ROUGE_KEYS
+from finetune_module.engine.metrics import ROUGE_KEYS
+from finetune_module.engine.trainer import TRAINING_LOG_COLUMNS, log_table
 from finetune_module.report import report_html
-from finetune_module.training import TRAINING_LOG_COLUMNS, _log_table
 from tests.conftest import read_json
 
 FIGURE_IDS = ("loss-curves", "rouge", "lengths")
@@ -127,7 +127,7 @@ def _minimal_report(**changes: Any) -> str:
     scores = dict.fromkeys(ROUGE_KEYS, 10.0)
     comparison = {"base": scores, "finetuned": scores, "gain": dict.fromkeys(ROUGE_KEYS, 0.0)}
     inputs = {
-        "training_log": _log_table([]),
+        "training_log": log_table([]),
         "base_vs_finetuned_metrics": {"validation": comparison, "hold_out": comparison},
         "training_and_validation_set_metrics": {"eval_loss": 1.5},
         "source_token_ids": [[1] * 3, [1] * 9],
@@ -135,7 +135,7 @@ def _minimal_report(**changes: Any) -> str:
         "source_length_cap": 8,
         "target_length_cap": 5,
         "hold_out_set_predictions": [("<script>alert(1)</script>", "tuned", "ref & more")],
-        "base_model_on_hold_out_set": ["base"],
+        "base_hold_out_answers": ["base"],
     }
     return report_html(**{**inputs, **changes})
 
@@ -218,7 +218,7 @@ def test_report_of_a_full_fine_tune_has_no_base_columns() -> None:
     comparison = {"base": {}, "finetuned": tuned, "gain": {}}
     page = _minimal_report(
         base_vs_finetuned_metrics={"validation": comparison, "hold_out": comparison},
-        base_model_on_hold_out_set=[],
+        base_hold_out_answers=[],
     )
     assert "<td>n/a</td>" in page and "<td>tuned</td>" in page
     assert '"accuracy"' in page  # class-label metrics are drawn with ROUGE

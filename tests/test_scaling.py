@@ -1,6 +1,7 @@
 """Beyond one process: torchrun data parallelism on CPU, and the wiring of the GPU-only options
 (mixed precision, QLoRA, DeepSpeed, FSDP), which must refuse clearly on a machine without CUDA."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -16,13 +17,16 @@ import pytest
 import torch
 from hamilton import driver
 from peft import PeftModel
-from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig
+from transformers import BitsAndBytesConfig
 
 import finetune_module
 import run
-from finetune_module import model as model_stage
+from finetune_module.engine import models
+from finetune_module.engine import settings as checked
+from finetune_module.engine.settings import ModelSettings, TrainingSettings
+from finetune_module.engine.trainer import scaling_arguments
 from finetune_module.errors import SettingsError
-from finetune_module.training import scaling_arguments
+from finetune_module.model import lora_config, model_recipe__lora
 from tests.conftest import EXAMPLE_DATA, REPO, read_json, run_dag
 from tests.test_pipeline import N_HOLD_OUT, N_TRAIN, N_VALIDATION
 
@@ -195,71 +199,85 @@ def test_cli_refuses_bf16_on_cpu_with_exit_2(
 
 
 def test_mixed_precision_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert model_stage.mixed_precision(CUDA) == "no"
-    assert model_stage.mixed_precision(CUDA, fp16=True) == "fp16"
+    assert checked.mixed_precision(CUDA) == "no"
+    assert checked.mixed_precision(CUDA, fp16=True) == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)
-    assert model_stage.mixed_precision(CUDA, bf16=True) == "bf16"
+    assert checked.mixed_precision(CUDA, bf16=True) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
     with pytest.raises(SettingsError, match=r"^bf16 needs .*; Tesla T4 has none: use fp16"):
-        model_stage.mixed_precision(CUDA, bf16=True)
+        checked.mixed_precision(CUDA, bf16=True)
 
 
-def test_quantization_config_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert model_stage.quantization_config(CUDA, "no") is None
+def test_quantization_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert checked.quantization(CUDA) is None
     with pytest.raises(SettingsError, match="exclude each other"):
-        model_stage.quantization_config(CUDA, "no", load_in_4bit=True, load_in_8bit=True)
+        checked.quantization(CUDA, load_in_4bit=True, load_in_8bit=True)
     if not _installed("bitsandbytes"):
         with pytest.raises(
             SettingsError, match=r"^load_in_4bit needs the bitsandbytes package, which is not"
         ):
-            model_stage.quantization_config(CUDA, "bf16", load_in_4bit=True)
-    monkeypatch.setattr(model_stage, "require_package", lambda *_: None)
-    four = model_stage.quantization_config(CUDA, "bf16", load_in_4bit=True)
+            checked.quantization(CUDA, load_in_4bit=True)
+    monkeypatch.setattr(checked, "require_package", lambda *_: None)
+    assert checked.quantization(CUDA, load_in_4bit=True) == "4bit"
+    assert checked.quantization(CUDA, load_in_8bit=True) == "8bit"
+    four = models.bitsandbytes_config("4bit", "bf16")
     assert isinstance(four, BitsAndBytesConfig) and four.load_in_4bit
     assert four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
     assert four.bnb_4bit_compute_dtype == torch.bfloat16
-    eight = model_stage.quantization_config(CUDA, "no", load_in_8bit=True)
+    eight = models.bitsandbytes_config("8bit", "no")
     assert eight.load_in_8bit and not eight.load_in_4bit
+    assert models.bitsandbytes_config(None, "no") is None
 
 
 def test_a_quantized_base_is_prepared_for_training(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
-    prepare = model_stage.prepare_model_for_kbit_training
+    prepare = models.prepare_model_for_kbit_training
+    loaded: list[Any] = []
+    load = models.load_model
 
     def recording_prepare(model: Any, **kwargs: Any) -> Any:
         calls.append(kwargs)
         return prepare(model, **kwargs)
 
-    monkeypatch.setattr(model_stage, "prepare_model_for_kbit_training", recording_prepare)
-    base = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir))
-    lora = model_stage.lora_config(AutoModelForSeq2SeqLM, str(tiny_model_dir))
-    peft = model_stage.peft_model__base(
-        base, lora, BitsAndBytesConfig(load_in_4bit=True), gradient_checkpointing=True
+    def fp32_load(model_type: str, model_id: str, device: Any, trust: bool, config: Any) -> Any:
+        loaded.append(config)  # bitsandbytes needs a GPU: load in fp32, as asked otherwise
+        return load(model_type, model_id, device, trust, None)
+
+    monkeypatch.setattr(models, "prepare_model_for_kbit_training", recording_prepare)
+    monkeypatch.setattr(models, "load_model", fp32_load)
+    settings = ModelSettings(str(tiny_model_dir), quantization="4bit")
+    recipe = dataclasses.replace(model_recipe__lora(settings, lora_config(settings)), speedups=())
+    peft = models.build_model(
+        recipe, torch.device("cpu"), trainable=True, gradient_checkpointing=True
     )
     checkpointing = {"use_reentrant": False}
     assert calls == [
         {"use_gradient_checkpointing": True, "gradient_checkpointing_kwargs": checkpointing}
     ]
+    assert isinstance(loaded[0], BitsAndBytesConfig) and loaded[0].load_in_4bit
     assert isinstance(peft, PeftModel)
     trainable = [name for name, p in peft.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
-    model_stage.peft_model__base(
-        AutoModelForSeq2SeqLM.from_pretrained(str(tiny_model_dir)), lora, None
+    models.build_model(
+        dataclasses.replace(recipe, quantization=None), torch.device("cpu"), trainable=True
     )
     assert len(calls) == 1  # a full-precision base is left as it is
 
 
 def test_scaling_arguments_pass_through(tmp_path: Path) -> None:
-    plain = scaling_arguments(torch.device("cpu"), "no")
+    plain = scaling_arguments(TrainingSettings(), "no")
     assert plain == {"bf16": False, "fp16": False, "ddp_find_unused_parameters": False}
     fsdp_file = tmp_path / "fsdp.json"
     fsdp_file.write_text(json.dumps({"version": 2, "reshard_after_forward": True}))
-    arguments = scaling_arguments(
-        CUDA, "bf16", gradient_checkpointing=True, fsdp=True, fsdp_config=str(fsdp_file)
+    settings = TrainingSettings(
+        gradient_checkpointing=True,
+        fsdp=True,
+        fsdp_config=checked.json_settings(str(fsdp_file), "fsdp_config"),
     )
+    arguments = scaling_arguments(settings, "bf16")
     assert arguments["bf16"] and not arguments["fp16"]
     assert arguments["gradient_checkpointing"]
     assert arguments["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
@@ -270,18 +288,19 @@ def test_scaling_arguments_pass_through(tmp_path: Path) -> None:
 def test_bad_deepspeed_and_fsdp_settings_are_refused(tmp_path: Path) -> None:
     missing = tmp_path / "ds.json"
     with pytest.raises(SettingsError, match=rf"^deepspeed: no such file '{missing}'"):
-        scaling_arguments(CUDA, "no", deepspeed=str(missing))
+        checked.json_settings(str(missing), "deepspeed")
     missing.write_text('{"zero_optimization": {"stage": 2,}}')
     with pytest.raises(SettingsError, match=rf"^deepspeed: {missing} is not valid JSON \(.*line 1"):
-        scaling_arguments(CUDA, "no", deepspeed=str(missing))
+        checked.json_settings(str(missing), "deepspeed")
     missing.write_text("[1, 2]")
     with pytest.raises(SettingsError, match="must hold a JSON object, got a list"):
-        scaling_arguments(CUDA, "no", deepspeed=str(missing))
+        checked.json_settings(str(missing), "deepspeed")
     missing.write_text('{"zero_optimization": {"stage": 2}}')
+    deepspeed = checked.json_settings(str(missing), "deepspeed")
     if not _installed("deepspeed"):
         with pytest.raises(SettingsError, match=r"^deepspeed needs the deepspeed package"):
-            scaling_arguments(CUDA, "no", deepspeed=str(missing))
+            checked.check_scaling(CUDA, deepspeed, fsdp=False)
     with pytest.raises(SettingsError, match=r"^deepspeed and fsdp exclude each other"):
-        scaling_arguments(CUDA, "no", deepspeed=str(missing), fsdp=True)
+        TrainingSettings(deepspeed=deepspeed, fsdp=True)
     with pytest.raises(SettingsError, match=r"^fsdp_config is only used with fsdp"):
-        scaling_arguments(CUDA, "no", fsdp_config={"version": 2})
+        TrainingSettings(fsdp_config={"version": 2})

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from finetune_module.data import data_splits, qa_table
+from finetune_module.engine.settings import SplitSettings
 from finetune_module.errors import DataError, SettingsError, mask_credentials
 from tests.conftest import EXAMPLE_DATA, QUICK, data_stage, read_json, run_dag
 
@@ -231,7 +232,7 @@ def _table(splits: list[Any]) -> pd.DataFrame:
 
 def test_split_column_decides_the_sets() -> None:
     table = _table(["train", "Valid", "test", "train", "dev", "hold_out", "TRAIN"])
-    sets = data_splits(table, "d.json", split_column="fold", split_strategy="random")
+    sets = data_splits(table, "d.json", SplitSettings(), split_column="fold")
     assert list(sets["train_set"].index) == [0, 3, 6]
     assert list(sets["validation_set"].index) == [1, 4]
     assert list(sets["hold_out_set"].index) == [2, 5]
@@ -254,7 +255,7 @@ def test_bad_split_values_are_refused(splits: list[Any], expected: str) -> None:
 def test_a_split_column_that_leaves_a_set_empty_is_refused() -> None:
     table = _table(["train", "train", "validation"])
     with pytest.raises(DataError, match="puts no record in the hold_out set"):
-        data_splits(table, "d.json", split_column="fold")
+        data_splits(table, "d.json", SplitSettings(), split_column="fold")
     records = [{"question": "q", "reply": "a"}]
     with pytest.raises(DataError, match="no record has the key 'fold'"):
         qa_table(records, "d.json", "question", "reply", split_column="fold")

@@ -1,18 +1,24 @@
-"""The CPU speed-ups compute the same functions as what they replace."""
+"""The CPU speed layer computes the same functions as what it replaces: each piece, for each
+model family it is proven for (`speedups.PROVEN`), gives the stock path's loss and gradients;
+unproven families and other devices run the stock path."""
 
 import json
 import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Seq2SeqTrainer
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Seq2SeqTrainingArguments
 from transformers.activations import NewGELUActivation
 
-from finetune_module import speedups, training
+from finetune_module.engine import speedups
+from finetune_module.engine.memory import ActivationBudget
+from finetune_module.engine.settings import speedups_requested
+from finetune_module.engine.trainer import FinetuneTrainer
 from finetune_module.tiny_model import build_causal, build_t5
 from tests.conftest import EXAMPLE_DATA, QUICK, run_dag
 
@@ -194,10 +200,131 @@ def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
     common = {"data_path": str(EXAMPLE_DATA), "model_id": str(tiny_model_dir), **QUICK}
     ours = run_dag("base", output_dir=str(tmp_path / "a"), **common)
     assert len(calls) == QUICK["max_steps"]
-    monkeypatch.setattr(training._Trainer, "compute_loss", Seq2SeqTrainer.compute_loss)
-    stock = run_dag("base", output_dir=str(tmp_path / "b"), **common)
-    assert len(calls) == QUICK["max_steps"]
+    others = [name for name in speedups.SPEEDUPS if name != "logit_free_loss"]
+    stock = run_dag("base", output_dir=str(tmp_path / "b"), cpu_speedups=others, **common)
+    assert len(calls) == QUICK["max_steps"]  # the switch turned the fused loss off
     for key in ("train_loss", "eval_loss"):
         assert ours["training_and_validation_set_metrics"][key] == pytest.approx(
             stock["training_and_validation_set_metrics"][key], rel=1e-5
         )
+
+
+# --- the speed layer, family by family ----------------------------------------------------------
+
+# dropout so small that nothing is dropped: the cheaper dropout must then equal the stock one
+_NO_DROP = 1e-9
+_FAMILY_DROPOUT = {
+    "t5": {"dropout_rate": _NO_DROP},
+    "gpt2": {"attn_pdrop": _NO_DROP, "resid_pdrop": _NO_DROP, "embd_pdrop": _NO_DROP},
+    "llama": {"attention_dropout": _NO_DROP},
+}
+
+
+def _family_model(family: str, path: Path) -> nn.Module:
+    """A tiny model of `family` with a LoRA adapter, in training mode, seeded."""
+    texts = [r["question"] for r in json.loads(EXAMPLE_DATA.read_text())]
+    sizes = {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_ff": 64}
+    if family == "t5":
+        auto, directory = AutoModelForSeq2SeqLM, build_t5(str(path), texts, **sizes)
+    else:
+        auto, directory = AutoModelForCausalLM, build_causal(str(path), texts, family, **sizes)
+    torch.manual_seed(0)
+    model = auto.from_pretrained(directory, **_FAMILY_DROPOUT[family])
+    targets = {"t5": ["q", "v"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}[family]
+    lora = LoraConfig(
+        r=4, target_modules=targets, lora_dropout=_NO_DROP, fan_in_fan_out=family == "gpt2"
+    )
+    return get_peft_model(model, lora).train()
+
+
+def _batch(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A padded batch: inputs (the last two positions of the first row padding) and labels."""
+    torch.manual_seed(5)
+    ids = torch.randint(3, 200, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][0, 7:] = 0
+    if model.config.is_encoder_decoder:
+        batch["labels"] = torch.randint(3, 200, (2, 5))
+    else:
+        batch["labels"] = ids.masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def _loss_and_gradients(
+    model: nn.Module, batch: dict[str, torch.Tensor], trainer: FinetuneTrainer
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The trainer's training loss of the batch, and the adapter's gradients."""
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize(
+    ("family", "piece"),
+    [
+        (family, piece)
+        for family, pieces in sorted(speedups.PROVEN.items())
+        for piece in pieces
+        if piece != "allocator"  # the process's allocator: no model involved (test above)
+    ],
+)
+def test_each_proven_piece_gives_the_stock_loss_and_gradients(
+    family: str, piece: str, tmp_path: Path
+) -> None:
+    model = _family_model(family, tmp_path / "model")
+    batch = _batch(model)
+    trainer = FinetuneTrainer(
+        model=model,
+        args=Seq2SeqTrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none"),
+    )
+    budget = ActivationBudget(model, 1e-9) if piece == "activation_budget" else None
+    results = []
+    for on in (False, True):
+        if on and piece == "logit_free_loss":
+            trainer.logit_free_loss = True
+        elif on and budget is not None:
+            budget.before_step(batch)  # a budget of ~0 bytes: every layer recomputes
+            assert all(layer.gradient_checkpointing for _, layer in budget.layers)
+        elif on:
+            speedups.apply_to_model(model, (piece,), training=True)
+        results.append(_loss_and_gradients(model, batch, trainer))
+    (stock_loss, stock_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(stock_grads) > 0
+    for grad, stock_grad in zip(grads, stock_grads, strict=True):
+        torch.testing.assert_close(grad, stock_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_layer_applies_only_where_proven_on_the_proven_release(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir).config
+    everything = speedups_requested(torch.device("cpu"), None)
+    assert everything == speedups.SPEEDUPS
+    assert speedups.applicable(everything, config) == speedups.PROVEN["t5"]
+    # on an accelerator the stock path runs unless asked for; a list picks pieces
+    assert speedups_requested(torch.device("cuda"), None) == ()
+    assert speedups_requested(torch.device("cpu"), False) == ()
+    assert speedups.applicable(("fused_gelu", "nonsense"), config) == ("fused_gelu",)
+    # a family no test proves gets the process-wide allocator only
+    config.model_type = "bart"
+    assert speedups.applicable(everything, config) == ("allocator",)
+    # another transformers release: the stock path, with a warning
+    config.model_type = "t5"
+    monkeypatch.setattr(speedups.transformers, "__version__", "6.0.0")
+    assert speedups.applicable(everything, config) == ()
+
+
+def test_an_unproven_family_trains_on_the_stock_path(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(speedups.PROVEN, "t5", ("allocator",))  # as if T5 were unproven
+    touched: list[str] = []
+    for name in ("fuse_gelu", "cheaper_dropout", "cheaper_attention_dropout"):
+        monkeypatch.setattr(speedups, name, lambda model, name=name: touched.append(name))
+    monkeypatch.setattr(speedups, "linear_cross_entropy", lambda *a: touched.append("loss"))
+    common = {"data_path": str(EXAMPLE_DATA), "model_id": str(tiny_model_dir), **QUICK}
+    result = run_dag("base", output_dir=str(tmp_path), **common)
+    assert touched == []
+    assert np.isfinite(result["training_and_validation_set_metrics"]["train_loss"])

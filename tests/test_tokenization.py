@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
+from finetune_module.engine.settings import LengthSettings
+from finetune_module.engine.tokens import truncate_tail
 from finetune_module.errors import SettingsError
 from finetune_module.tokenization import (
-    _truncate,
     source_length_cap,
     source_token_ids,
     target_length_cap,
@@ -25,16 +26,20 @@ def tokenizer(tiny_model_dir: Path):
 
 def test_caps_are_the_95th_percentile_unless_overridden() -> None:
     ids = [[1] * n for n in range(1, 101)]
-    assert source_length_cap(ids) == int(np.ceil(np.percentile(range(1, 101), 95)))
-    assert target_length_cap(ids, length_percentile=50) == 51
-    assert source_length_cap(ids, max_source_length=7) == 7
+    assert source_length_cap(ids, LengthSettings()) == int(
+        np.ceil(np.percentile(range(1, 101), 95))
+    )
+    assert target_length_cap(ids, LengthSettings(length_percentile=50)) == 51
+    assert source_length_cap(ids, LengthSettings(max_source_length=7)) == 7
     with pytest.raises(SettingsError, match="max_target_length must be at least 2"):
-        target_length_cap(ids, max_target_length=0)
+        LengthSettings(max_target_length=0)
+    with pytest.raises(SettingsError, match=r"length_percentile must be in \(0, 100\]"):
+        LengthSettings(length_percentile=0)
 
 
 def test_truncation_keeps_the_end_of_sequence_token() -> None:
-    assert _truncate([5, 6, 7, 8, 1], 3) == [5, 6, 1]
-    assert _truncate([5, 1], 3) == [5, 1]
+    assert truncate_tail([5, 6, 7, 8, 1], 3) == [5, 6, 1]
+    assert truncate_tail([5, 1], 3) == [5, 1]
 
 
 def test_sets_are_truncated_slices_of_one_tokenization_without_padding(tokenizer) -> None:

@@ -1,30 +1,68 @@
-"""CPU speed-ups that leave the maths alone: a cheaper dropout (in the layers and on the attention
-weights), a fused GELU, a training loss that does not keep the logits, and the C allocator told
-to keep the memory it has.
+"""The CPU speed layer: pieces that compute the same functions as the stock transformers path
+with less work or memory on a CPU, each applied only to the model families a test proves it
+equal for.
+
+The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
+- `allocator`: glibc's allocator keeps freed memory for reuse (`keep_freed_memory`);
+- `fused_gelu`: the tanh GELU in one kernel instead of five operations (`fuse_gelu`);
+- `cheap_dropout`: dropout with 16 random bits and a one-byte mask per value (`FastDropout`);
+- `attention_dropout`: the same cheaper dropout on the attention weights, keeping 5 bytes per
+  score instead of SDPA's ~12 (`attention`);
+- `logit_free_loss`: a sequence-to-sequence training loss that never holds the logits
+  (`linear_cross_entropy`);
+- `activation_budget`: long batches recompute some layers' activations (`memory`).
 
 Each is the same function as the one it replaces (dropout keeps each value with probability
-1 - p and scales it by 1 / (1 - p); GELU is the same tanh approximation, computed in one
-kernel); only the work to compute it, the random stream behind dropout, and float rounding in
-the last bits differ. Measured with `python -m bench.benchmark` (see the README's Benchmark
-section); each can be switched off there with `--ablate`.
+1 - p and scales it by 1 / (1 - p); GELU is the same tanh approximation); only the work, the
+random stream behind dropout, and float rounding in the last bits differ. `PROVEN` names the
+families for which `tests/test_speedups.py` proves each piece equal to the stock path (loss and
+gradients), on the transformers release `PROVEN_ON`; on any other family or release the stock
+path runs. Measured with `python -m bench.benchmark` (see the README); each can be switched off
+there with `--ablate`.
 """
 
 import contextlib
 import ctypes
 import ctypes.util
 import functools
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations.sdpa_attention import (
     create_position_bias_mask,
     sdpa_attention_forward,
 )
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from finetune_module.engine.tokens import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+#: Every piece of the speed layer, in the order they are applied.
+SPEEDUPS = (
+    "allocator",
+    "fused_gelu",
+    "cheap_dropout",
+    "attention_dropout",
+    "logit_free_loss",
+    "activation_budget",
+)
+#: The model families (config.model_type) each piece is proven equal to the stock path for
+#: (tests/test_speedups.py); the allocator concerns the process, not the model.
+PROVEN: dict[str, tuple[str, ...]] = {
+    "t5": SPEEDUPS,
+    "gpt2": ("allocator", "fused_gelu", "cheap_dropout", "attention_dropout", "activation_budget"),
+    "llama": ("allocator", "cheap_dropout", "attention_dropout", "activation_budget"),
+}
+#: The transformers release (major.minor) the pieces were proven on; they reach into its
+#: internals, so on another release the stock path runs.
+PROVEN_ON = "5.23"
 
 # glibc's mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -92,13 +130,12 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
 
 def cheaper_dropout(model: nn.Module) -> nn.Module:
     """Replaces each `nn.Dropout` module (the model's and LoRA's) with `FastDropout` of the
-    same p, and the dropout on attention weights with the same cheaper one
-    (`cheaper_attention_dropout`); returns the model."""
+    same p; returns the model."""
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Dropout and child.p > 0:
                 setattr(module, name, FastDropout(child.p))
-    return cheaper_attention_dropout(model)
+    return model
 
 
 def _kept(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
@@ -194,16 +231,21 @@ def attention(
 
 
 CHEAP_DROPOUT_ATTENTION = "sdpa_cheap_cpu_dropout"
-AttentionInterface.register(CHEAP_DROPOUT_ATTENTION, attention)
-AttentionMaskInterface.register(CHEAP_DROPOUT_ATTENTION, sdpa_mask)  # the masks SDPA gets
+
+
+@functools.cache
+def _register_attention() -> str:
+    """Registers `attention` with transformers (once), under `CHEAP_DROPOUT_ATTENTION`, with
+    the masks SDPA gets; returns the name."""
+    AttentionInterface.register(CHEAP_DROPOUT_ATTENTION, attention)
+    AttentionMaskInterface.register(CHEAP_DROPOUT_ATTENTION, sdpa_mask)
+    return CHEAP_DROPOUT_ATTENTION
 
 
 def cheaper_attention_dropout(model: nn.Module) -> nn.Module:
-    """Switches a model that uses SDPA attention to `attention` (SDPA but for the dropout on
-    the attention weights when training on the CPU) on a machine without an accelerator (one
-    with an accelerator trains there, with SDPA's own kernels); returns the model."""
-    if torch.accelerator.is_available():
-        return model
+    """Switches a model that uses SDPA attention to `attention` (SDPA, but for the dropout on
+    the attention weights when training on the CPU); returns the model."""
+    _register_attention()
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             if module.config._attn_implementation == "sdpa":
@@ -226,7 +268,6 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
-IGNORE_INDEX = -100  # label of padding: left out of the loss
 _LOSS_ROWS = 1024  # target tokens whose logits are computed at a time
 # exp() of anything below this is a subnormal float (or 0), which the CPU computes tens of times
 # slower; clamped to it, each such term adds at most 1.7e-38 to a sum of at least 1 (no change)
@@ -292,3 +333,36 @@ def output_layer_off(model: nn.Module) -> Iterator[nn.Linear]:
         yield head
     finally:
         model.set_output_embeddings(head)
+
+
+def applicable(requested: tuple[str, ...], config: PretrainedConfig) -> tuple[str, ...]:
+    """The requested pieces that apply to a model with this config: those proven for its
+    family on the installed transformers release, in `SPEEDUPS` order (none otherwise)."""
+    if not requested:
+        return ()
+    installed = ".".join(transformers.__version__.split(".")[:2])
+    if installed != PROVEN_ON:
+        logger.warning(
+            "The CPU speed layer was proven on transformers %s, not %s: the stock path runs.",
+            PROVEN_ON,
+            installed,
+        )
+        return ()
+    proven = PROVEN.get(config.model_type, ("allocator",))
+    return tuple(name for name in SPEEDUPS if name in requested and name in proven)
+
+
+def apply_to_model(model: nn.Module, pieces: tuple[str, ...], training: bool) -> nn.Module:
+    """The model with the pieces among `pieces` that change its modules applied: the fused
+    GELU, and for a model that trains the cheaper dropout and attention dropout (in eval mode
+    there is no dropout); returns the model."""
+    changes = [("fused_gelu", fuse_gelu)]
+    if training:
+        changes += [
+            ("cheap_dropout", cheaper_dropout),
+            ("attention_dropout", cheaper_attention_dropout),
+        ]
+    for name, change in changes:
+        if name in pieces:
+            change(model)
+    return model

@@ -1,0 +1,102 @@
+"""Answers from a model: batched greedy (or beam) decoding of tokenized questions.
+
+Questions are sorted by length so that each batch pads little, then the answers are put back
+in order. With several processes each answers its share of the batches and the answers are
+gathered, so every process ends with the answers of a single-process run.
+"""
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from finetune_module.engine.distributed import (
+    gathered,
+    is_main_process,
+    this_process_share,
+    weights_sharded,
+)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's weights are on."""
+    return next(model.parameters()).device
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict[str, list[int]]],
+    max_new_tokens: int,
+    num_beams: int,
+    batch_size: int,
+    desc: str = "answering",
+    quiet: bool = True,
+) -> list[str]:
+    """The model's decoded answers to the examples' `input_ids`, in the examples' order.
+
+    Examples are sorted by length so that each batch pads little, then put back in order. With
+    several processes each answers its share of the same batches, so the answers do not depend
+    on how many processes there are. A decoder-only model's prompts are padded on the left, so
+    that its answer follows on. A progress bar named `desc` counts the answers (the main
+    process's share) unless `quiet`.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    answered: list[tuple[int, str]] = []
+    device, sharded = model_device(model), weights_sharded(model)
+    decoder_only = not model.config.is_encoder_decoder
+    share = this_process_share(batches, model)
+    progress = tqdm(
+        total=sum(map(len, share)),
+        desc=desc,
+        unit="answer",
+        disable=quiet or not is_main_process(),
+    )
+    with torch.inference_mode(), progress:
+        for indices in share:
+            batch = tokenizer.pad(
+                {"input_ids": [examples[i]["input_ids"] for i in indices]},
+                padding_side="left" if decoder_only else None,
+                return_tensors="pt",
+            ).to(device)
+            generated = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                use_cache=True,
+                synced_gpus=sharded,  # sharded weights: run in step until every process is done
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            if decoder_only:  # the output starts with the prompt
+                generated = generated[:, batch["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            answered.extend((i, text.strip()) for i, text in zip(indices, texts, strict=True))
+            progress.update(len(indices))
+    answers = [""] * len(examples)
+    for i, text in gathered(answered, model):
+        answers[i] = text
+    return answers
+
+
+def answer_sets(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: dict[str, list[dict[str, list[int]]]],
+    generation_settings: dict[str, int],
+    who: str = "model",
+    quiet: bool = True,
+) -> dict[str, list[str]]:
+    """The model's answers to several sets of questions, by set name, generated in one pass
+    over all of them: decoding is bound by reading the weights, so a batch of 20 answers costs
+    about what a batch of 4 does, and a small set fills another's last batch. The progress bar
+    names the model `who` and the sets."""
+    examples = [example for rows in sets.values() for example in rows]
+    desc = f"{who}, {' and '.join(name.replace('_', '-') for name in sets)} sets"
+    answers = generate(model, tokenizer, examples, **generation_settings, desc=desc, quiet=quiet)
+    by_set, start = {}, 0
+    for name, rows in sets.items():
+        by_set[name] = answers[start : start + len(rows)]
+        start += len(rows)
+    return by_set

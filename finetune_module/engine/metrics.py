@@ -1,0 +1,116 @@
+"""Scores of answers and of a model: ROUGE (with `rouge-score`, no download), accuracy, macro-F1
+and a confusion matrix when the targets are class labels, the gain of a fine-tune over its base
+model, and the mean loss per target token."""
+
+import re
+from collections import Counter
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+from rouge_score import rouge_scorer
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import confusion_matrix as _confusion_counts
+
+from finetune_module.engine.distributed import gathered, this_process_share
+from finetune_module.engine.generation import model_device
+from finetune_module.engine.tokens import IGNORE_INDEX
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+MAX_AUTO_LABELS = 20  # task="auto": at most this many distinct targets, each seen twice or more
+OTHER_LABEL = "(other)"  # confusion-matrix column of predictions outside the label set
+
+
+def _sentences_on_lines(text: str) -> str:
+    """The text with one sentence per line, as ROUGE-Lsum expects."""
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE F-measures (x100) of predictions against references, with stemming."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(_sentences_on_lines(reference), _sentences_on_lines(prediction))
+        for key in ROUGE_KEYS:
+            totals[key] += scores[key].fmeasure
+    n = max(1, len(predictions))
+    return {key: round(100 * total / n, 4) for key, total in totals.items()}
+
+
+def labels_of(targets: list[str], task: str = "auto") -> list[str]:
+    """The class labels when the targets are labels (sorted), else an empty list: for
+    task "auto" when there are at most `MAX_AUTO_LABELS` distinct targets and each occurs at
+    least twice, for "classification" always, for "generation" never."""
+    counts = Counter(text.strip() for text in targets)
+    looks_like_labels = len(counts) <= MAX_AUTO_LABELS and min(counts.values()) >= 2
+    if task == "classification" or (task == "auto" and looks_like_labels):
+        return sorted(counts)
+    return []
+
+
+def text_metrics(
+    predictions: list[str], references: list[str], class_labels: list[str]
+) -> dict[str, float]:
+    """ROUGE of the answers and, when the targets are class labels, the accuracy and macro-F1
+    (0-100) of the answers taken as labels (an answer outside the label set is wrong)."""
+    metrics = rouge(predictions, references)
+    if class_labels:
+        predicted = [p.strip() for p in predictions]
+        expected = [r.strip() for r in references]
+        metrics["accuracy"] = round(100 * accuracy_score(expected, predicted), 4)
+        f1 = f1_score(expected, predicted, labels=class_labels, average="macro", zero_division=0)
+        metrics["macro_f1"] = round(100 * f1, 4)
+    return metrics
+
+
+def gains(base: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
+    """Fine-tuned minus base, for each metric both have (positive: the fine-tune scores higher)."""
+    return {key: round(finetuned[key] - base[key], 4) for key in finetuned if key in base}
+
+
+def confusion_counts(
+    predictions: list[str], references: list[str], class_labels: list[str]
+) -> pd.DataFrame:
+    """Counts with one row per reference label and one column per predicted label, plus a last
+    column "(other)" for answers outside the label set (empty without labels)."""
+    if not class_labels:
+        return pd.DataFrame()
+    columns = [*class_labels, OTHER_LABEL]
+    predicted = [p.strip() if p.strip() in class_labels else OTHER_LABEL for p in predictions]
+    expected = [r.strip() for r in references]
+    counts = _confusion_counts(expected, predicted, labels=columns)[: len(class_labels)]
+    return pd.DataFrame(
+        counts,
+        index=pd.Index(class_labels, name="reference"),
+        columns=pd.Index(columns, name="prediction"),
+    )
+
+
+def mean_token_loss(
+    model: torch.nn.Module,
+    examples: list[dict[str, list[int]]],
+    collator: Callable,
+    batch_size: int,
+) -> float:
+    """Mean cross-entropy per target token of the model on the examples, in batches made by
+    `collator` (with several processes, each scores its share of the batches and the sums are
+    gathered)."""
+    device = model_device(model)
+    batches = [
+        examples[start : start + batch_size] for start in range(0, len(examples), batch_size)
+    ]
+    sums: list[tuple[float, int]] = []
+    with torch.inference_mode():
+        for rows in this_process_share(batches, model):
+            batch = {key: value.to(device) for key, value in collator(rows).items()}
+            logits = model(**batch).logits
+            labels = batch["labels"]
+            if not model.config.is_encoder_decoder:  # each position predicts the next
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
+            )
+            sums.append((loss.item(), int((labels != IGNORE_INDEX).sum())))
+    every = gathered(sums, model)
+    return sum(total for total, _ in every) / max(1, sum(tokens for _, tokens in every))

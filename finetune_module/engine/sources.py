@@ -1,0 +1,262 @@
+"""Reading records from where users keep them: data files by extension, or a SQL database.
+
+A record is whatever one object, line or row holds (a dictionary, once it has been checked);
+nothing here knows which keys the dataflow will read. Every problem is a `DataError` (or a
+`SettingsError` for a missing optional package or driver) naming the file or database.
+
+- `read_file_records(path)`: `.json` (a list of objects, or JSON Lines), `.jsonl`/`.ndjson`,
+  `.csv`/`.tsv` with a header line, `.parquet`, or a directory saved with Hugging Face
+  `datasets`' `save_to_disk`; any other extension is read as JSON.
+- `read_sql_records(url, table, query)`: the rows of a table, view or SELECT query, through
+  SQLAlchemy (SQLite built in, PostgreSQL with psycopg 3).
+"""
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+from finetune_module.errors import (
+    EXTRAS_HINT,
+    DataError,
+    SettingsError,
+    import_optional,
+    mask_credentials,
+)
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: "null", "a number", "an object", ..."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"))
+    return next((kind for types, kind in kinds if isinstance(value, types)), "an object")
+
+
+def read_text(data_path: str) -> str:
+    """The file's text (a UTF-8 byte order mark is dropped), or a clear error when it is
+    missing, unreadable, empty or not UTF-8."""
+    if not os.path.exists(data_path):
+        raise DataError(f"{data_path}: no such file.")
+    if os.path.isdir(data_path):
+        raise DataError(f"{data_path}: is a directory, expected a JSON or JSON Lines file.")
+    try:
+        with open(data_path, "rb") as f:
+            content = f.read()
+    except OSError as e:
+        raise DataError(f"{data_path}: cannot be read ({e.strerror}).") from e
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = content.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{data_path}: not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8."
+        ) from e
+    if not text.strip():
+        raise DataError(f"{data_path}: the file is empty.")
+    return text
+
+
+def _loads(text: str, where: str) -> Any:
+    """The JSON value in `text`; a value JSON allows but Python cannot hold (a number of
+    thousands of digits, nesting thousands deep) is a DataError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where}: JSON too large to read ({e}).") from e
+
+
+def _parse_json_lines(text: str, data_path: str) -> list[Any]:
+    """One JSON value per non-empty line (lines end at "\\n" only, as JSON Lines says)."""
+    records = []
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_loads(line, f"{data_path}: line {line_number}"))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{data_path}: line {line_number} is not valid JSON ({e.msg}, column {e.colno})."
+            ) from e
+    return records
+
+
+def _json_lines_records(data_path: str) -> list[Any]:
+    """The records of a JSON Lines file (one object a line)."""
+    return _parse_json_lines(read_text(data_path), data_path)
+
+
+def _json_records(data_path: str) -> list[Any]:
+    """The records of a JSON file: a list of objects, or JSON Lines."""
+    text = read_text(data_path)
+    try:
+        parsed = _loads(text, data_path)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _parse_json_lines(text, data_path)
+        if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
+            raise DataError(
+                f"{data_path}: invalid JSON: the file ends before the JSON value is complete "
+                f"(truncated?): {e.msg} (line {e.lineno}, column {e.colno})."
+            ) from e
+        raise DataError(
+            f"{data_path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}."
+        ) from e
+    if not isinstance(parsed, list):
+        raise DataError(f"{data_path}: expected a JSON list of objects, found {json_kind(parsed)}.")
+    return parsed
+
+
+def _csv_records(data_path: str, separator: str = ",") -> list[Any]:
+    """The rows of a CSV (or TSV) file with a header line, every cell read as text."""
+    try:
+        table = pd.read_csv(
+            data_path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8"
+        )
+    except UnicodeDecodeError as e:
+        raise DataError(f"{data_path}: not UTF-8 text (byte {e.start}); save it as UTF-8.") from e
+    except pd.errors.EmptyDataError:
+        return []
+    except pd.errors.ParserError as e:
+        raise DataError(f"{data_path}: not a valid CSV file ({str(e).strip()}).") from e
+    return table.to_dict("records")
+
+
+def _parquet_records(data_path: str) -> list[Any]:
+    """The rows of a Parquet file."""
+    parquet = import_optional("pyarrow.parquet", "Reading a Parquet file")
+    try:
+        return parquet.read_table(data_path).to_pylist()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{data_path}: not a readable Parquet file ({e}).") from e
+
+
+def _saved_dataset_records(data_path: str) -> list[Any]:
+    """The rows of a Hugging Face dataset saved with `save_to_disk`. A DatasetDict's splits are
+    read in order and each row gets its split's name under the key `split` (unless it has one).
+    """
+    datasets = import_optional("datasets", "Reading a saved Hugging Face dataset")
+    try:
+        loaded = datasets.load_from_disk(data_path)
+    except FileNotFoundError as e:
+        raise DataError(
+            f"{data_path}: is a directory but not a dataset saved with `save_to_disk` "
+            "(expected a JSON, JSON Lines, CSV or Parquet file, or such a directory)."
+        ) from e
+    if isinstance(loaded, datasets.DatasetDict):
+        return [{"split": name, **row} for name, split in loaded.items() for row in split.to_list()]
+    return loaded.to_list()
+
+
+# file extension -> reader; any other extension is read as JSON
+_FILE_READERS: dict[str, Callable[[str], list[Any]]] = {
+    ".json": _json_records,
+    ".jsonl": _json_lines_records,
+    ".ndjson": _json_lines_records,
+    ".csv": _csv_records,
+    ".tsv": functools.partial(_csv_records, separator="\t"),
+    ".parquet": _parquet_records,
+}
+#: The file extensions read as tables of records (any other file is read as JSON).
+RECORD_FILE_SUFFIXES = tuple(_FILE_READERS)
+
+
+def read_file_records(data_path: str) -> list[Any]:
+    """The records in a data file (or a saved `datasets` directory), as read: one per object,
+    line or row, in file order."""
+    if not os.path.exists(data_path):
+        raise DataError(f"{data_path}: no such file.")
+    if os.path.isdir(data_path):
+        return _saved_dataset_records(data_path)
+    extension = os.path.splitext(data_path)[1].lower()
+    return _FILE_READERS.get(extension, _json_records)(data_path)
+
+
+def sql_label(data_path: str, sql_table: str | None, sql_query: str | None) -> str:
+    """The database URL with its password masked, and what is read from it."""
+    what = f"table {sql_table!r}" if sql_table else f"query {' '.join(str(sql_query).split())!r}"
+    return f"{mask_credentials(data_path)} {what}"
+
+
+def _driver_reason(error: Exception, password: str | None) -> str:
+    """The first line of a database driver's error, with the password (if any) masked."""
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    if password:
+        reason = reason.replace(password, "***")
+    return mask_credentials(reason)
+
+
+def read_sql_records(
+    data_path: str, sql_table: str | None = None, sql_query: str | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a table or view (in primary-key order) or of a query (give exactly one of
+    the two), read through SQLAlchemy from the database at the URL `data_path`, as
+    dictionaries of column name -> value."""
+    if bool(sql_table) == bool(sql_query):
+        raise SettingsError(
+            "With {'source': 'sql'}, give exactly one of sql_table (a table or view) and "
+            "sql_query (a SELECT query)."
+        )
+    label = sql_label(data_path, sql_table, sql_query)
+    sqlalchemy = import_optional("sqlalchemy", "Reading from a database")
+    from sqlalchemy import exc
+
+    try:
+        url = sqlalchemy.engine.make_url(data_path)
+    except exc.ArgumentError as e:
+        raise DataError(
+            f"{mask_credentials(data_path)}: not a database URL; expected e.g. "
+            "sqlite:///data.db or postgresql://user@localhost/dbname."
+        ) from e
+    if url.drivername == "postgresql":  # SQLAlchemy's default is psycopg2; we ship psycopg 3
+        url = url.set(drivername="postgresql+psycopg")
+    sqlite_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+    if sqlite_file and not os.path.isfile(url.database):  # sqlite would create an empty one
+        raise DataError(f"{label}: no such database file {url.database!r}.")
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except (exc.NoSuchModuleError, ImportError) as e:
+        raise SettingsError(
+            f"{label}: no database driver for {url.drivername!r} ({e}); {EXTRAS_HINT}."
+        ) from e
+    try:
+        try:
+            connection = engine.connect()
+        except exc.DBAPIError as e:
+            raise DataError(
+                f"{label}: cannot connect to the database: {_driver_reason(e, url.password)}"
+            ) from e
+        with connection:
+            if sql_table:
+                schema, _, name = sql_table.rpartition(".")
+                try:
+                    table = sqlalchemy.Table(
+                        name, sqlalchemy.MetaData(), schema=schema or None, autoload_with=connection
+                    )
+                except exc.NoSuchTableError as e:
+                    inspector = sqlalchemy.inspect(connection)
+                    found = sorted(
+                        inspector.get_table_names(schema=schema or None)
+                        + inspector.get_view_names(schema=schema or None)
+                    )
+                    raise DataError(
+                        f"{label}: no table or view named {sql_table!r}; "
+                        f"found: {', '.join(map(repr, found)) or 'none'}."
+                    ) from e
+                # a table is read in primary-key order, so that the same seed gives the same split
+                statement = sqlalchemy.select(table).order_by(*table.primary_key.columns)
+            else:
+                statement = sqlalchemy.text(sql_query)
+            try:
+                return [dict(row) for row in connection.execute(statement).mappings()]
+            except exc.DBAPIError as e:
+                raise DataError(
+                    f"{label}: the database refused the query: {_driver_reason(e, url.password)}"
+                ) from e
+    finally:
+        engine.dispose()

@@ -1,0 +1,353 @@
+"""The Trainer pieces: batches, the Hugging Face `Seq2SeqTrainer` as we run it, checkpoints,
+and the training log.
+
+`fit` trains a model with a `FinetuneTrainer` and returns what training produced as plain data
+(`FittedWeights`): the trained weights as safetensors bytes and the trainer's state. The trainer
+draws batches of similar input and target length (`batching`), pads each batch to its own
+longest example (`DataCollatorForSeq2Seq`, or `PromptAnswerCollator` for decoder-only models),
+keeps each batch's activations within a budget (`memory`), computes a sequence-to-sequence loss
+without its logits where the speed layer applies (`speedups`), evaluates each epoch and loads
+the checkpoint with the lowest validation loss back at the end.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate.utils import broadcast_object_list
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import save as safetensors_bytes
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer import TRAINER_STATE_NAME
+
+from finetune_module.engine import speedups
+from finetune_module.engine.batching import LengthGroupedBatches
+from finetune_module.engine.distributed import world_size
+from finetune_module.engine.memory import ActivationBudget
+from finetune_module.engine.settings import TrainingSettings
+from finetune_module.engine.tokens import IGNORE_INDEX
+from finetune_module.errors import SettingsError
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folders
+TRAINING_LOG_FILE = "training_log.csv"  # saved with the best model
+#: The training log's first columns; any other logged figures follow in name order.
+TRAINING_LOG_COLUMNS = (
+    "step",
+    "epoch",
+    "elapsed_seconds",
+    "loss",
+    "eval_loss",
+    "learning_rate",
+    "grad_norm",
+)
+
+logger = logging.getLogger(__name__)
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """Whether a checkpoint folder was written to the end: the Trainer writes its
+    trainer_state.json last, after the weights, optimizer, scheduler and RNG states."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(checkpoints_dir: str) -> str | None:
+    """The complete `checkpoint-N` folder with the highest N, if any."""
+    if not os.path.isdir(checkpoints_dir):
+        return None
+    steps = {
+        int(match.group(1)): os.path.join(checkpoints_dir, name)
+        for name in os.listdir(checkpoints_dir)
+        if (match := CHECKPOINT_PATTERN.fullmatch(name))
+    }
+    complete = [step for step, path in steps.items() if is_complete_checkpoint(path)]
+    return steps[max(complete)] if complete else None
+
+
+def checkpoint_to_resume(resume_from_checkpoint: bool | str, checkpoints_dir: str) -> str | None:
+    """The checkpoint training continues from: None for a fresh start, the last complete one
+    in `checkpoints_dir` for True, or the given checkpoint folder (checked)."""
+    if resume_from_checkpoint is False:
+        if last_complete_checkpoint(checkpoints_dir):
+            logger.info(
+                "Training from the start; %s holds checkpoints of an earlier run "
+                "(resume_from_checkpoint=True continues from the last one).",
+                checkpoints_dir,
+            )
+        return None
+    if resume_from_checkpoint is True:
+        last = last_complete_checkpoint(checkpoints_dir)
+        if last is None:
+            logger.warning(
+                "resume_from_checkpoint: no complete checkpoint in %s; training from the start.",
+                checkpoints_dir,
+            )
+        return last
+    path = os.path.abspath(resume_from_checkpoint)
+    if not is_complete_checkpoint(path):
+        raise SettingsError(
+            f"resume_from_checkpoint: {path!r} is not a complete Trainer checkpoint "
+            f"(no readable {TRAINER_STATE_NAME})."
+        )
+    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        raise SettingsError(
+            f"resume_from_checkpoint: {path!r} has no .safetensors weights; only safetensors "
+            "weights are loaded, never pickle files."
+        )
+    return path
+
+
+def scaling_arguments(settings: TrainingSettings, precision: str) -> dict[str, Any]:
+    """The training arguments that take a run beyond one process in fp32: mixed precision,
+    gradient checkpointing, DeepSpeed or FSDP, and data-parallel (DDP) settings."""
+    arguments: dict[str, Any] = {
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        # every LoRA weight takes part in every step: DDP need not search for unused ones
+        "ddp_find_unused_parameters": False,
+    }
+    if settings.gradient_checkpointing:
+        arguments["gradient_checkpointing"] = True
+        arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if settings.deepspeed is not None:
+        arguments["deepspeed"] = settings.deepspeed
+    if settings.fsdp:
+        arguments["fsdp"] = True
+        if settings.fsdp_config is not None:
+            arguments["fsdp_config"] = settings.fsdp_config
+    return arguments
+
+
+def seq2seq_collator(
+    tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> DataCollatorForSeq2Seq:
+    """Turns a list of examples into a batch padded to its own longest example. Labels are
+    padded with -100 so that padding is left out of the loss; on a GPU lengths are rounded up
+    to a multiple of 8 for tensor cores. The model builds the decoder's inputs from the labels;
+    the collator holds no model, so it is plain data to Hamilton's cache."""
+    return DataCollatorForSeq2Seq(
+        tokenizer,
+        label_pad_token_id=IGNORE_INDEX,
+        pad_to_multiple_of=8 if device.type == "cuda" else None,
+    )
+
+
+@dataclasses.dataclass
+class PromptAnswerCollator:
+    """Joins each example's prompt and answer into one sequence and pads the batch, on the
+    right, to its longest sequence; the labels are the answer's tokens, -100 elsewhere."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """The batch: `input_ids`, `attention_mask` and `labels`, all of the same shape."""
+        lengths = [len(e["input_ids"]) + len(e["labels"]) for e in examples]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id)
+        labels = torch.full((len(examples), width), IGNORE_INDEX)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
+            prompt = len(example["input_ids"])
+            input_ids[row, :length] = torch.tensor(example["input_ids"] + example["labels"])
+            labels[row, prompt:length] = torch.tensor(example["labels"])
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class TrainingClock(TrainerCallback):
+    """Stamps each entry of the trainer's log with the seconds since training began (a resumed
+    run carries on from the time its checkpoint's log reached)."""
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        earlier = [e["elapsed_seconds"] for e in state.log_history if "elapsed_seconds" in e]
+        self.began = time.perf_counter() - (earlier[-1] if earlier else 0.0)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # the trainer appends the entry to state.log_history before it calls on_log; the
+        # end-of-training summary has its own train_runtime
+        entry = state.log_history[-1]
+        if "train_runtime" not in entry:
+            entry["elapsed_seconds"] = round(time.perf_counter() - self.began, 3)
+
+
+class FinetuneTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` whose `group_by_length` batches group targets by length too, which
+    keeps each batch's activations within a budget (when it has one), and which computes a
+    sequence-to-sequence loss without its logits (when `logit_free_loss` is set)."""
+
+    activation_budget: ActivationBudget | None = None
+    logit_free_loss: bool = False
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One step; first, the layers that recompute their activations for this batch."""
+        if self.activation_budget is not None:
+            self.activation_budget.before_step(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """With `logit_free_loss`, the training loss of a sequence-to-sequence model with a
+        frozen output layer without a bias, in fp32, computed without keeping its logits
+        (`speedups.linear_cross_entropy`: the same mean cross-entropy); anything else as the
+        Trainer computes it."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if isinstance(base, PeftModel) else base
+        head = base.get_output_embeddings() if isinstance(base, PreTrainedModel) else None
+        if (
+            not self.logit_free_loss
+            or return_outputs
+            or not model.training
+            or "labels" not in inputs
+            or type(head) is not torch.nn.Linear
+            or head.bias is not None
+            or head.weight.requires_grad
+            or not base.config.is_encoder_decoder
+            or self.args.bf16
+            or self.args.fp16
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+        with speedups.output_layer_off(base):
+            hidden = model(**forward).logits  # the last hidden states, as the head gets them
+        return speedups.linear_cross_entropy(hidden, head.weight, labels)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        """`LengthGroupedBatches` for `train_sampling_strategy="group_by_length"` (the default
+        here): a sequence-to-sequence batch groups by input and target length, a decoder-only
+        one by the length of prompt and answer together."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+            return super()._get_train_sampler(train_dataset)
+        sources = [len(e["input_ids"]) for e in dataset]
+        targets = [len(e["labels"]) for e in dataset]
+        if not self.model.config.is_encoder_decoder:  # one sequence: prompt and answer
+            sources, targets = (
+                [s + t for s, t in zip(sources, targets, strict=True)],
+                [0] * len(sources),
+            )
+        return LengthGroupedBatches(sources, targets, self.args.train_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedWeights:
+    """What training produced, as plain data that Hamilton's cache can store and fingerprint."""
+
+    weights: bytes  # the trained weights (LoRA adapter, or every weight) in safetensors format
+    trainer_state: TrainerState  # log history, global step, best metric and checkpoint
+
+
+def fit(
+    model: torch.nn.Module,
+    tokenized_train: list[dict[str, list[int]]],
+    tokenized_validation: list[dict[str, list[int]]],
+    training_arguments: Seq2SeqTrainingArguments,
+    data_collator: Callable,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    activation_memory_gb: float | None = None,
+    logit_free_loss: bool = False,
+) -> FittedWeights:
+    """Trains the model with a `FinetuneTrainer` (continuing from
+    `training_arguments.resume_from_checkpoint` when that is set; the best checkpoint is loaded
+    back at the end) and returns its trained weights, gathered and shared with every process.
+    Unless every layer recomputes its activations already (gradient_checkpointing), a batch
+    keeps at most about `activation_memory_gb` of them (None: no limit)."""
+    trainer = FinetuneTrainer(
+        model=model,
+        args=training_arguments,
+        data_collator=data_collator,
+        train_dataset=tokenized_train,
+        eval_dataset=tokenized_validation,
+        processing_class=tokenizer,
+        callbacks=[TrainingClock()],
+    )
+    # Seq2seq models (T5, BART) average their loss over their own batch and ignore the
+    # Trainer's token count, so the Trainer must average over accumulation steps and processes
+    # itself; otherwise gradients and logged losses grow with both. (Decoder-only models are
+    # averaged the same way then: per batch, over accumulation steps and processes.)
+    trainer.model_accepts_loss_kwargs = False
+    trainer.logit_free_loss = logit_free_loss
+    if activation_memory_gb is not None and not training_arguments.gradient_checkpointing:
+        try:
+            trainer.activation_budget = ActivationBudget(model, activation_memory_gb)
+        except ValueError as e:  # a model without gradient checkpointing trains unbudgeted
+            logger.info("activation_memory_gb does not apply: %s", e)
+    if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead
+        trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=training_arguments.resume_from_checkpoint)
+    # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if isinstance(trainer.model, PeftModel):
+        state_dict = get_peft_model_state_dict(trainer.model, state_dict=state_dict)
+    # copies on the CPU (tied weights become separate tensors, as safetensors wants)
+    weights = {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
+    payload = [safetensors_bytes(weights)]
+    if world_size() > 1:  # the gathered weights may live on the main process only: share them
+        broadcast_object_list(payload, from_process=0)
+    return FittedWeights(weights=payload[0], trainer_state=trainer.state)
+
+
+def log_table(log_history: list[dict[str, Any]]) -> pd.DataFrame:
+    """The trainer's log entries as a table, one row per logging step or evaluation; the
+    end-of-training summary (train_runtime, ...) is left to the metrics."""
+    rows = [entry for entry in log_history if "train_runtime" not in entry]
+    table = pd.DataFrame(rows)
+    others = sorted(set(table.columns) - set(TRAINING_LOG_COLUMNS))
+    return table.reindex(columns=[*TRAINING_LOG_COLUMNS, *others])
+
+
+def training_summary(state: TrainerState, world_size: int) -> dict[str, Any]:
+    """The trainer's own end-of-training figures (loss, runtime, throughput, best checkpoint)."""
+    summary: dict[str, Any] = {}
+    for entry in state.log_history:
+        if "train_runtime" in entry:
+            summary.update({k: v for k, v in entry.items() if k != "step"})
+    summary["global_step"] = state.global_step
+    summary["world_size"] = world_size
+    summary["best_eval_loss"] = state.best_metric
+    summary["best_model_checkpoint"] = state.best_model_checkpoint
+    return summary
