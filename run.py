@@ -32,8 +32,8 @@ import yaml
 from hamilton import driver, htypes
 
 import finetune_module
-from finetune_module.artifacts import REPORT_FILE
 from finetune_module.engine import distributed
+from finetune_module.engine.files import REPORT_FILE
 
 # settings of the CLI and the driver's adapters (the driver config is finetune_module.CONFIG_KEYS)
 CONFIG_ONLY = ("dag", "dag_stage", "debug", "cache", "mlflow", "mlflow_experiment")

@@ -14,17 +14,19 @@ from hamilton.function_modifiers import cache, config
 from transformers import PreTrainedTokenizerBase
 
 from finetune_module.engine.distributed import is_main_process, wait_for_everyone
-from finetune_module.engine.files import atomic_directory, write_json
+from finetune_module.engine.files import (
+    BASE_MODEL_PREDICTIONS_FILE,
+    HOLD_OUT_PREDICTIONS_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    SETTINGS_FILE,
+    VALIDATION_PREDICTIONS_FILE,
+    atomic_directory,
+    write_json,
+)
 from finetune_module.engine.models import LanguageModel
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
 from finetune_module.engine.trainer import TRAINING_LOG_FILE
-
-METRICS_FILE = "metrics.json"
-HOLD_OUT_PREDICTIONS_FILE = "hold_out_predictions.csv"
-VALIDATION_PREDICTIONS_FILE = "validation_predictions.csv"
-BASE_MODEL_PREDICTIONS_FILE = "base_model_predictions.csv"
-SETTINGS_FILE = "finetune_settings.json"
-REPORT_FILE = "report.html"
 
 
 def _prediction_rows(rows: pd.DataFrame, predictions: list[str]) -> list[tuple[str, str, str]]:

@@ -1,9 +1,9 @@
 """Deprecated names: the nodes the dataflow had before the model recipe and the
 `<model>_<set>_<what>` naming scheme, kept so that code asking for them keeps working.
 
-Each is computed from the node that replaced it and says so with a `DeprecationWarning` when it
-runs; none is upstream of the dataflow's own outputs. `DEPRECATED_NODES` maps each name to what
-to ask for instead.
+Each is computed from what replaced it and says so with a `DeprecationWarning` when it runs;
+none is upstream of the dataflow's own outputs. `RENAMED` lists the nodes that are another node
+under an old name; `DEPRECATED_NODES` maps every deprecated name to what to ask for instead.
 """
 
 import dataclasses
@@ -11,7 +11,7 @@ import warnings
 from typing import Any
 
 import torch
-from hamilton.function_modifiers import cache, config
+from hamilton.function_modifiers import cache, config, parameterize, source, value
 from transformers import BitsAndBytesConfig
 
 from finetune_module.engine.models import (
@@ -24,9 +24,22 @@ from finetune_module.engine.models import (
 from finetune_module.engine.settings import ModelSettings, TrainingSettings
 from finetune_module.engine.trainer import scaling_arguments as scaling_arguments_of
 
-#: Deprecated node -> the node (or nodes) to use instead.
-DEPRECATED_NODES = {
+#: Deprecated nodes that are another node under its old name.
+RENAMED = {
     "evaluation_model": "finetuned_model",
+    "validation_loss": "finetuned_validation_loss",
+    "finetuned_model_answers": "finetuned_answers",
+    "base_model_answers": "base_answers",
+    "base_model_on_validation_set": "base_validation_answers",
+    "base_model_on_hold_out_set": "base_hold_out_answers",
+    "validation_set_metrics": "finetuned_validation_metrics",
+    "hold_out_set_metrics": "finetuned_hold_out_metrics",
+    "base_validation_set_metrics": "base_validation_metrics",
+    "base_hold_out_set_metrics": "base_hold_out_metrics",
+}
+#: Every deprecated node -> what to use instead.
+DEPRECATED_NODES = {
+    **RENAMED,
     "presaved_model": "finetuned_model",
     "base_model": "model_recipe (built with finetune_module.engine.models.build_model)",
     "peft_model": "model_recipe (built with build_model(..., trainable=True))",
@@ -35,15 +48,6 @@ DEPRECATED_NODES = {
     "mixed_precision": "model_settings.mixed_precision",
     "quantization_config": "model_settings.quantization",
     "scaling_arguments": "training_arguments",
-    "validation_loss": "finetuned_validation_loss",
-    "finetuned_model_answers": "finetuned_validation_answers, finetuned_hold_out_answers",
-    "base_model_answers": "base_validation_answers, base_hold_out_answers",
-    "base_model_on_validation_set": "base_validation_answers",
-    "base_model_on_hold_out_set": "base_hold_out_answers",
-    "validation_set_metrics": "finetuned_validation_metrics",
-    "hold_out_set_metrics": "finetuned_hold_out_metrics",
-    "base_validation_set_metrics": "base_validation_metrics",
-    "base_hold_out_set_metrics": "base_hold_out_metrics",
 }
 
 
@@ -54,13 +58,6 @@ def _warn(name: str) -> None:
         DeprecationWarning,
         stacklevel=3,
     )
-
-
-@cache(behavior="disable")
-def evaluation_model(finetuned_model: LanguageModel) -> LanguageModel:
-    """Deprecated: `finetuned_model`."""
-    _warn("evaluation_model")
-    return finetuned_model
 
 
 @cache(behavior="disable")
@@ -139,59 +136,14 @@ def scaling_arguments(
     return scaling_arguments_of(training_settings, model_settings.mixed_precision)
 
 
-def validation_loss(finetuned_validation_loss: float) -> float:
-    """Deprecated: `finetuned_validation_loss`."""
-    _warn("validation_loss")
-    return finetuned_validation_loss
-
-
-def finetuned_model_answers(
-    finetuned_validation_answers: list[str], finetuned_hold_out_answers: list[str]
-) -> dict[str, list[str]]:
-    """Deprecated: the fine-tune's answers by set ("validation", "hold_out")."""
-    _warn("finetuned_model_answers")
-    return {"validation": finetuned_validation_answers, "hold_out": finetuned_hold_out_answers}
-
-
-def base_model_answers(
-    base_validation_answers: list[str], base_hold_out_answers: list[str]
-) -> dict[str, list[str]]:
-    """Deprecated: the base model's answers by set ("validation", "hold_out")."""
-    _warn("base_model_answers")
-    return {"validation": base_validation_answers, "hold_out": base_hold_out_answers}
-
-
-def base_model_on_validation_set(base_validation_answers: list[str]) -> list[str]:
-    """Deprecated: `base_validation_answers`."""
-    _warn("base_model_on_validation_set")
-    return base_validation_answers
-
-
-def base_model_on_hold_out_set(base_hold_out_answers: list[str]) -> list[str]:
-    """Deprecated: `base_hold_out_answers`."""
-    _warn("base_model_on_hold_out_set")
-    return base_hold_out_answers
-
-
-def validation_set_metrics(finetuned_validation_metrics: dict[str, float]) -> dict[str, float]:
-    """Deprecated: `finetuned_validation_metrics`."""
-    _warn("validation_set_metrics")
-    return finetuned_validation_metrics
-
-
-def hold_out_set_metrics(finetuned_hold_out_metrics: dict[str, float]) -> dict[str, float]:
-    """Deprecated: `finetuned_hold_out_metrics`."""
-    _warn("hold_out_set_metrics")
-    return finetuned_hold_out_metrics
-
-
-def base_validation_set_metrics(base_validation_metrics: dict[str, float]) -> dict[str, float]:
-    """Deprecated: `base_validation_metrics`."""
-    _warn("base_validation_set_metrics")
-    return base_validation_metrics
-
-
-def base_hold_out_set_metrics(base_hold_out_metrics: dict[str, float]) -> dict[str, float]:
-    """Deprecated: `base_hold_out_metrics`."""
-    _warn("base_hold_out_set_metrics")
-    return base_hold_out_metrics
+@cache(behavior="disable")  # a model object among them; each is only a name for another node
+@parameterize(
+    **{
+        old: ({"renamed": source(new), "old_name": value(old)}, f"Deprecated: `{new}`.")
+        for old, new in RENAMED.items()
+    }
+)
+def renamed_node(renamed: Any, old_name: str) -> Any:
+    """A node under its deprecated name."""
+    _warn(old_name)
+    return renamed

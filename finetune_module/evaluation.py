@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from hamilton.function_modifiers import cache, config, extract_fields, parameterize, source
+from hamilton.function_modifiers import cache, config, extract_fields, parameterize, source, value
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments
 
@@ -58,60 +58,57 @@ def generation_settings(
     }
 
 
-def _answers(
-    model: torch.nn.Module,
-    who: str,
+@parameterize(
+    finetuned_answers=(
+        {"adapter": value("on")},
+        "The fine-tuned model's answers to the validation and the hold-out questions, by set "
+        '("validation", "hold_out"), generated together in one pass.',
+    ),
+    base_answers=(
+        {"adapter": value("off")},
+        "The base model's answers to the validation and the hold-out questions, by set: the "
+        "fine-tuned model with its LoRA adapter switched off, generated exactly as the "
+        "fine-tune's answers are. Empty for a full fine-tune: its weights were trained in "
+        "place, no adapter to switch off.",
+    ),
+)
+def model_answers(
+    finetuned_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
     tokenized_validation: list[dict[str, list[int]]],
     tokenized_hold_out: list[dict[str, list[int]]],
     generation_settings: dict[str, int],
     show_progress: bool,
+    adapter: str,
 ) -> dict[str, list[str]]:
-    """The model's answers to both sets, generated in one pass, as `<who>_<set>_answers`."""
+    """A model's answers to both sets, by set, generated in one pass."""
     sets = {"validation": tokenized_validation, "hold_out": tokenized_hold_out}
-    label = "fine-tuned model" if who == "finetuned" else "base model"
-    answers = answer_sets(
-        model, tokenizer, sets, generation_settings, label, quiet=not show_progress
-    )
-    return {f"{who}_{name}_answers": answers[name] for name in _SETS}
-
-
-@extract_fields({"finetuned_validation_answers": list, "finetuned_hold_out_answers": list})
-def finetuned_answers(
-    finetuned_model: LanguageModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tokenized_validation: list[dict[str, list[int]]],
-    tokenized_hold_out: list[dict[str, list[int]]],
-    generation_settings: dict[str, int],
-    show_progress: bool,
-) -> dict[str, list[str]]:
-    """The fine-tuned model's answers to the validation and the hold-out questions, generated
-    together, in each set's order."""
-    sets = (tokenized_validation, tokenized_hold_out)
-    return _answers(
-        finetuned_model, "finetuned", tokenizer, *sets, generation_settings, show_progress
-    )
-
-
-@extract_fields({"base_validation_answers": list, "base_hold_out_answers": list})
-def base_answers(
-    finetuned_model: LanguageModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tokenized_validation: list[dict[str, list[int]]],
-    tokenized_hold_out: list[dict[str, list[int]]],
-    generation_settings: dict[str, int],
-    show_progress: bool,
-) -> dict[str, list[str]]:
-    """The base model's answers to the validation and the hold-out questions: the fine-tuned
-    model with its LoRA adapter switched off, generated exactly as the fine-tune's answers are.
-    Empty for a full fine-tune: its weights were trained in place, no adapter to switch off."""
-    if not isinstance(finetuned_model, PeftModel):
-        return {f"base_{name}_answers": [] for name in _SETS}
-    sets = (tokenized_validation, tokenized_hold_out)
-    with finetuned_model.disable_adapter():
-        return _answers(
-            finetuned_model, "base", tokenizer, *sets, generation_settings, show_progress
+    quiet = not show_progress
+    if adapter == "on":
+        return answer_sets(
+            finetuned_model, tokenizer, sets, generation_settings, "fine-tuned model", quiet
         )
+    if not isinstance(finetuned_model, PeftModel):
+        return {name: [] for name in sets}
+    with finetuned_model.disable_adapter():
+        return answer_sets(
+            finetuned_model, tokenizer, sets, generation_settings, "base model", quiet
+        )
+
+
+@parameterize(
+    **{
+        f"{model}_{name}_answers": (
+            {"answers": source(f"{model}_answers"), "answer_set": value(name)},
+            f"The {who}'s answers to the {name.replace('_', '-')} questions, in their order.",
+        )
+        for model, who in (("finetuned", "fine-tuned model"), ("base", "base model"))
+        for name in _SETS
+    }
+)
+def set_answers(answers: dict[str, list[str]], answer_set: str) -> list[str]:
+    """One set's answers of a model."""
+    return answers[answer_set]
 
 
 def finetuned_validation_loss(

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune_module.artifacts import SETTINGS_FILE
 from finetune_module.engine.distributed import process_device
-from finetune_module.engine.files import atomic_directory
+from finetune_module.engine.files import SETTINGS_FILE, atomic_directory
 from finetune_module.engine.generation import generate
 from finetune_module.engine.loading import ADAPTER_CONFIG, load_pretrained
 from finetune_module.engine.models import (

@@ -9,8 +9,6 @@ answer's tokens (ending with the end-of-sequence token); the collator joins them
 sequence whose loss covers the answer only.
 """
 
-from collections.abc import Callable
-
 import pandas as pd
 from hamilton.function_modifiers import cache, config, parameterize, source
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -93,57 +91,45 @@ def target_length_cap(target_token_ids: list[list[int]], length_settings: Length
     return length_cap(target_token_ids, settings.max_target_length, settings.length_percentile)
 
 
-def _examples(
-    rows: pd.DataFrame,
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
-    source_cap: int,
-    target_cap: int,
-    truncate_source: Callable[[list[int], int], list[int]],
-) -> list[dict[str, list[int]]]:
-    """The rows' examples as `{"input_ids", "labels"}`, truncated to the caps, not padded."""
-    return [
-        {
-            "input_ids": truncate_source(source_token_ids[i], source_cap),
-            "labels": truncate_tail(target_token_ids[i], target_cap),
-        }
-        for i in rows.index
-    ]
-
-
-_SET_DOC = "The {} examples: `input_ids` and `labels`, truncated to the caps, not padded."
-_SETS = {
-    "tokenized_train": ({"rows": source("train_set")}, _SET_DOC.format("training")),
-    "tokenized_validation": ({"rows": source("validation_set")}, _SET_DOC.format("validation")),
-    "tokenized_hold_out": ({"rows": source("hold_out_set")}, _SET_DOC.format("hold-out")),
-}
-
-
 @config.when_not(model_type="causal")
-@parameterize(**_SETS)
+def source_truncation() -> str:
+    """How a prompt longer than its cap is cut: "tail", keeping its first tokens and its final
+    (end-of-sequence) token, for an encoder that reads it whole."""
+    return "tail"
+
+
+@config.when(model_type="causal")
+def source_truncation__causal() -> str:
+    """How a prompt longer than its cap is cut: "middle", keeping its first token and its end,
+    which the answer follows."""
+    return "middle"
+
+
+_TRUNCATIONS = {"tail": truncate_tail, "middle": truncate_middle}
+_SET_DOC = "The {} examples: `input_ids` and `labels`, truncated to the caps, not padded."
+
+
+@parameterize(
+    tokenized_train=({"rows": source("train_set")}, _SET_DOC.format("training")),
+    tokenized_validation=({"rows": source("validation_set")}, _SET_DOC.format("validation")),
+    tokenized_hold_out=({"rows": source("hold_out_set")}, _SET_DOC.format("hold-out")),
+)
 def tokenized_set(
     rows: pd.DataFrame,
     source_token_ids: list[list[int]],
     target_token_ids: list[list[int]],
     source_length_cap: int,
     target_length_cap: int,
+    source_truncation: str,
 ) -> list[dict[str, list[int]]]:
-    """The rows' examples as `{"input_ids", "labels"}`, each cut to its cap keeping its
-    end-of-sequence token, not padded."""
-    caps = (source_length_cap, target_length_cap)
-    return _examples(rows, source_token_ids, target_token_ids, *caps, truncate_tail)
-
-
-@config.when(model_type="causal")
-@parameterize(**_SETS)
-def tokenized_set__causal(
-    rows: pd.DataFrame,
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
-    source_length_cap: int,
-    target_length_cap: int,
-) -> list[dict[str, list[int]]]:
-    """The rows' examples as `{"input_ids": prompt, "labels": answer}`, not padded: the prompt
-    cut in its middle to its cap, the answer truncated to its cap keeping its end token."""
-    caps = (source_length_cap, target_length_cap)
-    return _examples(rows, source_token_ids, target_token_ids, *caps, truncate_middle)
+    """The rows' examples as `{"input_ids": prompt, "labels": target}`, not padded: the prompt
+    cut to its cap as `source_truncation` says, the target cut to its cap keeping its end
+    token."""
+    cut = _TRUNCATIONS[source_truncation]
+    return [
+        {
+            "input_ids": cut(source_token_ids[i], source_length_cap),
+            "labels": truncate_tail(target_token_ids[i], target_length_cap),
+        }
+        for i in rows.index
+    ]

@@ -56,7 +56,7 @@ def test_sets_are_truncated_slices_of_one_tokenization_without_padding(tokenizer
     sources = source_token_ids(list(table["input_text"]), tokenizer)
     targets = target_token_ids(table, tokenizer)
     assert all(ids[-1] == tokenizer.eos_token_id for ids in sources + targets)
-    train = tokenized_set(table.iloc[[2, 1]], sources, targets, 10, 6)
+    train = tokenized_set(table.iloc[[2, 1]], sources, targets, 10, 6, "tail")
     assert [len(x["input_ids"]) for x in train] == [min(10, len(sources[2])), 10]
     assert train[1]["labels"][-1] == tokenizer.eos_token_id and len(train[1]["labels"]) == 6
     assert train[0]["labels"] == targets[2]

@@ -11,6 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# The files a run writes beside its model (or in its evaluation directory)
+METRICS_FILE = "metrics.json"
+HOLD_OUT_PREDICTIONS_FILE = "hold_out_predictions.csv"
+VALIDATION_PREDICTIONS_FILE = "validation_predictions.csv"
+BASE_MODEL_PREDICTIONS_FILE = "base_model_predictions.csv"
+SETTINGS_FILE = "finetune_settings.json"  # length caps, generation settings, prompt template
+REPORT_FILE = "report.html"
+
 # A directory being replaced is first renamed to `<dir>.old`; a crash between the two renames
 # leaves it there, and the next write (or a reader, see `existing_directory`) takes it back.
 BACKUP_SUFFIX = ".old"

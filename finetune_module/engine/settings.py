@@ -239,7 +239,9 @@ def quantization(
     return "4bit" if load_in_4bit else "8bit"
 
 
-def speedups_requested(device: torch.device, cpu_speedups: bool | list[str] | None) -> tuple:
+def speedups_requested(
+    device: torch.device, cpu_speedups: bool | list[str] | None
+) -> tuple[str, ...]:
     """The CPU speed-ups asked for: every one by default (None) when the model runs on the
     CPU, none on an accelerator; all (True) or none (False) anywhere; or the ones named. Which
     of them apply to a model depends on its family (`speedups.applicable`)."""
