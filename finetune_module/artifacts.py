@@ -24,7 +24,7 @@ from finetune_module.engine.files import (
     atomic_directory,
     write_json,
 )
-from finetune_module.engine.models import LanguageModel
+from finetune_module.engine.models import LanguageModel, ModelRecipe
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
 from finetune_module.engine.trainer import TRAINING_LOG_FILE
 
@@ -93,13 +93,14 @@ def save_best_models__base(
     prediction_tables: dict[str, pd.DataFrame],
     training_log: pd.DataFrame,
     report_html: str,
+    model_recipe: ModelRecipe,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> str:
     """Where the best fine-tune was saved: the LoRA adapter (safetensors) and tokenizer, with
     `metrics.json` (including base vs fine-tuned ROUGE), `validation_predictions.csv`,
     `hold_out_predictions.csv`, `base_model_predictions.csv`, `training_log.csv`, `report.html`
     and `finetune_settings.json` (length caps, generation settings and the prompt template, which
-    `finetune_module.predict` uses).
+    `finetune_module.predict` uses, and the recipe the model was built from).
 
     Loadable with `PeftModel.from_pretrained(base_model, path)` or `{"start": "presaved"}`.
 
@@ -123,6 +124,7 @@ def save_best_models__base(
                     "target_length_cap": target_length_cap,
                     **generation_settings,
                     "prompt_template": prompt_template,
+                    "model_recipe": model_recipe.describe(),
                 },
             )
     wait_for_everyone()

@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 from hamilton import driver
 from safetensors.torch import load_file
 from transformers.generation.utils import GenerationMixin
@@ -84,6 +85,17 @@ def test_saved_files(base_run: dict[str, Any]) -> None:
     )
     settings = read_json(saved / "finetune_settings.json")
     assert settings["max_new_tokens"] == settings["target_length_cap"] > 1
+    recipe = settings["model_recipe"]  # how the model was built
+    assert recipe["model_id"] == base_run["inputs"]["model_id"] and recipe["adapter_path"] is None
+    assert recipe["lora"] == {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "target_modules": ["q", "v"],
+    }
+    assert recipe["model_type"] == "seq2seq"
+    # the CPU speed layer: on by default where the model trains on the CPU, off on a GPU
+    assert ("fused_gelu" in recipe["speedups"]) == (not torch.cuda.is_available())
     assert not list(Path(base_run["output_dir"]).glob(".best_model.tmp-*"))
 
 
