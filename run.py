@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_gb_or_none,
         metavar="GB",
         help="about how much memory a training batch may keep for its backward pass; longer "
-        "batches recompute just enough layers to stay within it (default: auto, 3 times the "
+        "batches recompute just enough layers to stay within it (default: auto, 4 times the "
         "model's weights; none: no limit, fastest)",
     )
     g.add_argument(

@@ -171,7 +171,7 @@ def settings(
         {"version": 2, "reshard_after_forward": true}.
     :param activation_memory_gb: about how much memory (GB) a training batch may keep for its
         backward pass; a longer batch recomputes just enough layers' activations to stay within
-        it. "auto" (default): 3 times the size of the model's weights; None: no limit (fastest,
+        it. "auto" (default): 4 times the size of the model's weights; None: no limit (fastest,
         most memory). Part of the CPU speed layer.
     :param num_beams: 1 for greedy decoding (default), more for beam search.
     :param max_new_tokens: the most tokens an answer may have (default: the target cap).

@@ -9,9 +9,12 @@ costliest first) recompute theirs in the backward pass instead of keeping them. 
 run at full speed; the longest pay about one extra forward pass of the layers they recompute.
 
 The budget scales with the model: by default ("auto") a batch may keep activations of up to
-`AUTO_BUDGET_WEIGHTS` times the memory of the model's own weights (about 0.9 GB for
-flan-t5-small's 77M weights in fp32), so the peak stays a fixed multiple of the model's size
-however long the data's longest batch is.
+`AUTO_BUDGET_WEIGHTS` times the memory of the model's own weights, so the peak stays a fixed
+multiple of the model's size however long the data's longest batch is. For the benchmark's model
+of flan-t5-small's shape (61M distinct weights in fp32, 0.24 GB) that is 0.98 GB, the
+trade-off the fixed default of 1.0 GB struck before: 20 of its 96 training batches recompute
+some layers (~3% more compute), and the peak stays near 2.6 GB instead of 4.4 GB without a
+budget.
 """
 
 from typing import Any
@@ -28,7 +31,7 @@ FLOAT_BYTES = 4
 # torch's saved-tensor hooks: within 1% for batches of 8 x (60 + 109) to 8 x (520 + 109) tokens.
 TOKEN_FLOATS = (9, 4)  # x hidden size, x feed-forward size
 SCORE_BYTES = 5
-AUTO_BUDGET_WEIGHTS = 3  # "auto": activations up to this many times the weights' own bytes
+AUTO_BUDGET_WEIGHTS = 4  # "auto": activations up to this many times the weights' own bytes
 
 
 def _sizes(config: Any) -> tuple[int, int, int]:
