@@ -113,13 +113,13 @@ def predict(
     }
     if not texts:
         return []
-    model, tokenizer = _load_saved(model_dir, process_device(), trust_remote_code)
     template = saved.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
-    if "{context}" in template:
+    if "{context}" in template:  # refused before the model is loaded
         raise SettingsError(
             f"The model was trained with the prompt template {template!r}, which needs a "
             "context for each question; predict takes questions only."
         )
+    model, tokenizer = _load_saved(model_dir, process_device(), trust_remote_code)
     prompts = [template.format(input=text) for text in texts]
     cap = saved.get("source_length_cap")
     cut = truncate_tail if model.config.is_encoder_decoder else truncate_middle

@@ -94,9 +94,10 @@ def _overview(nodes: list[Node], outputs: tuple[str, ...], title: str) -> graphv
     by_stage: dict[str, list[Node]] = defaultdict(list)
     for node in nodes:
         by_stage[_stage_of(node)].append(node)
-    modules = {_stage_of(n): n.originating_functions[0].__module__ for n in nodes if n.dependencies}
-    inputs = sorted(n.name for n in by_stage[INPUTS])
-    graph.node(INPUTS, f"inputs ({len(inputs)})", fillcolor=_INPUT_COLOUR, shape="note")
+    modules = {
+        _stage_of(n): n.originating_functions[0].__module__ for n in nodes if not n.user_defined
+    }
+    graph.node(INPUTS, f"inputs ({len(by_stage[INPUTS])})", fillcolor=_INPUT_COLOUR, shape="note")
     for stage in STAGE_NAMES:
         if stage not in by_stage:
             continue
@@ -116,9 +117,8 @@ def _overview(nodes: list[Node], outputs: tuple[str, ...], title: str) -> graphv
             fontcolor="#52606d" if setting else _FLOW_COLOUR,
             style="dashed" if setting else "solid",
         )
-    produced = {name: _stage_of(n) for n in nodes for name in [n.name] if name in outputs}
     graph.node("outputs", _wrapped(outputs, 40), fillcolor=_OUTPUT_COLOUR, shape="note")
-    for stage in dict.fromkeys(produced.values()):
+    for stage in dict.fromkeys(_stage_of(n) for n in nodes if n.name in outputs):
         graph.edge(stage, "outputs", color=_FLOW_COLOUR, penwidth="2")
     return graph
 

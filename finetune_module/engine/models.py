@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
@@ -99,7 +99,7 @@ def adapter_base_model_id(adapter_dir: str) -> str:
         ) from e
 
 
-def _refuse_other_kind(error: ValueError, model_id: str, model_type: str) -> None:
+def _refuse_other_kind(error: ValueError, model_id: str, model_type: str) -> NoReturn:
     """Re-raises a loading error; a model of the other kind is refused with the model_type."""
     if "Unrecognized configuration class" not in str(error):
         raise error
@@ -129,7 +129,6 @@ def architecture(
             return AUTO_CLASSES[model_type].from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:
         _refuse_other_kind(e, model_id, model_type)
-        raise
 
 
 def _linear_layer_names(model: PreTrainedModel) -> set[str]:
