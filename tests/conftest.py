@@ -6,14 +6,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach for the hub
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hamilton import driver
 
 import finetune_module
-from finetune_module.tiny_model import build_t5, texts_of
+from finetune_module.tiny_model import Sizes, build, build_t5, texts_of
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DATA = REPO / "example-support-dataset.json"
@@ -62,6 +64,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Builds a tiny model of a family (`tiny_model.FAMILIES`) with its own kind of tokenizer
+    trained on the example data, once per session; returns its directory."""
+    built: dict[str, Path] = {}
+
+    def family_dir(family: str) -> Path:
+        if family not in built:
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            build(str(path), texts_of(str(EXAMPLE_DATA)), family, Sizes(**TINY))
+            built[family] = path
+        return built[family]
+
+    return family_dir
+
+
+@pytest.fixture(scope="session")
 def base_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One fine-tune of the tiny model on the example data: its inputs, outputs and files."""
     output_dir = tmp_path_factory.mktemp("run")
@@ -75,6 +93,13 @@ def base_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     result = run_dag("base", **inputs)
     return {"inputs": inputs, "result": result, "output_dir": output_dir}
 
+
+# A test of the CPU speed layer inside a real run: on a machine with a GPU the run trains there,
+# where the layer is off unless asked for (settings.speedups_requested), so it has nothing to see.
+cpu_path_only = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the run trains on the GPU here, where the CPU speed layer is off by default",
+)
 
 # a short fine-tune for tests that need a trained model but not a good one
 QUICK = {"max_steps": 2, "max_new_tokens": 4}
