@@ -14,6 +14,7 @@ from hamilton.function_modifiers import cache, config, parameterize, source
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune_module.engine.loading import load_pretrained
+from finetune_module.engine.models import model_config
 from finetune_module.engine.settings import LengthSettings, ModelSettings
 from finetune_module.engine.tokens import (
     length_cap,
@@ -21,6 +22,7 @@ from finetune_module.engine.tokens import (
     truncate_tail,
     with_pad_token,
 )
+from finetune_module.errors import SettingsError
 
 
 # tokenizers are always loaded (a model directory may change in place) and cached by content
@@ -28,7 +30,9 @@ from finetune_module.engine.tokens import (
 @config.when(start="base")
 def tokenizer__base(model_settings: ModelSettings) -> PreTrainedTokenizerBase:
     """The base model's tokenizer (padding with its end-of-sequence token if it has no padding
-    token of its own)."""
+    token of its own). A model that cannot generate answers (encoder-only) is refused first,
+    from its configuration."""
+    model_config(model_settings.model_id, model_settings.trust_remote_code)
     return with_pad_token(
         load_pretrained(
             AutoTokenizer.from_pretrained,
@@ -72,7 +76,14 @@ def target_token_ids__causal(
     qa_table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase
 ) -> list[list[int]]:
     """Token ids of every answer, in table order: the text's own tokens (no beginning-of-sequence
-    token, as it continues the prompt) and the end-of-sequence token that stops generation."""
+    token, as it continues the prompt) and the end-of-sequence token that stops generation.
+    A tokenizer without an end-of-sequence token is refused: answers would never end."""
+    if tokenizer.eos_token_id is None:
+        raise SettingsError(
+            f"The tokenizer of {tokenizer.name_or_path!r} has no end-of-sequence token, which a "
+            "decoder-only model needs to end its answers; use a model whose tokenizer has one "
+            "(GPT-2, Llama, Qwen, ...), or add one to the tokenizer and save it."
+        )
     answers = tokenizer(list(qa_table["output_text"]), add_special_tokens=False)["input_ids"]
     return [[*ids, tokenizer.eos_token_id] for ids in answers]
 

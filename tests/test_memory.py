@@ -12,7 +12,7 @@ from finetune_module.engine import memory
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.settings import TrainingSettings
 from finetune_module.errors import SettingsError
-from tests.conftest import EXAMPLE_DATA, QUICK, run_dag
+from tests.conftest import EXAMPLE_DATA, QUICK, cpu_path_only, run_dag
 
 
 def _lora_t5(tiny_model_dir: Path) -> torch.nn.Module:
@@ -72,6 +72,7 @@ def test_checkpointed_layers_keep_less_and_give_the_same_gradients(tiny_model_di
         torch.testing.assert_close(grads_again[name], grad, rtol=0, atol=0)
 
 
+@cpu_path_only
 def test_a_run_under_a_tiny_budget_trains_exactly_as_without_one(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ unproven families and other devices run the stock path."""
 
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +13,21 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Seq2SeqTrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    Seq2SeqTrainingArguments,
+)
 from transformers.activations import NewGELUActivation
 
 from finetune_module.engine import speedups
 from finetune_module.engine.memory import ActivationBudget
-from finetune_module.engine.settings import speedups_requested
+from finetune_module.engine.models import lora_config
+from finetune_module.engine.settings import LoraSettings, speedups_requested
 from finetune_module.engine.trainer import FinetuneTrainer
-from finetune_module.tiny_model import build_causal, build_t5
-from tests.conftest import EXAMPLE_DATA, QUICK, run_dag
+from finetune_module.tiny_model import FAMILIES, build_causal, build_t5
+from tests.conftest import EXAMPLE_DATA, QUICK, cpu_path_only, run_dag
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -170,22 +177,27 @@ def test_models_attend_as_with_sdpa(arch: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("scale", [3.0, 100.0])  # 100: logits hundreds apart (exp underflows)
-def test_linear_cross_entropy_equals_cross_entropy_and_its_gradient(scale: float) -> None:
+@pytest.mark.parametrize("with_bias", [False, True])  # BART's final_logits_bias
+def test_linear_cross_entropy_equals_cross_entropy_and_its_gradient(
+    scale: float, with_bias: bool
+) -> None:
     torch.manual_seed(0)
     hidden = torch.randn(3, 700, 64, requires_grad=True)  # more rows than one chunk
     weight = torch.randn(1000, 64) * scale
+    bias = torch.randn(1, 1000) * scale if with_bias else None
     labels = torch.randint(0, 1000, (3, 700))
     labels[:, 600:] = -100
-    logits = (hidden @ weight.T).reshape(-1, 1000)
+    logits = (hidden @ weight.T).reshape(-1, 1000) + (bias if bias is not None else 0)
     reference = nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
     reference.backward()
     expected_grad, hidden.grad = hidden.grad.clone(), None
-    loss = speedups.linear_cross_entropy(hidden, weight, labels)
+    loss = speedups.linear_cross_entropy(hidden, weight, labels, bias)
     (2 * loss).backward()
     torch.testing.assert_close(loss, reference)
     torch.testing.assert_close(hidden.grad, 2 * expected_grad)
 
 
+@cpu_path_only
 def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -213,28 +225,26 @@ def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
 
 # dropout so small that nothing is dropped: the cheaper dropout must then equal the stock one
 _NO_DROP = 1e-9
-_FAMILY_DROPOUT = {
-    "t5": {"dropout_rate": _NO_DROP},
-    "gpt2": {"attn_pdrop": _NO_DROP, "resid_pdrop": _NO_DROP, "embd_pdrop": _NO_DROP},
-    "llama": {"attention_dropout": _NO_DROP},
-}
 
 
-def _family_model(family: str, path: Path) -> nn.Module:
-    """A tiny model of `family` with a LoRA adapter, in training mode, seeded."""
-    texts = [r["question"] for r in json.loads(EXAMPLE_DATA.read_text())]
-    sizes = {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_ff": 64}
-    if family == "t5":
-        auto, directory = AutoModelForSeq2SeqLM, build_t5(str(path), texts, **sizes)
-    else:
-        auto, directory = AutoModelForCausalLM, build_causal(str(path), texts, family, **sizes)
+def _family_model(model_dir: Path) -> nn.Module:
+    """The tiny model in `model_dir` with a LoRA adapter on the family's default layers, in
+    training mode, seeded; every dropout of its config at `_NO_DROP` (on, dropping nothing)
+    and no layer dropped at random,
+    and a random logits bias where the family has one (BART's), so that it counts."""
+    config = AutoConfig.from_pretrained(model_dir)
+    dropouts = {
+        key: 0.0 if "layerdrop" in key else _NO_DROP  # layers skipped at random: none
+        for key, value in config.to_dict().items()
+        if ("dropout" in key or "pdrop" in key or "layerdrop" in key) and isinstance(value, float)
+    }
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     torch.manual_seed(0)
-    model = auto.from_pretrained(directory, **_FAMILY_DROPOUT[family])
-    targets = {"t5": ["q", "v"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}[family]
-    lora = LoraConfig(
-        r=4, target_modules=targets, lora_dropout=_NO_DROP, fan_in_fan_out=family == "gpt2"
-    )
-    return get_peft_model(model, lora).train()
+    model = auto.from_pretrained(model_dir, **dropouts)
+    if hasattr(model, speedups.LOGITS_BIAS):
+        getattr(model, speedups.LOGITS_BIAS).normal_()
+    adapter = lora_config(LoraSettings(r=4, lora_dropout=_NO_DROP), model)
+    return get_peft_model(model, adapter).train()
 
 
 def _batch(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -260,40 +270,67 @@ def _loss_and_gradients(
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
+def _switch_on(
+    piece: str, model: nn.Module, batch: dict[str, torch.Tensor], trainer: FinetuneTrainer
+) -> Callable[[], bool]:
+    """Switches `piece` on for the model; returns what tells, after a step, whether it changed
+    anything (a piece that changes nothing for a family is not listed as proven for it)."""
+    if piece == "logit_free_loss":
+        trainer.logit_free_loss = True
+        calls: list[int] = []
+        fused = speedups.linear_cross_entropy
+        speedups.linear_cross_entropy = lambda *args: (calls.append(1), fused(*args))[1]  # type: ignore[assignment]
+
+        def used() -> bool:
+            speedups.linear_cross_entropy = fused
+            return bool(calls)
+
+        return used
+    if piece == "activation_budget":
+        budget = ActivationBudget(model, 1e-9)
+        budget.before_step(batch)  # a budget of ~0 bytes: every layer recomputes
+        return lambda: (
+            bool(budget.layers) and all(layer.gradient_checkpointing for _, layer in budget.layers)
+        )
+    replaced = {"fused_gelu": NewGELUActivation, "cheap_dropout": nn.Dropout}.get(piece)
+    before = [m for m in model.modules() if replaced is not None and type(m) is replaced]
+    speedups.apply_to_model(model, (piece,), training=True)
+    if piece == "attention_dropout":
+        return lambda: model.config._attn_implementation == speedups.CHEAP_DROPOUT_ATTENTION
+    return lambda: bool(before) and not any(type(m) is replaced for m in model.modules())
+
+
 @pytest.mark.parametrize(
     ("family", "piece"),
     [
         (family, piece)
-        for family, pieces in sorted(speedups.PROVEN.items())
-        for piece in pieces
+        for family in FAMILIES
+        for piece in speedups.SPEEDUPS
         if piece != "allocator"  # the process's allocator: no model involved (test above)
     ],
 )
-def test_each_proven_piece_gives_the_stock_loss_and_gradients(
-    family: str, piece: str, tmp_path: Path
+def test_each_piece_gives_the_stock_loss_and_gradients_where_it_is_proven(
+    family: str, piece: str, family_model: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    model = _family_model(family, tmp_path / "model")
+    """For each family, each piece proven for it (`speedups.PROVEN`) changes the model's
+    training step and gives the stock loss and gradients; a piece not proven for it changes
+    nothing there, or is not applied (`speedups.applicable`)."""
+    model = _family_model(family_model(family))
     batch = _batch(model)
     trainer = FinetuneTrainer(
         model=model,
         args=Seq2SeqTrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none"),
     )
-    budget = ActivationBudget(model, 1e-9) if piece == "activation_budget" else None
-    results = []
-    for on in (False, True):
-        if on and piece == "logit_free_loss":
-            trainer.logit_free_loss = True
-        elif on and budget is not None:
-            budget.before_step(batch)  # a budget of ~0 bytes: every layer recomputes
-            assert all(layer.gradient_checkpointing for _, layer in budget.layers)
-        elif on:
-            speedups.apply_to_model(model, (piece,), training=True)
-        results.append(_loss_and_gradients(model, batch, trainer))
-    (stock_loss, stock_grads), (loss, grads) = results
-    torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
-    assert len(grads) == len(stock_grads) > 0
-    for grad, stock_grad in zip(grads, stock_grads, strict=True):
-        torch.testing.assert_close(grad, stock_grad, rtol=1e-4, atol=1e-6)
+    stock_loss, stock_grads = _loss_and_gradients(model, batch, trainer)
+    changed = _switch_on(piece, model, batch, trainer)
+    loss, grads = _loss_and_gradients(model, batch, trainer)
+    proven = piece in speedups.PROVEN.get(model.config.model_type, ())
+    assert changed() == proven, f"{piece} {'changes nothing' if proven else 'is unproven'}"
+    if proven:
+        torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
+        assert len(grads) == len(stock_grads) > 0
+        for grad, stock_grad in zip(grads, stock_grads, strict=True):
+            torch.testing.assert_close(grad, stock_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_the_layer_applies_only_where_proven_on_the_proven_release(
@@ -308,7 +345,7 @@ def test_the_layer_applies_only_where_proven_on_the_proven_release(
     assert speedups_requested(torch.device("cpu"), False) == ()
     assert speedups.applicable(("fused_gelu", "nonsense"), config) == ("fused_gelu",)
     # a family no test proves gets the process-wide allocator only
-    config.model_type = "bart"
+    config.model_type = "bloom"
     assert speedups.applicable(everything, config) == ("allocator",)
     # another transformers release: the stock path, with a warning
     config.model_type = "t5"

@@ -110,11 +110,32 @@ def _refuse_other_kind(error: ValueError, model_id: str, model_type: str) -> NoR
     ) from error
 
 
+# the heads an encoder-only model (BERT, RoBERTa, DeBERTa, ...) is saved with: none generates
+_ENCODER_ONLY_HEADS = (
+    *("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification"),
+    *("ForQuestionAnswering", "ForMultipleChoice", "ForPreTraining", "ForNextSentencePrediction"),
+)
+
+
 def model_config(model_id: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The configuration (config.json) of the model in `model_id`, without its weights."""
-    return load_pretrained(
+    """The configuration (config.json) of the model in `model_id`, without its weights. An
+    encoder-only model (saved with only heads like BERT's), which cannot generate answers, is
+    refused."""
+    config = load_pretrained(
         AutoConfig.from_pretrained, model_id, trust_remote_code=trust_remote_code
     )
+    heads = config.architectures or []
+    if (
+        heads
+        and not config.is_encoder_decoder
+        and all(head.endswith(_ENCODER_ONLY_HEADS) for head in heads)
+    ):
+        raise SettingsError(
+            f"{model_id!r} is an encoder-only model ({config.model_type}: {', '.join(heads)}), "
+            "which cannot generate answers. Fine-tune a sequence-to-sequence model (T5, BART, "
+            '...) or a decoder-only one (GPT-2, Llama, Qwen, ...; model_type "causal").'
+        )
+    return config
 
 
 def architecture(

@@ -54,11 +54,25 @@ SPEEDUPS = (
     "activation_budget",
 )
 #: The model families (config.model_type) each piece is proven equal to the stock path for
-#: (tests/test_speedups.py); the allocator concerns the process, not the model.
+#: (tests/test_speedups.py), where it changes something: the fused GELU where the family has
+#: the five-operation GELU, the logit-free loss for sequence-to-sequence families. The
+#: allocator concerns the process, not the model.
+_WITHOUT_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "activation_budget")
+_BART_LIKE = ("allocator", "cheap_dropout", "attention_dropout", "logit_free_loss",
+              "activation_budget")  # fmt: skip
 PROVEN: dict[str, tuple[str, ...]] = {
     "t5": SPEEDUPS,
+    "mt5": SPEEDUPS,
+    "bart": _BART_LIKE,
+    "mbart": _BART_LIKE,
+    "marian": _BART_LIKE,
+    "pegasus": _BART_LIKE,
+    "m2m_100": _WITHOUT_LOSS,  # builds its decoder's inputs inside its forward pass only
     "gpt2": ("allocator", "fused_gelu", "cheap_dropout", "attention_dropout", "activation_budget"),
-    "llama": ("allocator", "cheap_dropout", "attention_dropout", "activation_budget"),
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gpt_neox", "opt"),
+        _WITHOUT_LOSS,
+    ),
 }
 #: The transformers release (major.minor) the pieces were proven on; they reach into its
 #: internals, so on another release the stock path runs.
@@ -202,19 +216,22 @@ def attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Transformers' SDPA attention, except while training on the CPU with dropout on the
-    attention weights: then the same attention with `FastDropout`'s cheaper mask, keeping
-    less for the backward pass (see `_DroppedOutAttention`)."""
+    attention weights: then the same attention (key/value heads shared by several query heads
+    included) with `FastDropout`'s cheaper mask, keeping less for the backward pass (see
+    `_DroppedOutAttention`)."""
     if (
         not module.training
         or not 0.0 < dropout < 1.0
         or query.device.type != "cpu"
-        or getattr(module, "num_key_value_groups", 1) != 1
         or kwargs.get("softcap") is not None
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, position_bias=position_bias, **kwargs,
         )  # fmt: skip
+    groups = getattr(module, "num_key_value_groups", 1)  # query heads per key/value head
+    if groups != 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = query.shape[2] > 1 and attention_mask is None and causal
     scores = query @ key.transpose(-1, -2)
@@ -283,7 +300,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None,
     ) -> torch.Tensor:
         kept = labels != IGNORE_INDEX
         count = kept.sum().clamp(min=1)
@@ -292,6 +313,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], _LOSS_ROWS):
             rows = slice(start, start + _LOSS_ROWS)
             logits = hidden[rows] @ weight.T
+            if bias is not None:
+                logits += bias
             targets = labels[rows].clamp(min=0).unsqueeze(1)
             target_logits = logits.gather(1, targets)
             peak = logits.amax(dim=1, keepdim=True)
@@ -309,30 +332,47 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / count
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output if grad is not None else None), None, None
+        return (grad * grad_output if grad is not None else None), None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`cross_entropy(hidden @ weight.T, labels, ignore_index=-100)` (the mean over the
-    labelled tokens) without keeping the logits; `weight` must be frozen."""
+    """`cross_entropy(hidden @ weight.T + bias, labels, ignore_index=-100)` (the mean over the
+    labelled tokens) without keeping the logits; `weight` and `bias` must be frozen."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1))
+    if bias is not None:
+        bias = bias.reshape(-1)
+    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), bias)
+
+
+#: The buffer that BART-family models (BART, mBART, Marian, Pegasus) add to their logits
+LOGITS_BIAS = "final_logits_bias"
 
 
 @contextlib.contextmanager
-def output_layer_off(model: nn.Module) -> Iterator[nn.Linear]:
+def output_layer_off(model: nn.Module) -> Iterator[tuple[nn.Linear, torch.Tensor | None]]:
     """Within the block `model` returns its last hidden states (as its output layer gets them)
-    in place of logits; yields the output layer."""
+    in place of logits; yields the output layer and the bias the model adds to its output
+    (BART's `final_logits_bias`; None for most families), which is 0 within the block."""
     head = model.get_output_embeddings()
+    bias = getattr(model, LOGITS_BIAS, None)
     model.set_output_embeddings(nn.Identity())
+    if bias is not None:
+        setattr(model, LOGITS_BIAS, bias.new_zeros(()))
     try:
-        yield head
+        yield head, bias
     finally:
         model.set_output_embeddings(head)
+        if bias is not None:
+            setattr(model, LOGITS_BIAS, bias)
 
 
 def applicable(requested: tuple[str, ...], config: PretrainedConfig) -> tuple[str, ...]:

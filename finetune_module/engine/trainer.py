@@ -38,6 +38,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from finetune_module.engine import speedups
 from finetune_module.engine.batching import LengthGroupedBatches
@@ -202,8 +203,10 @@ class TrainingClock(TrainerCallback):
 
 class FinetuneTrainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` whose `group_by_length` batches group targets by length too, which
-    keeps each batch's activations within a budget (when it has one), and which computes a
-    sequence-to-sequence loss without its logits (when `logit_free_loss` is set)."""
+    keeps each batch's activations within a budget (when it has one), which computes a
+    sequence-to-sequence loss without its logits (when `logit_free_loss` is set), and which
+    restores every weight of a fully fine-tuned model from a checkpoint, whatever names the
+    model's family saves its weights under."""
 
     activation_budget: ActivationBudget | None = None
     logit_free_loss: bool = False
@@ -227,7 +230,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         """With `logit_free_loss`, the training loss of a sequence-to-sequence model with a
-        frozen output layer without a bias, in fp32, computed without keeping its logits
+        frozen output layer without a bias of its own (BART's separate logits bias is fine), in
+        fp32, computed without keeping its logits
         (`speedups.linear_cross_entropy`: the same mean cross-entropy); anything else as the
         Trainer computes it."""
         base = self.accelerator.unwrap_model(model)
@@ -242,6 +246,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             or head.bias is not None
             or head.weight.requires_grad
             or not base.config.is_encoder_decoder
+            or not hasattr(base, "prepare_decoder_input_ids_from_labels")  # M2M100, NLLB
             or self.args.bf16
             or self.args.fp16
             or self.is_fsdp_enabled
@@ -251,9 +256,44 @@ class FinetuneTrainer(Seq2SeqTrainer):
         labels = inputs["labels"]
         forward = {k: v for k, v in inputs.items() if k != "labels"}
         forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
-        with speedups.output_layer_off(base):
+        with speedups.output_layer_off(base) as (_, bias):
             hidden = model(**forward).logits  # the last hidden states, as the head gets them
-        return speedups.linear_cross_entropy(hidden, head.weight, labels)
+        return speedups.linear_cross_entropy(hidden, head.weight, labels, bias)
+
+    def _restore_every_weight(self, checkpoint: str) -> bool:
+        """Loads a full model's weights from `checkpoint` as `from_pretrained` reads them, every
+        weight or an error; returns False (leaving it to the Trainer) for an adapter, a
+        sharded (FSDP, DeepSpeed) model or a checkpoint without safetensors weights.
+
+        The Trainer itself loads the checkpoint's tensors by the names they are saved under,
+        skipping names the model does not have: a family whose saved names differ from its
+        module names (GPT-NeoX saves its output layer as `embed_out`) would keep some weights
+        of the last step instead of the checkpoint's."""
+        model = self.accelerator.unwrap_model(self.model)
+        if (
+            isinstance(model, PeftModel)
+            or not isinstance(model, PreTrainedModel)
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or not any(
+                os.path.isfile(os.path.join(checkpoint, name))
+                for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+            )
+        ):
+            return False
+        saved = type(model).from_pretrained(checkpoint, dtype=model.dtype, use_safetensors=True)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        return True
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's weights, every one of them (see `_restore_every_weight`)."""
+        if not self._restore_every_weight(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """A resumed run's weights, every one of them (see `_restore_every_weight`)."""
+        if model is not None or not self._restore_every_weight(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         """`LengthGroupedBatches` for `train_sampling_strategy="group_by_length"` (the default
