@@ -20,6 +20,7 @@ interrupted (Ctrl-C).
 """
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from hamilton import driver, htypes
 
 import finetune_module
 from finetune_module.engine import distributed
-from finetune_module.engine.files import REPORT_FILE
+from finetune_module.engine.files import REPORT_FILE, RunLock
 
 # settings of the CLI and the driver's adapters (the driver config is finetune_module.CONFIG_KEYS)
 CONFIG_ONLY = ("dag", "dag_stage", "debug", "cache", "mlflow", "mlflow_experiment")
@@ -676,8 +677,13 @@ def main(argv: list[str] | None = None) -> int:
             dr.validate_execution(outputs, inputs=settings)
         except ValueError as e:
             raise finetune_module.SettingsError(" ".join(str(e).split())) from e
+        # the run's directory is taken before anything runs: a second run into it stops at once
+        output_dir = settings.get("output_dir", finetune_module.settings.DEFAULT_OUTPUT_DIR)
+        lock = RunLock(output_dir, hold=distributed.is_main_process())
         began = time.perf_counter()
         result = dr.execute(outputs, inputs=settings)
+        del lock
+        gc.collect()  # the run's own hold (run_lock) sits in Hamilton's reference cycles
         if distributed.is_main_process():
             _print_summary(result, start, time.perf_counter() - began)
             if cli.get("cache"):

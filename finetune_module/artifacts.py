@@ -21,6 +21,7 @@ from finetune_module.engine.files import (
     REPORT_FILE,
     SETTINGS_FILE,
     VALIDATION_PREDICTIONS_FILE,
+    RunLock,
     atomic_directory,
     write_json,
 )
@@ -94,6 +95,7 @@ def save_best_models__base(
     training_log: pd.DataFrame,
     report_html: str,
     model_recipe: ModelRecipe,
+    run_lock: RunLock,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> str:
     """Where the best fine-tune was saved: the LoRA adapter (safetensors) and tokenizer, with
@@ -105,6 +107,7 @@ def save_best_models__base(
     Loadable with `PeftModel.from_pretrained(base_model, path)` or `{"start": "presaved"}`.
 
     :param prompt_template: the prompt the model was trained with (see `prompt_texts`).
+    :param run_lock: held while the run writes into its directory.
     """
     if is_main_process():
         with atomic_directory(best_model_dir) as staging:
@@ -141,6 +144,7 @@ def save_best_models__presaved(
     prediction_tables: dict[str, pd.DataFrame],
     report_html: str,
     run_dir: str,
+    run_lock: RunLock,
 ) -> str:
     """Where the evaluation of the saved fine-tune was written: `evaluation/` in the run's
     directory, with `metrics.json` (including base vs fine-tuned ROUGE and the evaluated

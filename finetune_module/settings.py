@@ -17,7 +17,8 @@ import torch
 from hamilton.function_modifiers import cache, extract_fields
 
 from finetune_module.engine import settings as checked
-from finetune_module.engine.distributed import process_device
+from finetune_module.engine.distributed import is_main_process, process_device
+from finetune_module.engine.files import RunLock
 from finetune_module.engine.loading import DEFAULT_MODEL_ID, resolve_model_id
 
 DEFAULT_OUTPUT_DIR = "finetuned-model"
@@ -230,3 +231,13 @@ def settings(
         "run_dir": checked.output_directory(output_dir),
         "show_progress": not quiet,
     }
+
+
+@cache(behavior="disable")  # taken on each run, never from the cache
+def run_lock(run_dir: str) -> RunLock:
+    """This run's hold on its output directory, from the first node that writes there until
+    the run's results are garbage-collected (or the process ends): a second run into the same
+    directory is refused at once, naming this one (PID, host, start time). The main process
+    holds it; the other processes of a multi-process run write nothing. (`run.py` takes the
+    directory before the run starts and releases it when the run ends.)"""
+    return RunLock(run_dir, hold=is_main_process())

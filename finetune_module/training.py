@@ -22,6 +22,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Seq2Se
 
 from finetune_module.engine import memory
 from finetune_module.engine.distributed import world_size
+from finetune_module.engine.files import RunLock
 from finetune_module.engine.models import ModelRecipe, build_model
 from finetune_module.engine.settings import TrainingSettings
 from finetune_module.engine.trainer import (
@@ -44,6 +45,7 @@ def training_arguments(
     train_set: pd.DataFrame,
     device: torch.device,
     run_dir: str,
+    run_lock: RunLock,
     training_settings: TrainingSettings,
     model_recipe: ModelRecipe,
     show_progress: bool,
@@ -58,6 +60,7 @@ def training_arguments(
 
     :param train_set: the training set (its size sets the logging and evaluation steps).
     :param model_recipe: the model's precision (bf16, fp16 or fp32).
+    :param run_lock: held while checkpoints are written into the run's directory.
     """
     settings = training_settings
     checkpoints_dir = os.path.join(run_dir, "checkpoints")

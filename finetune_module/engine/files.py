@@ -1,15 +1,22 @@
-"""Writing a run's files: whole directories at once, so that an interrupted write leaves the
-previous complete directory (or none), never half of one."""
+"""Writing a run's files: one run at a time per output directory (`RunLock`), whole
+directories at once, so that an interrupted write leaves the previous complete directory (or
+none), never half of one, with the permissions the process's umask gives every other file."""
 
+import datetime
+import fcntl
 import glob
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
+
+from finetune_module.errors import SettingsError
 
 # The files a run writes beside its model (or in its evaluation directory)
 METRICS_FILE = "metrics.json"
@@ -23,16 +30,165 @@ REPORT_FILE = "report.html"
 # leaves it there, and the next write (or a reader, see `existing_directory`) takes it back.
 BACKUP_SUFFIX = ".old"
 
+LOCK_FILE = ".finetune.lock"  # in the output directory: who is writing to it
+
 logger = logging.getLogger(__name__)
+
+
+class RunLockedError(SettingsError):
+    """Another live run holds the output directory."""
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    return (
+        f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+        f"started {holder.get('started', '?')}"
+    )
+
+
+# directory -> [the open lock file, how many RunLock objects of this process share it]
+_HELD: dict[str, list[Any]] = {}
+
+
+def _release(directory: str) -> None:
+    """Drops one use of this process's lock on `directory`; the last one unlocks it."""
+    held = _HELD.get(directory)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[directory]
+        lock_file = held[0]
+        try:  # an empty lock file: released cleanly
+            lock_file.seek(0)
+            lock_file.truncate()
+        except OSError:
+            pass
+        lock_file.close()  # closing the file releases the lock
+
+
+class RunLock:
+    """This process's hold on an output directory: no other run may write to it while any
+    `RunLock` of it lives. The operating system's file lock (`flock` on `<dir>/.finetune.lock`)
+    is released when the last `RunLock` of the directory is garbage-collected, or when the
+    process dies, however it dies; the lock file names the holder (PID, host, start time).
+
+    Only `directory` is in the object's attributes (what Hamilton's cache fingerprints); the
+    open lock file is kept by the module, shared by every `RunLock` of the directory in this
+    process (a second run in the same process may take it again). With `hold` False it holds
+    nothing (for the processes of a multi-process run that do not write)."""
+
+    def __init__(self, directory: str, *, hold: bool = True) -> None:
+        self.directory = os.path.abspath(directory)
+        if not hold:  # a process that does not write (not the main one of several)
+            return
+        if self.directory in _HELD:
+            _HELD[self.directory][1] += 1
+        else:
+            _HELD[self.directory] = [_take(self.directory), 1]
+        weakref.finalize(self, _release, self.directory)
+
+
+def _take(directory: str) -> IO[str]:
+    """Opens and locks `<directory>/.finetune.lock` (creating the directory), writing this
+    process in it; a lock held by a live process is refused, naming it; one a dead process
+    left is taken over with a warning."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE)
+    lock_file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = _read_holder(lock_file.read())
+        lock_file.close()
+        raise RunLockedError(
+            f"Another run is writing to {directory} ({_holder_text(holder)}). Wait for it to "
+            "end, or give this run another output_dir."
+        ) from None
+    lock_file.seek(0)
+    previous = _read_holder(lock_file.read())
+    if previous:  # a run that ended cleanly leaves the file empty: this one died holding it
+        logger.warning(
+            "Taking over %s from a run that ended without releasing it (%s).",
+            directory,
+            _holder_text(previous),
+        )
+    lock_file.seek(0)
+    lock_file.truncate()
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+    json.dump(holder, lock_file)
+    lock_file.flush()
+    return lock_file
+
+
+def _read_holder(text: str) -> dict[str, Any]:
+    """The holder recorded in a lock file (empty when there is none or it is unreadable)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def process_umask() -> int:
+    """The process's file-creation mask (read without changing it, from /proc where it can)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _staged_by_live_process(tag: str) -> bool:
+    """Whether the staging directory tagged `<host>-<pid>-<random>` belongs to a process that
+    still runs on this machine (or to another machine: left alone, it may be live there)."""
+    parts = tag.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False  # an older run's staging directory: no owner recorded
+    host, pid_text, _ = parts
+    if host != socket.gethostname():
+        return True
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # this process's own leftovers (an earlier, failed write)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def take_umask(directory: str) -> None:
+    """Gives `directory` and everything in it the permissions the process's umask gives a new
+    file or directory: `mkdtemp` makes directories, and some writers (safetensors through a
+    temporary file) files, that only their owner may read."""
+    mask = process_umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, directories, names in os.walk(directory):
+        for name in directories:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 @contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
-    """Yields a fresh temporary directory that replaces `path` once the block succeeds.
+    """Yields a fresh temporary directory that replaces `path` once the block succeeds, with
+    the permissions of a directory made under the process's umask.
 
     The old directory is moved aside, the new one renamed in, and the old one deleted; a
     crash between the two renames leaves the old one as `<path>.old`, restored on the next write.
-    Staging directories left by a killed run (`.<name>.tmp-*`) are removed on the next write.
+    Staging directories left by a killed run (`.<name>.tmp-<host>-<pid>-*`) are removed on the
+    next write; those of a process that still runs are left alone.
     """
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
@@ -42,10 +198,12 @@ def atomic_directory(path: str) -> Iterator[str]:
         os.rename(backup, path)
     prefix = f".{name}.tmp-"
     for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        if not _staged_by_live_process(stale[len(os.path.join(parent, prefix)) :]):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=parent)
     try:
         yield staging
+        take_umask(staging)
         if os.path.exists(path):
             shutil.rmtree(backup, ignore_errors=True)
             os.rename(path, backup)
