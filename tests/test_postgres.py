@@ -277,6 +277,7 @@ def test_the_server_refuses_writes_even_when_the_check_is_fooled(
         f"SELECT question, reply FROM {S}.qa ORDER BY id",
         f"WITH t AS (SELECT * FROM {S}.qa) SELECT question, reply FROM t ORDER BY id;",
         f"(SELECT question, reply FROM {S}.qa ORDER BY id) -- the end",
+        f"SELECT question, reply FROM {S}.qa WHERE reply <> 'C:\\' ORDER BY id",
         f"SELECT question, reply FROM {S}.qa WHERE reply <> $$;DROP$$ AND reply <> E'\\';' "
         "ORDER BY id;;",
         f'SELECT "question", reply, \'insert; into\' AS "update" FROM {S}.qa_view',

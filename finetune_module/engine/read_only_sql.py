@@ -111,6 +111,8 @@ def _refusal(query: str, postgres: bool, backslash_strings: bool) -> tuple[str |
     try:
         tokens = list(_tokens(query, postgres, backslash_strings))
     except _Unclosed:
+        if backslash_strings:  # the server would refuse it whole: nothing of it could run
+            return None, 0
         return "a quoted string or name in the query is never closed", 0
     while tokens and tokens[-1][0] == ";":
         tokens.pop()
@@ -135,7 +137,8 @@ def read_only_select(query: str, label: str, postgres: bool) -> str:
     """The query as it is sent (without trailing semicolons and comments), when it is one
     SELECT that only reads; else a SettingsError naming the source and the reason. On
     PostgreSQL the query must pass whether or not the server reads a backslash in a string
-    literal as an escape (the setting standard_conforming_strings)."""
+    literal as an escape (the setting standard_conforming_strings): read with escapes, a string
+    left open (`'C:\\'`) is a syntax error, which runs nothing, so it passes."""
     end = 0
     for backslash_strings in (False, True) if postgres else (False,):
         reason, end_here = _refusal(query, postgres, backslash_strings)
