@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--sql-table", dest="sql_table", help="with --source sql: table or view to read")
     g.add_argument(
-        "--sql-query", dest="sql_query", help="with --source sql: a SELECT query instead"
+        "--sql-query",
+        dest="sql_query",
+        help="with --source sql: a SELECT query instead (run read-only; anything else is refused)",
     )
     g.add_argument(
         "--split-column",

@@ -50,14 +50,17 @@ def raw_records__file(data_path: str) -> list[Any]:
 def raw_records__sql(
     data_path: str, sql_table: str | None = None, sql_query: str | None = None
 ) -> list[Any]:
-    """The rows of a database table, view or query, as records (column name -> value).
+    """The rows of a database table, view or query, as records (column name -> value). The
+    database is only ever read: nothing is written, whatever the query.
 
     :param data_path: a SQLAlchemy database URL: `sqlite:///data.db` (a file), or
         `postgresql://user:password@host:5432/dbname` (read with psycopg). A password is masked
         in every message; better keep it out of the URL (PGPASSWORD or ~/.pgpass).
     :param sql_table: the table or view to read, `name` or `schema.name`; rows come in
         primary-key order.
-    :param sql_query: or a SELECT query (add ORDER BY for a fixed row order). Give one of the two.
+    :param sql_query: or one SELECT (or WITH ... SELECT) query, run read-only on SQLite or
+        PostgreSQL; anything else is refused (add ORDER BY for a fixed row order). Give one of
+        the two.
     """
     return read_sql_records(data_path, sql_table, sql_query)
 

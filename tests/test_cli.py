@@ -4,6 +4,7 @@ import io
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,34 @@ def test_bad_input_exits_2_with_one_line_on_stderr(tmp_path: Path) -> None:
         out.stderr.strip()
         == f"error: {bad}: no record has the key 'reply'; keys found: 'question'."
     )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_query_that_writes_exits_2_with_one_line_and_the_database_is_unchanged(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("sqlalchemy")
+    database = tmp_path / "qa.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE qa (id INTEGER PRIMARY KEY, question TEXT, reply TEXT)")
+        connection.execute("INSERT INTO qa VALUES (1, 'q', 'r')")
+    connection.close()
+    before = database.read_bytes()
+    url = f"sqlite:///{database}"
+    common = ["--source", "sql", "--data", url, "--model-id", str(tiny_model_dir)]
+    out = _cli(*common, "--sql-query", "DROP TABLE qa", "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"error: {url} query 'DROP TABLE qa': the query starts with 'DROP'; sources are "
+        "read-only: give one SELECT (or WITH ... SELECT) query."
+    )
+    out = _cli(*common, "--sql-table", "a.b.c", "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"error: {url} table 'a.b.c': expected `table` or `schema.table` (to read a name with "
+        "a dot in it, give sql_query with the name in double quotes)."
+    )
+    assert database.read_bytes() == before
     assert not (tmp_path / "out").exists()
 
 

@@ -1,15 +1,20 @@
-"""Fine-tuning straight from a real PostgreSQL table (and a view, a query, refused credentials).
+"""Fine-tuning straight from a real PostgreSQL table (and a view, a query, refused credentials);
+a source is never written to, whatever the query.
 
 `.ci/run` installs Debian's PostgreSQL, starts it on localhost and exports
 FINETUNE_TEST_POSTGRES_URL; where no server is reachable these tests skip and say why.
 """
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from finetune_module.errors import DataError
+from finetune_module.engine import sources
+from finetune_module.engine.sources import read_sql_records
+from finetune_module.errors import DataError, SettingsError, mask_credentials
 from tests.conftest import EXAMPLE_DATA, QUICK, data_stage, read_json, run_dag
 
 URL_VARIABLE = "FINETUNE_TEST_POSTGRES_URL"
@@ -125,3 +130,189 @@ def test_missing_table_and_column(postgres_url: str) -> None:
         data_stage("sql", data_path=postgres_url, sql_query=f"SELECT question FROM {TABLE}")
     with pytest.raises(DataError, match='the database refused the query: column "nope"'):
         data_stage("sql", data_path=postgres_url, sql_query=f"SELECT nope FROM {TABLE}")
+
+
+# --- sources are read-only ----------------------------------------------------------------------
+
+SCHEMA = "finetune_read_only"  # the read-only tests' own schema: a table, a view, a sequence
+ODD_NAME = 'odd "name"; DROP TABLE qa; --'
+
+
+def _engine(url: str) -> Any:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    return sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
+@pytest.fixture(scope="module")
+def read_only_url(postgres_url: str) -> Iterator[str]:
+    """The test database's URL, with the schema `finetune_read_only` holding a table `qa` (two
+    rows), a view on it, a sequence and a table with an odd name (dropped afterwards)."""
+    engine = _engine(postgres_url)
+    odd = '"' + ODD_NAME.replace('"', '""') + '"'
+    try:
+        with engine.begin() as connection:
+            for statement in (
+                f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE",
+                f"CREATE SCHEMA {SCHEMA}",
+                f"CREATE TABLE {SCHEMA}.qa (id integer PRIMARY KEY, question text, reply text)",
+                f"INSERT INTO {SCHEMA}.qa VALUES (1, 'How do I reset it?', 'Hold the button.'), "
+                "(2, 'Is it safe?', 'Yes; it is.')",
+                f"CREATE VIEW {SCHEMA}.qa_view AS SELECT question, reply FROM {SCHEMA}.qa",
+                f"CREATE SEQUENCE {SCHEMA}.ids",
+                f"CREATE TABLE {SCHEMA}.{odd} (a text)",
+                f"INSERT INTO {SCHEMA}.{odd} VALUES ('x')",
+            ):
+                connection.exec_driver_sql(statement)
+        yield postgres_url
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {SCHEMA} CASCADE")
+    finally:
+        engine.dispose()
+
+
+def _state(url: str) -> dict[str, Any]:
+    """Everything a write could change: the schema's objects and columns, the rows, the
+    sequence, and the schemas whose names start with ours."""
+    engine = _engine(url)
+    queries = {
+        "objects": "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+        f"ON n.oid = c.relnamespace WHERE n.nspname = '{SCHEMA}' ORDER BY 1",
+        "columns": "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        f"WHERE table_schema = '{SCHEMA}' ORDER BY 1, 2",
+        "rows": f"SELECT * FROM {SCHEMA}.qa ORDER BY id",
+        "sequence": f"SELECT last_value, is_called FROM {SCHEMA}.ids",
+        "schemas": f"SELECT nspname FROM pg_namespace WHERE nspname LIKE '{SCHEMA}%%' ORDER BY 1",
+    }
+    try:
+        with engine.connect() as connection:
+            return {
+                name: [tuple(row) for row in connection.exec_driver_sql(query)]
+                for name, query in queries.items()
+            }
+    finally:
+        engine.dispose()
+
+
+S = SCHEMA
+WRITES = [
+    (f"DROP TABLE {S}.qa", "the query starts with 'DROP'"),
+    (f"CREATE TABLE {S}.copy (a int)", "the query starts with 'CREATE'"),
+    (f"CREATE SCHEMA {S}_2", "the query starts with 'CREATE'"),
+    (f"INSERT INTO {S}.qa VALUES (3, 'q', 'r')", "the query starts with 'INSERT'"),
+    (f"UPDATE {S}.qa SET reply = 'changed'", "the query starts with 'UPDATE'"),
+    (f"DELETE FROM {S}.qa", "the query starts with 'DELETE'"),
+    (f"TRUNCATE {S}.qa", "the query starts with 'TRUNCATE'"),
+    (f"ALTER TABLE {S}.qa ADD COLUMN extra int", "the query starts with 'ALTER'"),
+    (f"DO $$ BEGIN DELETE FROM {S}.qa; END $$", "the query starts with 'DO'"),
+    (
+        f"WITH gone AS (DELETE FROM {S}.qa RETURNING *) SELECT * FROM gone",
+        "the query contains DELETE",
+    ),
+    (
+        f"WITH n AS (INSERT INTO {S}.qa VALUES (3, 'q', 'r') RETURNING *) SELECT 1",
+        "the query contains INSERT",
+    ),
+    (
+        f"WITH c AS (UPDATE {S}.qa SET reply = 'x' RETURNING *) SELECT * FROM c",
+        "the query contains UPDATE",
+    ),
+    (f"SELECT * INTO {S}.copy FROM {S}.qa", "the query contains INTO, which writes"),
+    (f"SELECT 1; COMMIT; DROP TABLE {S}.qa", "more than one statement"),
+]
+TRICKS = [
+    (f"SELECT 1; DROP TABLE {S}.qa", "more than one statement"),
+    (f"SELECT 1 /* ; */ ; DROP TABLE {S}.qa", "more than one statement"),
+    (f"SELECT 1 -- a comment\n; DROP TABLE {S}.qa", "more than one statement"),
+    (f"SELECT $$;$$; DROP TABLE {S}.qa", "more than one statement"),
+    (f"SELECT 'a\\' ; DROP TABLE {S}.qa; --'", "more than one statement"),
+    (f"SELECT 'a\\'' ; DROP TABLE {S}.qa; --'", "more than one statement"),
+    (f"/* SELECT */ DROP TABLE {S}.qa", "the query starts with 'DROP'"),
+    ("SET default_transaction_read_only = off", "the query starts with 'SET'"),
+    ("COMMIT", "the query starts with 'COMMIT'"),
+    (f"EXPLAIN ANALYZE DELETE FROM {S}.qa", "the query starts with 'EXPLAIN'"),
+    (f"COPY {S}.qa TO STDOUT", "the query starts with 'COPY'"),
+]
+
+
+@pytest.mark.parametrize(("query", "reason"), WRITES + TRICKS)
+def test_anything_but_one_select_is_refused_and_the_database_is_unchanged(
+    read_only_url: str, query: str, reason: str
+) -> None:
+    before = _state(read_only_url)
+    with pytest.raises(SettingsError) as raised:
+        read_sql_records(read_only_url, sql_query=query)
+    message = str(raised.value)
+    assert message.startswith(f"{mask_credentials(read_only_url)} query ")
+    assert f": {reason}" in message and "\n" not in message
+    assert _state(read_only_url) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        *(query for query, _ in WRITES),
+        f"SELECT nextval('{S}.ids')",  # a SELECT that writes: only the server can tell
+        f"SELECT * FROM {S}.qa FOR SHARE",
+    ],
+)
+def test_the_server_refuses_writes_even_when_the_check_is_fooled(
+    read_only_url: str, query: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: with the query check switched off, the READ ONLY transaction (and the
+    one-statement prepared query) still refuse every write, and nothing changes."""
+    monkeypatch.setattr(sources, "read_only_select", lambda query, label, postgres: query)
+    before = _state(read_only_url)
+    refused = (
+        "the database refused the query: (cannot execute .* in a read-only transaction"
+        "|cannot insert multiple commands into a prepared statement)"
+    )
+    with pytest.raises(DataError, match=refused):
+        read_sql_records(read_only_url, sql_query=query)
+    assert _state(read_only_url) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"SELECT question, reply FROM {S}.qa ORDER BY id",
+        f"WITH t AS (SELECT * FROM {S}.qa) SELECT question, reply FROM t ORDER BY id;",
+        f"(SELECT question, reply FROM {S}.qa ORDER BY id) -- the end",
+        f"SELECT question, reply FROM {S}.qa WHERE reply <> 'C:\\' ORDER BY id",
+        f"SELECT question, reply FROM {S}.qa WHERE reply <> $$;DROP$$ AND reply <> E'\\';' "
+        "ORDER BY id;;",
+        f'SELECT "question", reply, \'insert; into\' AS "update" FROM {S}.qa_view',
+    ],
+)
+def test_a_select_still_reads(read_only_url: str, query: str) -> None:
+    before = _state(read_only_url)
+    rows = read_sql_records(read_only_url, sql_query=query)
+    assert [(r["question"], r["reply"]) for r in rows] == [
+        ("How do I reset it?", "Hold the button."),
+        ("Is it safe?", "Yes; it is."),
+    ]
+    assert _state(read_only_url) == before
+
+
+@pytest.mark.parametrize(
+    ("sql_table", "reason"),
+    [
+        ("a.b.c", "expected `table` or `schema.table`"),
+        (f"{S}.", "expected `table` or `schema.table`"),
+        ("no_such_schema.qa", "no schema named 'no_such_schema'; found: "),
+        (f"{S}.missing", f"no table or view named '{S}.missing'; found: {ODD_NAME!r}, 'qa', "),
+    ],
+)
+def test_a_table_name_that_names_nothing_gets_one_line(
+    read_only_url: str, sql_table: str, reason: str
+) -> None:
+    with pytest.raises(DataError) as raised:
+        read_sql_records(read_only_url, sql_table=sql_table)
+    message = str(raised.value)
+    assert message.startswith(f"{mask_credentials(read_only_url)} table {sql_table!r}: {reason}")
+    assert "\n" not in message
+
+
+def test_a_table_with_an_odd_name_is_read_by_its_quoted_name(read_only_url: str) -> None:
+    before = _state(read_only_url)
+    assert read_sql_records(read_only_url, sql_table=f"{S}.{ODD_NAME}") == [{"a": "x"}]
+    assert _state(read_only_url) == before

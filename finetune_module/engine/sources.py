@@ -8,17 +8,23 @@ nothing here knows which keys the dataflow will read. Every problem is a `DataEr
   `.csv`/`.tsv` with a header line, `.parquet`, or a directory saved with Hugging Face
   `datasets`' `save_to_disk`; any other extension is read as JSON.
 - `read_sql_records(url, table, query)`: the rows of a table, view or SELECT query, through
-  SQLAlchemy (SQLite built in, PostgreSQL with psycopg 3).
+  SQLAlchemy (SQLite built in, PostgreSQL with psycopg 3), never writing (`read_only_sql`).
 """
 
 import functools
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 
+from finetune_module.engine.read_only_sql import (
+    allow_sqlite_reading_only,
+    read_only_select,
+    read_only_sqlite_url,
+)
 from finetune_module.errors import (
     EXTRAS_HINT,
     DataError,
@@ -186,9 +192,48 @@ def sql_label(data_path: str, sql_table: str | None, sql_query: str | None) -> s
 def _driver_reason(error: Exception, password: str | None) -> str:
     """The first line of a database driver's error, with the password (if any) masked."""
     reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    reason = re.sub(r"\s*\(Background on this error at: [^)]*\)", "", reason)  # SQLAlchemy's
     if password:
         reason = reason.replace(password, "***")
     return mask_credentials(reason)
+
+
+def _table_name(sql_table: str, label: str) -> tuple[str | None, str]:
+    """The schema (None: the default one) and the name in `table` or `schema.table`."""
+    parts = sql_table.split(".")
+    if len(parts) > 2 or not all(parts):
+        raise DataError(
+            f"{label}: expected `table` or `schema.table` (to read a name with a dot in it, "
+            "give sql_query with the name in double quotes)."
+        )
+    return (parts[0] if len(parts) == 2 else None), parts[-1]
+
+
+def _table_select(connection: Any, sql_table: str, label: str) -> Any:
+    """A SELECT of every row of the table or view, in primary-key order (so that the same seed
+    gives the same split), its name quoted by SQLAlchemy's reflection."""
+    import sqlalchemy
+    from sqlalchemy import exc
+
+    schema, name = _table_name(sql_table, label)
+    inspector = sqlalchemy.inspect(connection)
+    if schema is not None and schema not in (schemas := inspector.get_schema_names()):
+        raise DataError(
+            f"{label}: no schema named {schema!r}; found: {', '.join(map(repr, schemas))}."
+        )
+    try:
+        table = sqlalchemy.Table(
+            name, sqlalchemy.MetaData(), schema=schema, autoload_with=connection
+        )
+    except exc.NoSuchTableError as e:
+        found = sorted(
+            inspector.get_table_names(schema=schema) + inspector.get_view_names(schema=schema)
+        )
+        raise DataError(
+            f"{label}: no table or view named {sql_table!r}; "
+            f"found: {', '.join(map(repr, found)) or 'none'}."
+        ) from e
+    return sqlalchemy.select(table).order_by(*table.primary_key.columns)
 
 
 def read_sql_records(
@@ -196,7 +241,11 @@ def read_sql_records(
 ) -> list[dict[str, Any]]:
     """The rows of a table or view (in primary-key order) or of a query (give exactly one of
     the two), read through SQLAlchemy from the database at the URL `data_path`, as
-    dictionaries of column name -> value."""
+    dictionaries of column name -> value.
+
+    Nothing is ever written: a query must be one SELECT (or WITH ... SELECT) and is read only
+    from SQLite (opened read-only, reading only) or PostgreSQL (psycopg, a READ ONLY
+    transaction), always rolled back; see `read_only_sql`."""
     if bool(sql_table) == bool(sql_query):
         raise SettingsError(
             "With {'source': 'sql'}, give exactly one of sql_table (a table or view) and "
@@ -215,11 +264,25 @@ def read_sql_records(
         ) from e
     if url.drivername == "postgresql":  # SQLAlchemy's default is psycopg2; we ship psycopg 3
         url = url.set(drivername="postgresql+psycopg")
+    sqlite = url.drivername in ("sqlite", "sqlite+pysqlite")
+    postgres = url.drivername == "postgresql+psycopg"
+    query = None
+    if sql_query:
+        if not (sqlite or postgres):
+            raise SettingsError(
+                f"{label}: a query is read only from SQLite or PostgreSQL (with psycopg), where "
+                f"it runs read-only; from {url.drivername!r}, give sql_table (a table or view)."
+            )
+        query = read_only_select(sql_query, label, postgres=postgres)
     sqlite_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
     if sqlite_file and not os.path.isfile(url.database):  # sqlite would create an empty one
         raise DataError(f"{label}: no such database file {url.database!r}.")
-    try:
-        engine = sqlalchemy.create_engine(url)
+    if sqlite and sqlite_file:
+        url = read_only_sqlite_url(url)
+    try:  # psycopg: every statement prepared (one statement each, the server makes sure)
+        engine = sqlalchemy.create_engine(
+            url, **({"connect_args": {"prepare_threshold": 0}} if postgres else {})
+        )
     except (exc.NoSuchModuleError, ImportError) as e:
         raise SettingsError(
             f"{label}: no database driver for {url.drivername!r} ({e}); {EXTRAS_HINT}."
@@ -232,31 +295,26 @@ def read_sql_records(
                 f"{label}: cannot connect to the database: {_driver_reason(e, url.password)}"
             ) from e
         with connection:
-            if sql_table:
-                schema, _, name = sql_table.rpartition(".")
-                try:
-                    table = sqlalchemy.Table(
-                        name, sqlalchemy.MetaData(), schema=schema or None, autoload_with=connection
-                    )
-                except exc.NoSuchTableError as e:
-                    inspector = sqlalchemy.inspect(connection)
-                    found = sorted(
-                        inspector.get_table_names(schema=schema or None)
-                        + inspector.get_view_names(schema=schema or None)
-                    )
-                    raise DataError(
-                        f"{label}: no table or view named {sql_table!r}; "
-                        f"found: {', '.join(map(repr, found)) or 'none'}."
-                    ) from e
-                # a table is read in primary-key order, so that the same seed gives the same split
-                statement = sqlalchemy.select(table).order_by(*table.primary_key.columns)
-            else:
-                statement = sqlalchemy.text(sql_query)
             try:
+                if postgres:  # BEGIN READ ONLY
+                    connection.execution_options(postgresql_readonly=True)
+                if sql_table:
+                    statement = _table_select(connection, sql_table, label)
+                else:
+                    statement = sqlalchemy.text(query)
+                if sqlite:
+                    allow_sqlite_reading_only(connection.connection.driver_connection)
                 return [dict(row) for row in connection.execute(statement).mappings()]
             except exc.DBAPIError as e:
                 raise DataError(
                     f"{label}: the database refused the query: {_driver_reason(e, url.password)}"
                 ) from e
+            except exc.StatementError as e:  # SQLAlchemy's own: a :name with no value
+                raise DataError(
+                    f"{label}: cannot run the query: {_driver_reason(e, url.password)} "
+                    "(SQLAlchemy reads :name as a parameter; write \\:name for a colon)."
+                ) from e
+            finally:
+                connection.rollback()
     finally:
         engine.dispose()
