@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,14 @@ from hamilton import driver
 
 import finetune_module
 import run
-from tests.conftest import EXAMPLE_DATA, REPO, read_json
+from finetune_module.engine.loading import TINY_MODEL_HINT
+from tests.conftest import EXAMPLE_DATA, REPO, SilentHub, hub_env, read_json
 
 
-def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _cli(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / "run.py"), *args],
         capture_output=True,
@@ -137,6 +141,29 @@ def test_unreachable_hub_exits_2_and_names_the_fix(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "Hugging Face Hub" in out.stderr and "--model-id" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_hub_that_does_not_answer_fails_fast_with_one_line(
+    silent_hub: SilentHub, tmp_path: Path
+) -> None:
+    env = hub_env(silent_hub.url, tmp_path / "hf-home")
+    began = time.monotonic()
+    out = _cli("--data", str(EXAMPLE_DATA), "--output-dir", str(tmp_path / "out"), env=env)
+    seconds = time.monotonic() - began
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: Could not load 'google/flan-t5-small': the Hugging Face Hub ({silent_hub.url}) "
+        "did not answer within 5 s and it is not in the local cache. "
+        f"{TINY_MODEL_HINT}"
+    ]
+    # the hub was asked once whether it answers (HF_HUB_OFFLINE is not set), never for the model
+    assert silent_hub.requests.count("HEAD / HTTP/1.1") == 1
+    assert not [request for request in silent_hub.requests if "flan-t5" in request]
+    # A timing bound is unusual here, but failing fast is the promise: without the probe the
+    # run waits for ever on this endpoint. Generous, for a loaded machine: 5 s are the probe's,
+    # up to 3 s huggingface_hub's own telemetry lookup, the rest starting Python and torch.
+    assert seconds < 30
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_config_key_and_missing_data_are_refused(tmp_path: Path) -> None:
