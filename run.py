@@ -516,6 +516,18 @@ def _print_summary(result: dict[str, Any], start: str, seconds: float) -> None:
     print(f"Report: {os.path.join(result['save_best_models'], REPORT_FILE)}")
 
 
+def _library_logging() -> None:
+    """Library log lines go through the root handler only, masked like the rest: huggingface_hub
+    (and transformers under CI) has a handler of its own and also passes its lines on to the
+    root, which printed each of them twice. The hub's HTTP client logs no line per request."""
+    for name in ("huggingface_hub", "transformers"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+
 def _quiet_libraries() -> None:
     """Silences the progress bars, log warnings and deprecation notices that the libraries
     print by themselves."""
@@ -645,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_MaskCredentials())
+    _library_logging()
     logging.getLogger("hamilton").setLevel(logging.WARNING if debug else logging.CRITICAL)
     try:
         if argv and argv[0] in COMMANDS:

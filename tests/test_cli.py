@@ -166,6 +166,16 @@ def test_a_hub_that_does_not_answer_fails_fast_with_one_line(
     assert not (tmp_path / "out").exists()
 
 
+def test_hub_log_lines_are_printed_once(failing_hub: str, tmp_path: Path) -> None:
+    out = _cli("--data", str(EXAMPLE_DATA), env=hub_env(failing_hub, tmp_path / "hf-home"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert "HTTP Error 503 thrown while requesting HEAD" in lines[0]  # huggingface_hub's own
+    assert sum("[Retry 1/5]" in line for line in lines) == 1
+    assert not any(line.startswith("HTTP Request:") for line in lines)  # httpx2, per request
+    assert lines[-1].startswith("error: Could not load 'google/flan-t5-small': the Hugging Face")
+
+
 def test_unknown_config_key_and_missing_data_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text("data_path: x.json\nepochs: 3\n")
