@@ -80,8 +80,17 @@ def test_dag_draws_a_picture(tmp_path: Path) -> None:
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# what a run prints with --quiet: the summary, line by line, and nothing else
+QUIET_SUMMARY = re.compile(
+    r"|Done in [\d.]+ s \(base\)\."
+    r"|  \w+ +-?[\d.]+(e[+-]\d+)?|nan"
+    r"|Hold-out answers \(\d+\):|  [QA]: .*"
+    r"|Saved to: .+|Report: .+"
+)
+
+
 def test_config_file_run_with_flag_override_then_presaved(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, silent_hub: SilentHub
 ) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -104,13 +113,17 @@ def test_config_file_run_with_flag_override_then_presaved(
         "--training-arg",
         "weight_decay=0.01",
         "--quiet",
+        env=hub_env(silent_hub.url, tmp_path / "hf-home"),  # HF_HUB_OFFLINE unset
     )
     assert out.returncode == 0, out.stderr
     assert "rougeL" in out.stdout and f"Saved to: {tmp_path / 'out' / 'best_model'}" in out.stdout
     assert f"Report: {tmp_path / 'out' / 'best_model' / 'report.html'}" in out.stdout
-    # --quiet: no progress bars (DAG, training, generation, loading) and no trainer log lines
-    assert "%|" not in out.stderr and "Execution Complete" not in out.stderr
-    assert "'loss'" not in out.stdout + out.stderr
+    # --quiet: the summary and nothing else; no progress bars (DAG, training, generation,
+    # loading weights), no log lines (trainer, rouge_score, ours), no library warnings
+    assert out.stderr == ""
+    assert [line for line in out.stdout.splitlines() if not QUIET_SUMMARY.fullmatch(line)] == []
+    assert not [text for text in ("Loading weights", "%|", "Warning") if text in out.stdout]
+    assert silent_hub.requests == []  # a local model directory never touches the network
     state = read_json(
         next((tmp_path / "out" / "checkpoints").glob("checkpoint-*")) / "trainer_state.json"
     )
