@@ -20,13 +20,14 @@ interrupted (Ctrl-C).
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import os
 import sys
 import time
-import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -35,6 +36,7 @@ from hamilton import driver, htypes
 import finetune_module
 from finetune_module.engine import distributed
 from finetune_module.engine.files import REPORT_FILE, RunLock
+from finetune_module.engine.quiet import quiet_libraries
 
 # settings of the CLI and the driver's adapters (the driver config is finetune_module.CONFIG_KEYS)
 CONFIG_ONLY = ("dag", "dag_stage", "debug", "cache", "mlflow", "mlflow_experiment")
@@ -395,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet",
         dest="quiet",
         action="store_true",
-        help="no progress bars (DAG nodes, training, generation) and no training log lines; "
-        "for CI and log files",
+        help="only the summary and errors: no progress bars (DAG nodes, training, generation, "
+        "loading weights), no log lines, no library warnings; for CI and log files",
     )
     return p
 
@@ -519,14 +521,34 @@ def _print_summary(result: dict[str, Any], start: str, seconds: float) -> None:
     print(f"Report: {os.path.join(result['save_best_models'], REPORT_FILE)}")
 
 
-def _quiet_libraries() -> None:
-    """Silences the progress bars, log warnings and deprecation notices that the libraries
-    print by themselves."""
-    from transformers.utils import logging as transformers_logging
+def _library_logging() -> None:
+    """Library log lines go through the root handler only, masked like the rest: huggingface_hub
+    (and transformers under CI) has a handler of its own and also passes its lines on to the
+    root, which printed each of them twice. The hub's HTTP client logs no line per request."""
+    for name in ("huggingface_hub", "transformers"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+
+@contextlib.contextmanager
+def _quiet_output(quiet: bool) -> Iterator[None]:
+    """With --quiet, while the command runs: no log lines below warnings (ours or the
+    libraries'), and none of the libraries' own progress bars and warnings; the summary and
+    errors only."""
+    if not quiet:
+        yield
+        return
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        with quiet_libraries():
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def progress_adapters(quiet: bool) -> list[Any]:
@@ -551,7 +573,9 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow code shipped with the model to run"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars, log lines or library warnings"
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -602,22 +626,21 @@ def build_export_parser() -> argparse.ArgumentParser:
 def _predict(argv: list[str]) -> int:
     """`run.py predict`: prints the saved fine-tune's answers."""
     args = build_predict_parser().parse_args(argv)
-    if args.quiet:
-        _quiet_libraries()
     questions = list(args.questions)
     if args.file:
         questions += finetune_module.read_texts(args.file, args.input_key)
     if not questions:
         raise finetune_module.SettingsError("Give questions to answer, or --file.")
-    answers = finetune_module.predict(
-        args.model_dir,
-        questions,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        trust_remote_code=args.trust_remote_code,
-        quiet=args.quiet,
-    )
+    with _quiet_output(args.quiet):
+        answers = finetune_module.predict(
+            args.model_dir,
+            questions,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            trust_remote_code=args.trust_remote_code,
+            quiet=args.quiet,
+        )
     for question, answer in zip(questions, answers, strict=True):
         if args.jsonl:
             print(json.dumps({"question": question, "prediction": answer}, ensure_ascii=False))
@@ -629,11 +652,13 @@ def _predict(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     """`run.py export`: writes the merged model."""
     args = build_export_parser().parse_args(argv)
-    if args.quiet:
-        _quiet_libraries()
-    path = finetune_module.export_merged(
-        args.model_dir, args.export_dir, trust_remote_code=args.trust_remote_code
-    )
+    with _quiet_output(args.quiet):
+        path = finetune_module.export_merged(
+            args.model_dir,
+            args.export_dir,
+            trust_remote_code=args.trust_remote_code,
+            quiet=args.quiet,
+        )
     print(f"Exported the merged model to {path}")
     return 0
 
@@ -648,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_MaskCredentials())
+    _library_logging()
     logging.getLogger("hamilton").setLevel(logging.WARNING if debug else logging.CRITICAL)
     try:
         if argv and argv[0] in COMMANDS:
@@ -658,9 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         dag_path = cli.get("dag")
         config = {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS[1:] if k in settings}
         config.setdefault("source", "file")  # named in the DAG picture and MLflow params
-        if settings.get("quiet"):
-            _quiet_libraries()
-        adapters = [*_adapters(cli), *progress_adapters(settings.get("quiet", False))]
+        quiet = settings.get("quiet", False)
+        adapters = [*_adapters(cli), *progress_adapters(quiet)]
         dr = finetune_module.build_driver(
             start, cache=cli.get("cache"), adapters=adapters, **config
         )
@@ -683,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = settings.get("output_dir", finetune_module.settings.DEFAULT_OUTPUT_DIR)
         lock = RunLock(output_dir, hold=distributed.is_main_process())
         began = time.perf_counter()
-        result = dr.execute(outputs, inputs=settings)
+        with _quiet_output(quiet):
+            result = dr.execute(outputs, inputs=settings)
         del lock
         gc.collect()  # the run's own hold (run_lock) sits in Hamilton's reference cycles
         if distributed.is_main_process():

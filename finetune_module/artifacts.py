@@ -26,6 +26,7 @@ from finetune_module.engine.files import (
     write_json,
 )
 from finetune_module.engine.models import LanguageModel, ModelRecipe
+from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
 from finetune_module.engine.trainer import TRAINING_LOG_FILE
 
@@ -96,6 +97,7 @@ def save_best_models__base(
     report_html: str,
     model_recipe: ModelRecipe,
     run_lock: RunLock,
+    show_progress: bool,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> str:
     """Where the best fine-tune was saved: the LoRA adapter (safetensors) and tokenizer, with
@@ -106,13 +108,16 @@ def save_best_models__base(
 
     Loadable with `PeftModel.from_pretrained(base_model, path)` or `{"start": "presaved"}`.
 
+    :param show_progress: False: the libraries print no bars or warnings of their own while
+        the model is written.
     :param prompt_template: the prompt the model was trained with (see `prompt_texts`).
     :param run_lock: held while the run writes into its directory.
     """
     if is_main_process():
         with atomic_directory(best_model_dir) as staging:
-            finetuned_model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
+            with quiet_libraries(not show_progress):
+                finetuned_model.save_pretrained(staging, safe_serialization=True)
+                tokenizer.save_pretrained(staging)
             metrics = {
                 "training_and_validation": training_and_validation_set_metrics,
                 "hold_out": finetuned_hold_out_metrics,

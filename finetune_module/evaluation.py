@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments
 from finetune_module.engine import metrics
 from finetune_module.engine.generation import answer_sets
 from finetune_module.engine.models import LanguageModel, ModelRecipe, build_model
+from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.settings import EvaluationSettings
 from finetune_module.engine.trainer import FittedWeights, training_summary
 
@@ -31,18 +32,25 @@ _SETS = ("validation", "hold_out")
 @cache(behavior="disable")  # a model object: built on each run, never written to the cache
 @config.when(start="base")
 def finetuned_model__base(
-    fitted_weights: FittedWeights, model_recipe: ModelRecipe, device: torch.device
+    fitted_weights: FittedWeights,
+    model_recipe: ModelRecipe,
+    device: torch.device,
+    show_progress: bool,
 ) -> LanguageModel:
     """The fine-tuned model, in eval mode: the recipe's model with the trained weights (the
     best checkpoint's) loaded into it."""
-    return build_model(model_recipe, device, weights=fitted_weights.weights)
+    with quiet_libraries(not show_progress):
+        return build_model(model_recipe, device, weights=fitted_weights.weights)
 
 
 @cache(behavior="disable")
 @config.when(start="presaved")
-def finetuned_model__presaved(model_recipe: ModelRecipe, device: torch.device) -> LanguageModel:
+def finetuned_model__presaved(
+    model_recipe: ModelRecipe, device: torch.device, show_progress: bool
+) -> LanguageModel:
     """The fine-tuned model, in eval mode: the saved fine-tune the recipe describes."""
-    return build_model(model_recipe, device)
+    with quiet_libraries(not show_progress):
+        return build_model(model_recipe, device)
 
 
 def generation_settings(
@@ -85,12 +93,13 @@ def model_answers(
     sets = {"validation": tokenized_validation, "hold_out": tokenized_hold_out}
     quiet = not show_progress
     if adapter == "on":
-        return answer_sets(
-            finetuned_model, tokenizer, sets, generation_settings, "fine-tuned model", quiet
-        )
+        with quiet_libraries(quiet):
+            return answer_sets(
+                finetuned_model, tokenizer, sets, generation_settings, "fine-tuned model", quiet
+            )
     if not isinstance(finetuned_model, PeftModel):
         return {name: [] for name in sets}
-    with finetuned_model.disable_adapter():
+    with finetuned_model.disable_adapter(), quiet_libraries(quiet):
         return answer_sets(
             finetuned_model, tokenizer, sets, generation_settings, "base model", quiet
         )

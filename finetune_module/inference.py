@@ -31,6 +31,7 @@ from finetune_module.engine.models import (
     is_adapter_dir,
     saved_model_recipe,
 )
+from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE, check_key_exists
 from finetune_module.engine.settings import EvaluationSettings, speedups_requested
 from finetune_module.engine.sources import RECORD_FILE_SUFFIXES, read_file_records, read_text
@@ -90,7 +91,7 @@ def predict(
     :param max_new_tokens: the most tokens an answer may have (default: the saved bound).
     :param batch_size: questions answered at once (default: the saved one, else 32).
     :param trust_remote_code: allow code shipped with the model to run.
-    :param quiet: no progress bar.
+    :param quiet: no progress bar, and none of the libraries' own bars, log lines or warnings.
     """
     if isinstance(texts, str):
         raise SettingsError("texts must be a list of strings, got one string; wrap it in a list.")
@@ -119,14 +120,15 @@ def predict(
             f"The model was trained with the prompt template {template!r}, which needs a "
             "context for each question; predict takes questions only."
         )
-    model, tokenizer = _load_saved(model_dir, process_device(), trust_remote_code)
-    prompts = [template.format(input=text) for text in texts]
-    cap = saved.get("source_length_cap")
-    cut = truncate_tail if model.config.is_encoder_decoder else truncate_middle
-    examples = [
-        {"input_ids": cut(ids, cap) if cap else ids} for ids in tokenizer(prompts)["input_ids"]
-    ]
-    return generate(model, tokenizer, examples, **settings, desc="predicting", quiet=quiet)
+    with quiet_libraries(quiet):
+        model, tokenizer = _load_saved(model_dir, process_device(), trust_remote_code)
+        prompts = [template.format(input=text) for text in texts]
+        cap = saved.get("source_length_cap")
+        cut = truncate_tail if model.config.is_encoder_decoder else truncate_middle
+        examples = [
+            {"input_ids": cut(ids, cap) if cap else ids} for ids in tokenizer(prompts)["input_ids"]
+        ]
+        return generate(model, tokenizer, examples, **settings, desc="predicting", quiet=quiet)
 
 
 def read_texts(path: str, input_text_key: str = "question") -> list[str]:
@@ -160,7 +162,9 @@ def read_texts(path: str, input_text_key: str = "question") -> list[str]:
     return texts
 
 
-def export_merged(model_dir: str, export_dir: str, *, trust_remote_code: bool = False) -> str:
+def export_merged(
+    model_dir: str, export_dir: str, *, trust_remote_code: bool = False, quiet: bool = False
+) -> str:
     """Merges the saved LoRA adapter into its base model and saves the result to `export_dir`
     as a plain model (safetensors) with its tokenizer and finetune_settings.json: loadable with
     `AutoModelForSeq2SeqLM.from_pretrained(export_dir)` (`AutoModelForCausalLM` for a
@@ -171,6 +175,7 @@ def export_merged(model_dir: str, export_dir: str, *, trust_remote_code: bool = 
     :param model_dir: the saved adapter (`best_model/` or a Trainer `checkpoint-N/`).
     :param export_dir: where the merged model goes (replaced if it exists).
     :param trust_remote_code: allow code shipped with the model to run.
+    :param quiet: none of the libraries' own progress bars, log lines or warnings.
     """
     source, target = os.path.abspath(model_dir), os.path.abspath(export_dir)
     if not is_adapter_dir(source):
@@ -183,12 +188,13 @@ def export_merged(model_dir: str, export_dir: str, *, trust_remote_code: bool = 
             f"The export directory {target!r} would replace the adapter it is made from; "
             "choose another directory."
         )
-    model, tokenizer = _load_saved(source, torch.device("cpu"), trust_remote_code)
-    merged = model.merge_and_unload()
-    with atomic_directory(target) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        settings = os.path.join(source, SETTINGS_FILE)
-        if os.path.isfile(settings):
-            shutil.copy2(settings, staging)
+    with quiet_libraries(quiet):
+        model, tokenizer = _load_saved(source, torch.device("cpu"), trust_remote_code)
+        merged = model.merge_and_unload()
+        with atomic_directory(target) as staging:
+            merged.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            settings = os.path.join(source, SETTINGS_FILE)
+            if os.path.isfile(settings):
+                shutil.copy2(settings, staging)
     return target

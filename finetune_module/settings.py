@@ -180,7 +180,8 @@ def settings(
     :param task: "auto" (default): the targets are class labels when there are at most 20
         distinct ones and each occurs at least twice (accuracy and macro-F1 are reported then);
         "classification": they are labels; "generation": they are free text.
-    :param quiet: no progress bars (training and generation) and no training log lines.
+    :param quiet: no progress bars (training, generation, and the libraries' own: loading
+        weights, writing model shards), no training log lines and no library warnings.
     """
     mixed_precision = checked.mixed_precision(device, bf16, fp16)
     quantization = checked.quantization(device, load_in_4bit, load_in_8bit)

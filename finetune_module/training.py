@@ -24,6 +24,7 @@ from finetune_module.engine import memory
 from finetune_module.engine.distributed import world_size
 from finetune_module.engine.files import RunLock
 from finetune_module.engine.models import ModelRecipe, build_model
+from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.settings import TrainingSettings
 from finetune_module.engine.trainer import (
     TRAINING_LOG_FILE,
@@ -139,6 +140,7 @@ def fitted_weights(
     training_settings: TrainingSettings,
     model_recipe: ModelRecipe,
     tokenizer: PreTrainedTokenizerBase,
+    show_progress: bool,
 ) -> FittedWeights:
     """The trained weights (the LoRA adapter's, or every weight in a full fine-tune) of the
     checkpoint with the lowest validation loss, and the trainer's state.
@@ -151,27 +153,30 @@ def fitted_weights(
     keeps no logits. (Every setting is checked before this runs, as everything depends on
     the settings stage; the data comes first among the parameters only so that a bad data
     file is reported before the model is looked up.)
+
+    :param show_progress: False: the libraries print no bars or warnings of their own.
     """
-    model = build_model(
-        model_recipe,
-        training_arguments.device,  # this process's device, as the Trainer sees it
-        trainable=True,
-        seed=training_settings.seed,
-        gradient_checkpointing=training_settings.gradient_checkpointing,
-    )
-    budget = None
-    if "activation_budget" in model_recipe.speedups:
-        budget = memory.budget_gb(training_settings.activation_memory_gb, model)
-    return fit(
-        model,
-        tokenized_train,
-        tokenized_validation,
-        training_arguments,
-        data_collator,
-        tokenizer,
-        activation_memory_gb=budget,
-        logit_free_loss="logit_free_loss" in model_recipe.speedups,
-    )
+    with quiet_libraries(not show_progress):
+        model = build_model(
+            model_recipe,
+            training_arguments.device,  # this process's device, as the Trainer sees it
+            trainable=True,
+            seed=training_settings.seed,
+            gradient_checkpointing=training_settings.gradient_checkpointing,
+        )
+        budget = None
+        if "activation_budget" in model_recipe.speedups:
+            budget = memory.budget_gb(training_settings.activation_memory_gb, model)
+        return fit(
+            model,
+            tokenized_train,
+            tokenized_validation,
+            training_arguments,
+            data_collator,
+            tokenizer,
+            activation_memory_gb=budget,
+            logit_free_loss="logit_free_loss" in model_recipe.speedups,
+        )
 
 
 @config.when(start="base")

@@ -6,7 +6,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach for the hub
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import json
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,81 @@ QUICK = {"max_steps": 2, "max_new_tokens": 4}
 def read_json(path: Path) -> Any:
     """The JSON value in a file."""
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """The environment of a run that may reach the hub: HF_HUB_OFFLINE unset, the hub at
+    `endpoint`, an empty Hugging Face cache in `home`."""
+    unset = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    return {**env, "HF_ENDPOINT": endpoint, "HF_HOME": str(home)}
+
+
+class SilentHub:
+    """A hub endpoint that accepts connections, reads each request's first line and never
+    answers (a hub behind a firewall that drops, or a proxy that hangs): `url`, and `requests`,
+    the request lines it has taken ("HEAD / HTTP/1.1", ...)."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self._taken: list[socket.socket] = []
+        self.requests: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection = self._server.accept()[0]
+            except TimeoutError:
+                continue
+            self._taken.append(connection)
+            connection.settimeout(2)
+            try:
+                self.requests.append(connection.recv(4096).decode("latin-1").split("\r\n")[0])
+            except TimeoutError:
+                self.requests.append("")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for connection in [*self._taken, self._server]:
+            connection.close()
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[SilentHub]:
+    """A hub endpoint that never answers."""
+    hub = SilentHub()
+    yield hub
+    hub.close()
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """Answers its root (the hub's front page) and 503 "try again now" to everything else."""
+
+    def _answer(self) -> None:
+        self.send_response(200 if self.path == "/" else 503)
+        self.send_header("Retry-After", "0")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_hub() -> Iterator[str]:
+    """The URL of a hub endpoint that answers, but fails every request for a model (503), so
+    that huggingface_hub retries and logs each retry."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,14 @@ from hamilton import driver
 
 import finetune_module
 import run
-from tests.conftest import EXAMPLE_DATA, REPO, read_json
+from finetune_module.engine.loading import TINY_MODEL_HINT
+from tests.conftest import EXAMPLE_DATA, REPO, SilentHub, hub_env, read_json
 
 
-def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _cli(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / "run.py"), *args],
         capture_output=True,
@@ -77,8 +81,17 @@ def test_dag_draws_a_picture(tmp_path: Path) -> None:
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# what a run prints with --quiet: the summary, line by line, and nothing else
+QUIET_SUMMARY = re.compile(
+    r"|Done in [\d.]+ s \(base\)\."
+    r"|  \w+ +-?[\d.]+(e[+-]\d+)?|nan"
+    r"|Hold-out answers \(\d+\):|  [QA]: .*"
+    r"|Saved to: .+|Report: .+"
+)
+
+
 def test_config_file_run_with_flag_override_then_presaved(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, silent_hub: SilentHub
 ) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -101,13 +114,17 @@ def test_config_file_run_with_flag_override_then_presaved(
         "--training-arg",
         "weight_decay=0.01",
         "--quiet",
+        env=hub_env(silent_hub.url, tmp_path / "hf-home"),  # HF_HUB_OFFLINE unset
     )
     assert out.returncode == 0, out.stderr
     assert "rougeL" in out.stdout and f"Saved to: {tmp_path / 'out' / 'best_model'}" in out.stdout
     assert f"Report: {tmp_path / 'out' / 'best_model' / 'report.html'}" in out.stdout
-    # --quiet: no progress bars (DAG, training, generation, loading) and no trainer log lines
-    assert "%|" not in out.stderr and "Execution Complete" not in out.stderr
-    assert "'loss'" not in out.stdout + out.stderr
+    # --quiet: the summary and nothing else; no progress bars (DAG, training, generation,
+    # loading weights), no log lines (trainer, rouge_score, ours), no library warnings
+    assert out.stderr == ""
+    assert [line for line in out.stdout.splitlines() if not QUIET_SUMMARY.fullmatch(line)] == []
+    assert not [text for text in ("Loading weights", "%|", "Warning") if text in out.stdout]
+    assert silent_hub.requests == []  # a local model directory never touches the network
     state = read_json(
         next((tmp_path / "out" / "checkpoints").glob("checkpoint-*")) / "trainer_state.json"
     )
@@ -166,6 +183,39 @@ def test_unreachable_hub_exits_2_and_names_the_fix(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "Hugging Face Hub" in out.stderr and "--model-id" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_hub_that_does_not_answer_fails_fast_with_one_line(
+    silent_hub: SilentHub, tmp_path: Path
+) -> None:
+    env = hub_env(silent_hub.url, tmp_path / "hf-home")
+    began = time.monotonic()
+    out = _cli("--data", str(EXAMPLE_DATA), "--output-dir", str(tmp_path / "out"), env=env)
+    seconds = time.monotonic() - began
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: Could not load 'google/flan-t5-small': the Hugging Face Hub ({silent_hub.url}) "
+        "did not answer within 5 s and it is not in the local cache. "
+        f"{TINY_MODEL_HINT}"
+    ]
+    # the hub was asked once whether it answers (HF_HUB_OFFLINE is not set), never for the model
+    assert silent_hub.requests.count("HEAD / HTTP/1.1") == 1
+    assert not [request for request in silent_hub.requests if "flan-t5" in request]
+    # A timing bound is unusual here, but failing fast is the promise: without the probe the
+    # run waits for ever on this endpoint. Generous, for a loaded machine: 5 s are the probe's,
+    # up to 3 s huggingface_hub's own telemetry lookup, the rest starting Python and torch.
+    assert seconds < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_log_lines_are_printed_once(failing_hub: str, tmp_path: Path) -> None:
+    out = _cli("--data", str(EXAMPLE_DATA), env=hub_env(failing_hub, tmp_path / "hf-home"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert "HTTP Error 503 thrown while requesting HEAD" in lines[0]  # huggingface_hub's own
+    assert sum("[Retry 1/5]" in line for line in lines) == 1
+    assert not any(line.startswith("HTTP Request:") for line in lines)  # httpx2, per request
+    assert lines[-1].startswith("error: Could not load 'google/flan-t5-small': the Hugging Face")
 
 
 def test_unknown_config_key_and_missing_data_are_refused(tmp_path: Path) -> None:

@@ -8,13 +8,15 @@ import pandas as pd
 import pytest
 import torch
 from hamilton import driver
+from huggingface_hub import utils as hub_utils
 from safetensors.torch import load_file
 from transformers.generation.utils import GenerationMixin
+from transformers.utils import logging as transformers_logging
 
 import finetune_module
 from finetune_module.engine.records import split_sizes
 from finetune_module.errors import ModelNotAvailableError, SettingsError
-from tests.conftest import EXAMPLE_DATA, read_json, run_dag
+from tests.conftest import EXAMPLE_DATA, QUICK, read_json, run_dag
 
 N_TRAIN, N_VALIDATION, N_HOLD_OUT = split_sizes(len(read_json(EXAMPLE_DATA)), 0.95, 0.8)
 
@@ -207,6 +209,30 @@ def test_unreachable_hub_says_so_and_points_to_a_local_model(tmp_path: Path) -> 
     assert "'google/flan-t5-small'" in message and "Hugging Face Hub" in message
     assert "python -m finetune_module.tiny_model" in message
     assert not (tmp_path / "best_model").exists()
+
+
+def _library_output_settings() -> tuple[int, bool, bool]:
+    return (
+        transformers_logging.get_verbosity(),
+        transformers_logging.is_progress_bar_enabled(),
+        hub_utils.are_progress_bars_disabled(),
+    )
+
+
+def test_a_quiet_run_prints_nothing_and_leaves_the_libraries_as_they_were(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    before = _library_output_settings()
+    inputs = {"data_path": str(EXAMPLE_DATA), "model_id": str(tiny_model_dir), **QUICK}
+    run_dag("base", **inputs, output_dir=str(tmp_path), quiet=True)
+    out, err = capfd.readouterr()
+    assert out == err == ""  # no "Loading weights" bar, no training or generation bar
+    libraries = [w for w in recwarn if "site-packages" in w.filename]
+    assert not libraries, [f"{w.filename}: {w.message}" for w in libraries]
+    assert _library_output_settings() == before
 
 
 def test_presaved_without_a_saved_model_is_a_clear_error(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ computed, as Hamilton nodes; the modules here say *how*, with plain functions an
 | `tokens` | padding token, length caps, truncation |
 | `loading` | loading models and tokenizers safely (safetensors only, clear errors) |
 | `models` | the model recipe and the one builder of every model |
+| `quiet` | a quiet run: the libraries' own bars, log lines and warnings off while it runs |
 | `trainer`, `batching`, `memory` | the Trainer as we run it; length-grouped batches; memory |
 | `speedups` | the CPU speed layer and the families it is proven for |
 | `generation`, `metrics` | batched decoding; ROUGE, labels, losses |

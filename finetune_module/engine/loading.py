@@ -1,8 +1,19 @@
-"""Loading models and tokenizers from a local directory or the Hugging Face Hub, safely."""
+"""Loading models and tokenizers from a local directory or the Hugging Face Hub, safely.
+
+A model id that is not a local directory is looked up on the hub, unless HF_HUB_OFFLINE is set.
+The hub's endpoint is asked first, with a short timeout, whether it answers at all: when it does
+not, the model is looked for in the local cache only, so a machine without the hub fails in
+seconds (or loads what it has cached) instead of retrying for a minute, or waiting for ever on a
+connection that never answers. A local directory never touches the network.
+"""
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
+
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_session
 
 from finetune_module.errors import ModelNotAvailableError
 
@@ -16,6 +27,40 @@ TINY_MODEL_HINT = (
     "to try the whole job offline, build a tiny one with "
     "`python -m finetune_module.tiny_model ./tiny-t5` and use --model-id ./tiny-t5."
 )
+
+
+#: How long the hub's endpoint may take to answer before the cache is used instead.
+HUB_PROBE_TIMEOUT_S = 5.0
+#: How long the answer (or the silence) is remembered: one run loads several times.
+HUB_PROBE_MEMORY_S = 60.0
+_hub_answers: dict[str, tuple[float, bool]] = {}  # endpoint -> (when asked, answered)
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
+    set to 1, true, yes or on)."""
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def hub_answers(endpoint: str | None = None) -> bool:
+    """Whether the hub's endpoint (HF_ENDPOINT, default https://huggingface.co) answers a HEAD
+    request within HUB_PROBE_TIMEOUT_S, through huggingface_hub's own HTTP client (its proxies
+    and certificates). Any HTTP status is an answer. Remembered for HUB_PROBE_MEMORY_S."""
+    endpoint = endpoint or hub_constants.ENDPOINT
+    now = time.monotonic()
+    asked = _hub_answers.get(endpoint)
+    if asked is not None and now - asked[0] < HUB_PROBE_MEMORY_S:
+        return asked[1]
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+        answered = True
+    except Exception:  # whatever the HTTP client raises (timeout, refused, no DNS, proxy, TLS)
+        answered = False
+    _hub_answers[endpoint] = (now, answered)
+    return answered
 
 
 def resolve_model_id(model_id: str) -> str:
@@ -35,9 +80,13 @@ def _one_line(error: Exception) -> str:
 def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) -> Any:
     """`loader(model_id, **kwargs)` (a `from_pretrained`), with one clear error when it fails.
 
-    Only safetensors weights are loaded, and remote code only when the caller asks for it.
+    Only safetensors weights are loaded, and remote code only when the caller asks for it. A
+    hub id is looked for in the local cache only when the hub does not answer (`hub_answers`).
     """
     model_id = resolve_model_id(model_id)
+    silent_hub = not os.path.isdir(model_id) and not hub_offline() and not hub_answers()
+    if silent_hub:
+        kwargs["local_files_only"] = True
     try:
         return loader(model_id, **kwargs)
     except ValueError as e:  # e.g. custom code that trust_remote_code=False refuses to run
@@ -56,13 +105,18 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) ->
                 "Hugging Face model saved with save_pretrained (config.json, model.safetensors, "
                 f"tokenizer files).{never}"
             ) from e
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        reason = (
-            "the Hugging Face Hub is switched off here (HF_HUB_OFFLINE is set) and it is not in "
-            "the local cache"
-            if offline
-            else "the Hugging Face Hub is unreachable from this machine or has no such model"
-        )
+        if hub_offline():
+            reason = (
+                "the Hugging Face Hub is switched off here (HF_HUB_OFFLINE is set) and it is not "
+                "in the local cache"
+            )
+        elif silent_hub:
+            reason = (
+                f"the Hugging Face Hub ({hub_constants.ENDPOINT}) did not answer within "
+                f"{HUB_PROBE_TIMEOUT_S:g} s and it is not in the local cache"
+            )
+        else:
+            reason = "the Hugging Face Hub is unreachable from this machine or has no such model"
         raise ModelNotAvailableError(
             f"Could not load {model_id!r}: {reason}. {TINY_MODEL_HINT}"
         ) from e
