@@ -15,8 +15,8 @@ Every setting is an input of the Hamilton dataflow in `finetune_module/`; a YAML
 --config uses the same names as the inputs (data_path, model_id, num_train_epochs, ...).
 `predict` answers questions with a saved fine-tune and `export` merges its adapter into the
 base model (see `python run.py predict --help`, `python run.py export --help`).
-Exit status: 0 on success, 2 on bad data or settings, 1 on any other failure, 130 when
-interrupted (Ctrl-C).
+Exit status: 0 on success, 2 on bad data or settings, 3 when the disk or its permissions
+refuse to store the run's files, 1 on any other failure, 130 when interrupted (Ctrl-C).
 """
 
 import argparse
@@ -723,6 +723,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {finetune_module.mask_credentials(str(e))}", file=sys.stderr)
         return 2
+    except finetune_module.StorageError as e:  # the disk or its permissions refused a write
+        if debug:
+            raise
+        print(f"error: {finetune_module.mask_credentials(e.strerror or str(e))}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         if debug:
             raise

@@ -58,6 +58,7 @@ from finetune_module.errors import (
     FinetuneInputError,
     ModelNotAvailableError,
     SettingsError,
+    StorageError,
     mask_credentials,
 )
 from finetune_module.inference import export_merged, predict, read_texts
@@ -184,6 +185,7 @@ __all__ = [
     "FinetuneInputError",
     "ModelNotAvailableError",
     "SettingsError",
+    "StorageError",
     "build_driver",
     "draw_dag",
     "export_merged",

@@ -26,6 +26,15 @@ class ModelNotAvailableError(FinetuneInputError):
     """The model (or tokenizer) cannot be loaded from the hub or from disk."""
 
 
+class StorageError(OSError):
+    """The machine refused to write a run's files (disk full, read-only file system,
+    permission denied), explained in one message that names the path.
+
+    The CLI prints these without a traceback and exits with status 3; whatever was being
+    written is removed, and what was there before is left as it was.
+    """
+
+
 def require_package(package: str, setting: str) -> None:
     """Refuses `setting` when the optional `package` it needs is not installed (looked up, not
     imported: GPU-only packages stay out of CPU runs)."""

@@ -38,8 +38,10 @@ from finetune_module.engine.sources import RECORD_FILE_SUFFIXES, read_file_recor
 from finetune_module.engine.tokens import truncate_middle, truncate_tail, with_pad_token
 from finetune_module.errors import DataError, ModelNotAvailableError, SettingsError
 
-#: The answer length bound of a model saved without finetune_settings.json (a checkpoint).
+#: The answer length bound of a model saved without finetune_settings.json.
 DEFAULT_MAX_NEW_TOKENS = 128
+#: The input cap of a model saved without finetune_settings.json whose own limit is unknown.
+DEFAULT_INPUT_LIMIT = 512
 
 
 def _load_saved(
@@ -58,6 +60,21 @@ def _load_saved(
         AutoTokenizer.from_pretrained, model_dir, trust_remote_code=trust_remote_code
     )
     return model, with_pad_token(tokenizer)
+
+
+def input_limit(model: LanguageModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input the model was made for, for a model saved without its run's caps:
+    the smaller of its position table and its tokenizer's model_max_length, else
+    `DEFAULT_INPUT_LIMIT` (T5's relative positions have no table)."""
+    config = model.config
+    limits = [
+        value
+        for name in ("max_position_embeddings", "n_positions", "max_source_positions")
+        if isinstance(value := getattr(config, name, None), int) and value > 0
+    ]
+    if 0 < tokenizer.model_max_length < 1_000_000:  # "no limit" is a huge placeholder
+        limits.append(int(tokenizer.model_max_length))
+    return min(limits, default=DEFAULT_INPUT_LIMIT)
 
 
 def _saved_settings(model_dir: str) -> dict[str, Any]:
@@ -82,8 +99,11 @@ def predict(
     """The saved fine-tune's answers to `texts`, in order: batched, greedy unless `num_beams` > 1.
 
     Each text is put in the prompt template and truncated to the input cap saved in the model's
-    finetune_settings.json, and answers stop at its length bound, as in the run that saved it.
-    (A template with `{context}` is refused: predict takes questions only.)
+    finetune_settings.json, and answers stop at its length bound, as in the run that saved it
+    (a best model, a checkpoint and an export all hold that file). A model saved without it is
+    capped at its own input limit (`input_limit`), so memory stays bounded for any text. An
+    empty text is refused, as training refuses one; so is a template with `{context}`:
+    predict takes questions only.
 
     :param model_dir: a `best_model/` directory, a Trainer `checkpoint-N/` or an exported model.
     :param texts: the questions.
@@ -99,6 +119,8 @@ def predict(
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise DataError(f"texts[{index}] is a {type(text).__name__}, expected text.")
+        if not text.strip():
+            raise DataError(f"texts[{index}]: empty text.")
     model_dir = os.path.abspath(model_dir)
     saved = _saved_settings(model_dir)
     checked = EvaluationSettings(
@@ -123,11 +145,9 @@ def predict(
     with quiet_libraries(quiet):
         model, tokenizer = _load_saved(model_dir, process_device(), trust_remote_code)
         prompts = [template.format(input=text) for text in texts]
-        cap = saved.get("source_length_cap")
+        cap = saved.get("source_length_cap") or input_limit(model, tokenizer)
         cut = truncate_tail if model.config.is_encoder_decoder else truncate_middle
-        examples = [
-            {"input_ids": cut(ids, cap) if cap else ids} for ids in tokenizer(prompts)["input_ids"]
-        ]
+        examples = [{"input_ids": cut(ids, cap)} for ids in tokenizer(prompts)["input_ids"]]
         return generate(model, tokenizer, examples, **settings, desc="predicting", quiet=quiet)
 
 

@@ -25,6 +25,7 @@ from finetune_module.engine.distributed import world_size
 from finetune_module.engine.files import RunLock
 from finetune_module.engine.models import ModelRecipe, build_model
 from finetune_module.engine.quiet import quiet_libraries
+from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
 from finetune_module.engine.settings import TrainingSettings
 from finetune_module.engine.trainer import (
     TRAINING_LOG_FILE,
@@ -141,6 +142,9 @@ def fitted_weights(
     model_recipe: ModelRecipe,
     tokenizer: PreTrainedTokenizerBase,
     show_progress: bool,
+    source_length_cap: int,
+    target_length_cap: int,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> FittedWeights:
     """The trained weights (the LoRA adapter's, or every weight in a full fine-tune) of the
     checkpoint with the lowest validation loss, and the trainer's state.
@@ -150,11 +154,14 @@ def fitted_weights(
     training settings takes the weights from the cache instead of training again. Where the
     recipe has the `activation_budget` speed-up, a batch keeps at most about
     activation_memory_gb of activations; with `logit_free_loss`, a sequence-to-sequence loss
-    keeps no logits. (Every setting is checked before this runs, as everything depends on
-    the settings stage; the data comes first among the parameters only so that a bad data
-    file is reported before the model is looked up.)
+    keeps no logits. Each checkpoint holds the length caps and prompt template with its
+    weights, so that `predict` and `export_merged` use them on a checkpoint too. (Every
+    setting is checked before this runs, as everything depends on the settings stage; the
+    data comes first among the parameters only so that a bad data file is reported before the
+    model is looked up.)
 
     :param show_progress: False: the libraries print no bars or warnings of their own.
+    :param prompt_template: the prompt the model is trained with (see `prompt_texts`).
     """
     with quiet_libraries(not show_progress):
         model = build_model(
@@ -176,6 +183,12 @@ def fitted_weights(
             tokenizer,
             activation_memory_gb=budget,
             logit_free_loss="logit_free_loss" in model_recipe.speedups,
+            checkpoint_settings={
+                "source_length_cap": source_length_cap,
+                "target_length_cap": target_length_cap,
+                "max_new_tokens": target_length_cap,
+                "prompt_template": prompt_template,
+            },
         )
 
 

@@ -22,7 +22,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from finetune_module import build_driver
-from finetune_module.engine.files import atomic_directory
+from finetune_module.engine.files import LOCK_FILE, RunLock, atomic_directory
 from finetune_module.engine.models import ModelRecipe, build_model
 from finetune_module.engine.settings import ModelSettings, TrainingSettings
 from finetune_module.errors import SettingsError
@@ -96,7 +96,8 @@ def test_run_killed_mid_save_leaves_the_previous_best_model_whole(
     with atomic_directory(str(best)) as new:
         Path(new, "adapter_model.safetensors").write_bytes(b"new")
     assert os.listdir(best) == ["adapter_model.safetensors"]
-    assert sorted(os.listdir(output_dir)) == ["best_model", "checkpoints"]
+    # and the killed run's lock file, which the next run takes over
+    assert sorted(os.listdir(output_dir)) == [LOCK_FILE, "best_model", "checkpoints"]
 
 
 def test_same_seed_run_killed_in_training_resumes_to_the_same_losses_and_answers(
@@ -145,6 +146,10 @@ def test_same_seed_run_killed_in_training_resumes_to_the_same_losses_and_answers
     assert resumed["training_and_validation_set_metrics"]["eval_loss"] == pytest.approx(
         base_metrics["eval_loss"], rel=1e-6
     )
+    # the reported training loss covers the whole run, not only the steps after the resume
+    assert resumed["training_and_validation_set_metrics"]["train_loss"] == pytest.approx(
+        base_metrics["train_loss"], rel=1e-5
+    )
 
 
 def test_a_failed_save_leaves_the_previous_directory_and_no_staging(tmp_path: Path) -> None:
@@ -184,6 +189,7 @@ def _training_arguments(output_dir: Path, **inputs: Any) -> Any:
         train_set=table,
         device=cpu,
         run_dir=str(output_dir),
+        run_lock=RunLock(str(output_dir), hold=False),  # nothing written here
         training_settings=TrainingSettings(**inputs),
         model_recipe=ModelRecipe("m"),
         show_progress=False,

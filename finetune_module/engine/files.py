@@ -3,6 +3,7 @@ directories at once, so that an interrupted write leaves the previous complete d
 none), never half of one, with the permissions the process's umask gives every other file."""
 
 import datetime
+import errno
 import fcntl
 import glob
 import json
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from finetune_module.errors import SettingsError
+from finetune_module.errors import SettingsError, StorageError
 
 # The files a run writes beside its model (or in its evaluation directory)
 METRICS_FILE = "metrics.json"
@@ -33,6 +34,60 @@ BACKUP_SUFFIX = ".old"
 LOCK_FILE = ".finetune.lock"  # in the output directory: who is writing to it
 
 logger = logging.getLogger(__name__)
+
+
+# what the machine answers when it will not store a file: the user must free or fix storage
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+# the same, as libraries without an errno put it (torch.save: "file write failed")
+_STORAGE_WORDS = {
+    "No space left on device": errno.ENOSPC,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+    "Disk quota exceeded": errno.EDQUOT,
+    "File too large": errno.EFBIG,
+    "file write failed": None,
+    "enforce fail at inline_container": None,  # torch.save's zip writer after a short write
+}
+
+
+def storage_error(error: BaseException, what: str, path: str) -> StorageError | None:
+    """The one-line `StorageError` that `error`, raised while writing `what` at `path`,
+    amounts to, or None when it is not the storage refusing a write."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code not in _STORAGE_ERRNOS:
+        text = str(error)
+        found = [word for word in _STORAGE_WORDS if word in text]
+        if not found:
+            return None
+        code = _STORAGE_WORDS[found[0]]
+    if code is None or code == errno.ENOSPC:
+        reason = _space_left(path)
+    else:
+        reason = os.strerror(code).lower()
+    advice = {
+        errno.EROFS: "write the run somewhere writable (output_dir)",
+        errno.EACCES: "give this user write access, or choose another output_dir",
+        errno.EPERM: "give this user write access, or choose another output_dir",
+    }.get(code, "free some space, or choose another output_dir")
+    return StorageError(
+        code or errno.EIO, f"Cannot write {what} {path}: {reason}; {advice}. Nothing "
+        "half-written was left there."
+    )  # fmt: skip
+
+
+def _space_left(path: str) -> str:
+    """Why a write on `path`'s file system failed, as far as its free space tells."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        stats = os.statvfs(probe or "/")
+    except OSError:
+        return "the write failed"
+    free = stats.f_bavail * stats.f_frsize
+    if free > max(64 * 2**20, stats.f_blocks * stats.f_frsize // 100):  # not a full disk
+        return f"the write failed ({free / 2**20:.1f} MB free there)"
+    return f"no space left on device ({free / 2**20:.1f} MB free)"
 
 
 class RunLockedError(SettingsError):
@@ -93,9 +148,12 @@ def _take(directory: str) -> IO[str]:
     """Opens and locks `<directory>/.finetune.lock` (creating the directory), writing this
     process in it; a lock held by a live process is refused, naming it; one a dead process
     left is taken over with a warning."""
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_FILE)
-    lock_file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+    try:
+        os.makedirs(directory, exist_ok=True)
+        lock_file = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+    except OSError as e:
+        raise storage_error(e, "the output directory", directory) or e from e
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -192,7 +250,10 @@ def atomic_directory(path: str) -> Iterator[str]:
     """
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise storage_error(e, "the directory", path) or e from e
     backup = path + BACKUP_SUFFIX
     if os.path.isdir(backup) and not os.path.exists(path):
         os.rename(backup, path)
@@ -200,7 +261,12 @@ def atomic_directory(path: str) -> Iterator[str]:
     for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
         if not _staged_by_live_process(stale[len(os.path.join(parent, prefix)) :]):
             shutil.rmtree(stale, ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=parent)
+    try:
+        staging = tempfile.mkdtemp(
+            prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=parent
+        )
+    except OSError as e:
+        raise storage_error(e, "the directory", path) or e from e
     try:
         yield staging
         take_umask(staging)
@@ -210,8 +276,11 @@ def atomic_directory(path: str) -> Iterator[str]:
         os.rename(staging, path)
         shutil.rmtree(backup, ignore_errors=True)
         logger.info("Wrote %s", path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        refused = storage_error(e, "the directory", path)
+        if refused is not None:
+            raise refused from e
         raise
 
 

@@ -11,15 +11,18 @@ the checkpoint with the lowest validation loss back at the end.
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from accelerate.utils import broadcast_object_list
@@ -38,11 +41,13 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from finetune_module.engine import speedups
 from finetune_module.engine.batching import LengthGroupedBatches
 from finetune_module.engine.distributed import world_size
+from finetune_module.engine.files import SETTINGS_FILE, storage_error, take_umask, write_json
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.settings import TrainingSettings
 from finetune_module.engine.tokens import IGNORE_INDEX
@@ -86,6 +91,91 @@ def last_complete_checkpoint(checkpoints_dir: str) -> str | None:
     }
     complete = [step for step, path in steps.items() if is_complete_checkpoint(path)]
     return steps[max(complete)] if complete else None
+
+
+RUN_RECORD_FILE = "finetune_run.json"  # in each checkpoint: the run that wrote it
+
+
+def examples_fingerprint(examples: Any) -> str:
+    """A fingerprint of tokenized examples (their input ids and labels, in order)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for example in examples:
+        for key in ("input_ids", "labels"):
+            ids = np.asarray(example[key], dtype=np.int64)
+            digest.update(len(ids).to_bytes(8, "little"))
+            digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
+def run_identity(model: torch.nn.Module, tokenized_train: Any) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it: the base model, the
+    adapter's shape (or full fine-tuning) and the training data."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    identity: dict[str, Any] = {"base model": str(base.config.name_or_path)}
+    if isinstance(model, PeftModel):
+        adapter = model.peft_config[model.active_adapter]
+        identity["adapter"] = {
+            "r": adapter.r,
+            "lora_alpha": adapter.lora_alpha,
+            "target_modules": sorted(adapter.target_modules),
+        }
+    else:
+        identity["adapter"] = "none (full fine-tuning)"
+    identity["training data"] = examples_fingerprint(tokenized_train)
+    return identity
+
+
+def planned_steps(arguments: TrainingArguments, examples: int, processes: int) -> int:
+    """The optimizer steps a run of these arguments takes over `examples` training examples."""
+    if arguments.max_steps > 0:
+        return arguments.max_steps
+    batches = math.ceil(examples / (arguments.per_device_train_batch_size * processes))
+    per_epoch = max(math.ceil(batches / arguments.gradient_accumulation_steps), 1)
+    return math.ceil(arguments.num_train_epochs * per_epoch)
+
+
+def check_resumable(checkpoint: str, identity: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The record of the run that wrote `checkpoint`, when this run (`identity`, `steps`
+    optimizer steps in all) may continue from it; otherwise a SettingsError saying what
+    differs: a checkpoint of another base model, adapter shape or data, or one at a step
+    beyond this run's last."""
+    name = os.path.basename(checkpoint)
+    try:
+        with open(os.path.join(checkpoint, RUN_RECORD_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            step = int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SettingsError(
+            f"resume_from_checkpoint: {checkpoint} has no readable {RUN_RECORD_FILE}, so it "
+            "cannot be checked to fit this run (it was written by another tool or version); "
+            "train from the start (resume_from_checkpoint false) or use another output_dir."
+        ) from e
+    differences = [
+        f"{key} {_shown(record.get('identity', {}).get(key))}, not {_shown(value)}"
+        for key, value in identity.items()
+        if record.get("identity", {}).get(key) != value
+    ]
+    if differences:
+        raise SettingsError(
+            f"resume_from_checkpoint: {name} was written by a run with another "
+            f"{'; '.join(differences)}. Train from the start (resume_from_checkpoint false) "
+            "or use another output_dir."
+        )
+    if step > steps:
+        raise SettingsError(
+            f"resume_from_checkpoint: {name} is at step {step}, beyond this run's {steps} "
+            "steps: nothing would be trained. Ask for more steps (num_train_epochs, "
+            "max_steps) or train from the start."
+        )
+    return record
+
+
+def _shown(value: Any) -> str:
+    """A record's value in a message (fingerprints shortened)."""
+    if isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+        return f"(fingerprint {value[:8]})"
+    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def checkpoint_to_resume(resume_from_checkpoint: bool | str, checkpoints_dir: str) -> str | None:
@@ -210,6 +300,41 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     activation_budget: ActivationBudget | None = None
     logit_free_loss: bool = False
+    run_identity: dict[str, Any] | None = None  # written into each checkpoint (RUN_RECORD_FILE)
+    checkpoint_settings: dict[str, Any] | None = None  # and these, as SETTINGS_FILE
+    earlier_loss_sum: float = 0.0  # the training loss summed over the steps before a resume
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """A checkpoint, with the record of this run (`RUN_RECORD_FILE`: what a resume must
+        share with it, and the training loss summed so far) and the run's length caps and
+        prompt template (`SETTINGS_FILE`, as a best model has them) written first, so that a
+        complete checkpoint (trainer_state.json is written last) always has them; its files
+        take the process's umask."""
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        try:
+            if self.args.should_save and self.run_identity is not None:
+                os.makedirs(folder, exist_ok=True)
+                loss_sum = self.earlier_loss_sum + self._total_loss_scalar + float(self._tr_loss)
+                record = {
+                    "identity": self.run_identity,
+                    "global_step": self.state.global_step,
+                    "loss_sum": loss_sum,
+                }
+                write_json(os.path.join(folder, RUN_RECORD_FILE), record)
+                if self.checkpoint_settings is not None:
+                    write_json(os.path.join(folder, SETTINGS_FILE), self.checkpoint_settings)
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and os.path.isdir(folder):
+                take_umask(folder)
+        except Exception as e:
+            refused = storage_error(e, "the checkpoint", folder)
+            if refused is None:
+                raise
+            if self.args.should_save:  # never a half-written checkpoint to resume from
+                shutil.rmtree(folder, ignore_errors=True)
+            raise refused from e
 
     def training_step(
         self,
@@ -330,12 +455,14 @@ def fit(
     *,
     activation_memory_gb: float | None = None,
     logit_free_loss: bool = False,
+    checkpoint_settings: dict[str, Any] | None = None,
 ) -> FittedWeights:
     """Trains the model with a `FinetuneTrainer` (continuing from
     `training_arguments.resume_from_checkpoint` when that is set; the best checkpoint is loaded
     back at the end) and returns its trained weights, gathered and shared with every process.
     Unless every layer recomputes its activations already (gradient_checkpointing), a batch
-    keeps at most about `activation_memory_gb` of them (None: no limit)."""
+    keeps at most about `activation_memory_gb` of them (None: no limit). Each checkpoint holds
+    `checkpoint_settings` (length caps, prompt template) as its finetune_settings.json."""
     trainer = FinetuneTrainer(
         model=model,
         args=training_arguments,
@@ -358,7 +485,17 @@ def fit(
             logger.info("activation_memory_gb does not apply: %s", e)
     if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead
         trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=training_arguments.resume_from_checkpoint)
+    trainer.run_identity = run_identity(model, tokenized_train)
+    trainer.checkpoint_settings = checkpoint_settings
+    resumed = training_arguments.resume_from_checkpoint
+    record = None
+    if resumed:
+        steps = planned_steps(training_arguments, len(tokenized_train), world_size())
+        record = check_resumable(resumed, trainer.run_identity, steps)
+        trainer.earlier_loss_sum = float(record["loss_sum"])
+    trainer.train(resume_from_checkpoint=resumed)
+    if record is not None:  # the Trainer's train_loss covers the steps after the resume only
+        _whole_run_loss(trainer.state, record)
     # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if isinstance(trainer.model, PeftModel):
@@ -369,6 +506,18 @@ def fit(
     if world_size() > 1:  # the gathered weights may live on the main process only: share them
         broadcast_object_list(payload, from_process=0)
     return FittedWeights(weights=payload[0], trainer_state=trainer.state)
+
+
+def _whole_run_loss(state: TrainerState, record: dict[str, Any]) -> None:
+    """Makes the end-of-training `train_loss` of a resumed run the mean over all its steps:
+    the loss summed before the resume (from the checkpoint's record) and the steps since."""
+    summary = next((e for e in reversed(state.log_history) if "train_loss" in e), None)
+    if summary is None or state.global_step <= 0:
+        return
+    since = state.global_step - int(record["global_step"])
+    summary["train_loss"] = (float(record["loss_sum"]) + summary["train_loss"] * since) / (
+        state.global_step
+    )
 
 
 def log_table(log_history: list[dict[str, Any]]) -> pd.DataFrame:
