@@ -136,6 +136,7 @@ def save_best_models__base(
                 },
             )
     wait_for_everyone()
+    run_lock.release()  # the run's last write is done: the directory is free again
     return best_model_dir
 
 
@@ -166,4 +167,5 @@ def save_best_models__presaved(
             }
             _write_run_files(staging, metrics, prediction_tables, report_html)
     wait_for_everyone()
+    run_lock.release()  # the run's last write is done: the directory is free again
     return evaluation_dir

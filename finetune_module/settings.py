@@ -237,8 +237,9 @@ def settings(
 @cache(behavior="disable")  # taken on each run, never from the cache
 def run_lock(run_dir: str) -> RunLock:
     """This run's hold on its output directory, from the first node that writes there until
-    the run's results are garbage-collected (or the process ends): a second run into the same
-    directory is refused at once, naming this one (PID, host, start time). The main process
-    holds it; the other processes of a multi-process run write nothing. (`run.py` takes the
-    directory before the run starts and releases it when the run ends.)"""
+    `save_best_models` has written the last file (or, when the run fails, until its results
+    are garbage-collected or the process ends): a second run into the same directory is
+    refused at once, naming this one (PID, host, start time). The main process holds it; the
+    other processes of a multi-process run write nothing. (`run.py` takes the directory
+    before the run starts.)"""
     return RunLock(run_dir, hold=is_main_process())

@@ -128,8 +128,10 @@ class RunLock:
     is released when the last `RunLock` of the directory is garbage-collected, or when the
     process dies, however it dies; the lock file names the holder (PID, host, start time).
 
-    Only `directory` is in the object's attributes (what Hamilton's cache fingerprints); the
-    open lock file is kept by the module, shared by every `RunLock` of the directory in this
+    `release()` ends the hold at once (the run's last write is done: Hamilton keeps a run's
+    results in reference cycles, which only the cyclic garbage collector frees). Apart from
+    `directory`, what Hamilton's cache fingerprints, the object keeps only that; the open lock
+    file is kept by the module, shared by every `RunLock` of the directory in this
     process (a second run in the same process may take it again). With `hold` False it holds
     nothing (for the processes of a multi-process run that do not write)."""
 
@@ -141,7 +143,17 @@ class RunLock:
             _HELD[self.directory][1] += 1
         else:
             _HELD[self.directory] = [_take(self.directory), 1]
-        weakref.finalize(self, _release, self.directory)
+        _FINALIZERS[self] = weakref.finalize(self, _release, self.directory)
+
+    def release(self) -> None:
+        """Ends this hold now (the run has written its last file); later calls do nothing."""
+        finalizer = _FINALIZERS.pop(self, None)
+        if finalizer is not None:
+            finalizer()
+
+
+# each RunLock's release, kept out of its attributes (which Hamilton's cache fingerprints)
+_FINALIZERS: "weakref.WeakKeyDictionary[RunLock, weakref.finalize]" = weakref.WeakKeyDictionary()
 
 
 def _take(directory: str) -> IO[str]:
