@@ -12,17 +12,15 @@ model's recipe with the engine's one builder, and truncates and generates as the
 so that greedy answers equal those of the run that saved the model.
 """
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune_module.engine.distributed import process_device
-from finetune_module.engine.files import SETTINGS_FILE, atomic_directory
+from finetune_module.engine.files import SETTINGS_FILE, atomic_directory, saved_settings
 from finetune_module.engine.generation import generate
 from finetune_module.engine.loading import ADAPTER_CONFIG, load_pretrained
 from finetune_module.engine.models import (
@@ -35,13 +33,16 @@ from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE, check_key_exists
 from finetune_module.engine.settings import EvaluationSettings, speedups_requested
 from finetune_module.engine.sources import RECORD_FILE_SUFFIXES, read_file_records, read_text
-from finetune_module.engine.tokens import truncate_middle, truncate_tail, with_pad_token
+from finetune_module.engine.tokens import (
+    input_limit,
+    truncate_middle,
+    truncate_tail,
+    with_pad_token,
+)
 from finetune_module.errors import DataError, ModelNotAvailableError, SettingsError
 
 #: The answer length bound of a model saved without finetune_settings.json.
 DEFAULT_MAX_NEW_TOKENS = 128
-#: The input cap of a model saved without finetune_settings.json whose own limit is unknown.
-DEFAULT_INPUT_LIMIT = 512
 
 
 def _load_saved(
@@ -60,30 +61,6 @@ def _load_saved(
         AutoTokenizer.from_pretrained, model_dir, trust_remote_code=trust_remote_code
     )
     return model, with_pad_token(tokenizer)
-
-
-def input_limit(model: LanguageModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The longest input the model was made for, for a model saved without its run's caps:
-    the smaller of its position table and its tokenizer's model_max_length, else
-    `DEFAULT_INPUT_LIMIT` (T5's relative positions have no table)."""
-    config = model.config
-    limits = [
-        value
-        for name in ("max_position_embeddings", "n_positions", "max_source_positions")
-        if isinstance(value := getattr(config, name, None), int) and value > 0
-    ]
-    if 0 < tokenizer.model_max_length < 1_000_000:  # "no limit" is a huge placeholder
-        limits.append(int(tokenizer.model_max_length))
-    return min(limits, default=DEFAULT_INPUT_LIMIT)
-
-
-def _saved_settings(model_dir: str) -> dict[str, Any]:
-    """The length caps and generation settings saved with the model ({} when there are none)."""
-    path = os.path.join(model_dir, SETTINGS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def predict(
@@ -122,7 +99,7 @@ def predict(
         if not text.strip():
             raise DataError(f"texts[{index}]: empty text.")
     model_dir = os.path.abspath(model_dir)
-    saved = _saved_settings(model_dir)
+    saved = saved_settings(model_dir)
     checked = EvaluationSettings(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
@@ -145,7 +122,7 @@ def predict(
     with quiet_libraries(quiet):
         model, tokenizer = _load_saved(model_dir, process_device(), trust_remote_code)
         prompts = [template.format(input=text) for text in texts]
-        cap = saved.get("source_length_cap") or input_limit(model, tokenizer)
+        cap = saved.get("source_length_cap") or input_limit(model.config, tokenizer)
         cut = truncate_tail if model.config.is_encoder_decoder else truncate_middle
         examples = [{"input_ids": cut(ids, cap)} for ids in tokenizer(prompts)["input_ids"]]
         return generate(model, tokenizer, examples, **settings, desc="predicting", quiet=quiet)

@@ -13,10 +13,12 @@ import pandas as pd
 from hamilton.function_modifiers import cache, config, parameterize, source
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from finetune_module.engine.files import saved_settings
 from finetune_module.engine.loading import load_pretrained
-from finetune_module.engine.models import model_config
+from finetune_module.engine.models import ModelRecipe, model_config
 from finetune_module.engine.settings import LengthSettings, ModelSettings
 from finetune_module.engine.tokens import (
+    input_limit,
     length_cap,
     truncate_middle,
     truncate_tail,
@@ -88,17 +90,58 @@ def target_token_ids__causal(
     return [[*ids, tokenizer.eos_token_id] for ids in answers]
 
 
-def source_length_cap(source_token_ids: list[list[int]], length_settings: LengthSettings) -> int:
+@config.when(start="base")
+def source_length_cap__base(
+    source_token_ids: list[list[int]], length_settings: LengthSettings
+) -> int:
     """Longest input (prompt), in tokens, fed to the model; longer inputs are truncated: the
     fixed max_source_length, else the length_percentile of the prompts' lengths."""
     settings = length_settings
     return length_cap(source_token_ids, settings.max_source_length, settings.length_percentile)
 
 
-def target_length_cap(target_token_ids: list[list[int]], length_settings: LengthSettings) -> int:
+@config.when(start="base")
+def target_length_cap__base(
+    target_token_ids: list[list[int]], length_settings: LengthSettings
+) -> int:
     """Longest target, in tokens, trained on; also the generation length bound: the fixed
     max_target_length, else the length_percentile of the targets' lengths."""
     settings = length_settings
+    return length_cap(target_token_ids, settings.max_target_length, settings.length_percentile)
+
+
+@config.when(start="presaved")
+def source_length_cap__presaved(
+    presaved_model_dir: str,
+    length_settings: LengthSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    model_recipe: ModelRecipe,
+) -> int:
+    """Longest input (prompt), in tokens, fed to the saved fine-tune: the fixed
+    max_source_length, else the cap it was trained with (saved with it), else the model's
+    own input limit; longer inputs are truncated, so memory stays bounded for any input."""
+    if length_settings.max_source_length is not None:
+        return length_settings.max_source_length
+    saved = saved_settings(presaved_model_dir).get("source_length_cap")
+    if saved:
+        return int(saved)
+    config = model_config(model_recipe.model_id, model_recipe.trust_remote_code)
+    return input_limit(config, tokenizer)
+
+
+@config.when(start="presaved")
+def target_length_cap__presaved(
+    presaved_model_dir: str,
+    target_token_ids: list[list[int]],
+    length_settings: LengthSettings,
+) -> int:
+    """Longest target, in tokens; also the generation length bound: the fixed
+    max_target_length, else the cap the saved fine-tune was trained with, else the
+    length_percentile of the targets' lengths."""
+    settings = length_settings
+    saved = saved_settings(presaved_model_dir).get("target_length_cap")
+    if settings.max_target_length is None and saved:
+        return int(saved)
     return length_cap(target_token_ids, settings.max_target_length, settings.length_percentile)
 
 

@@ -13,6 +13,7 @@ import finetune_module
 import run
 from finetune_module import inference
 from finetune_module.engine.files import SETTINGS_FILE
+from finetune_module.engine.tokens import DEFAULT_INPUT_LIMIT
 from finetune_module.engine.trainer import RUN_RECORD_FILE
 from finetune_module.errors import DataError, SettingsError
 from finetune_module.tiny_model import build_t5, texts_of
@@ -122,6 +123,31 @@ def test_checkpoints_hold_the_runs_caps_and_predict_stays_bounded_on_them(
     (checkpoint / SETTINGS_FILE).unlink()  # a model saved without its run's caps
     lengths.clear()
     finetune_module.predict(str(checkpoint), [huge], max_new_tokens=2)
-    assert lengths == [inference.DEFAULT_INPUT_LIMIT]  # the tiny T5 has no position table
+    assert lengths == [DEFAULT_INPUT_LIMIT]  # the tiny T5 has no position table
     with pytest.raises(DataError, match=r"texts\[1\]: empty text"):
         finetune_module.predict(str(checkpoint), ["fine", "  "])
+
+
+@pytest.mark.parametrize("saved", ["best_model", "checkpoints/checkpoint-2"])
+def test_presaved_takes_the_caps_saved_with_the_fine_tune(
+    saved: str, first_run: dict[str, Any], tmp_path: Path
+) -> None:
+    records = json.loads(EXAMPLE_DATA.read_text(encoding="utf-8"))
+    for record in records:
+        record["question"] = "why " * 2_500 + record["question"]  # 10,000 characters more
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    model_dir = Path(first_run["output_dir"]) / saved
+    caps = json.loads((model_dir / SETTINGS_FILE).read_text(encoding="utf-8"))
+    result = finetune_module.build_driver("presaved").execute(
+        ["source_length_cap", "target_length_cap", "tokenized_validation", "tokenized_hold_out"],
+        inputs={
+            "data_path": str(data), "input_text_key": "question", "output_text_key": "reply",
+            "model_id": first_run["model_id"], "presaved_model_path": str(model_dir),
+            "output_dir": str(tmp_path / "eval"),
+        },
+    )  # fmt: skip
+    assert result["source_length_cap"] == caps["source_length_cap"]
+    assert result["target_length_cap"] == caps["target_length_cap"]
+    examples = [*result["tokenized_validation"], *result["tokenized_hold_out"]]
+    assert max(len(example["input_ids"]) for example in examples) == caps["source_length_cap"]

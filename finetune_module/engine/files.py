@@ -310,3 +310,13 @@ def existing_directory(path: str) -> str:
     if not os.path.exists(path) and os.path.isdir(backup):
         return backup
     return path
+
+
+def saved_settings(model_dir: str) -> dict[str, Any]:
+    """The length caps, generation settings and prompt template saved with a model
+    (`SETTINGS_FILE`: a best model, a checkpoint or an export has it); {} when it has none."""
+    path = os.path.join(model_dir, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -2,9 +2,11 @@
 tokens a model needs (the end-of-sequence token of a target, the end of a prompt)."""
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the label of a position left out of the loss (padding, a prompt)
+#: The input cap of a model whose own limit is unknown (T5's relative positions have no table).
+DEFAULT_INPUT_LIMIT = 512
 
 
 def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -33,3 +35,17 @@ def truncate_middle(ids: list[int], cap: int) -> list[int]:
     """The last `cap - 1` tokens after the first one: a prompt cut in its middle, keeping its
     first token (beginning-of-sequence, where there is one) and its end, next to the answer."""
     return ids if len(ids) <= cap else ids[:1] + ids[len(ids) - cap + 1 :]
+
+
+def input_limit(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input a model was made for, the cap of a model saved without its run's
+    caps: the smaller of its position table and its tokenizer's model_max_length, else
+    `DEFAULT_INPUT_LIMIT`."""
+    limits = [
+        value
+        for name in ("max_position_embeddings", "n_positions", "max_source_positions")
+        if isinstance(value := getattr(config, name, None), int) and value > 0
+    ]
+    if 0 < tokenizer.model_max_length < 1_000_000:  # "no limit" is a huge placeholder
+        limits.append(int(tokenizer.model_max_length))
+    return min(limits, default=DEFAULT_INPUT_LIMIT)
