@@ -21,7 +21,6 @@ refuse to store the run's files, 1 on any other failure, 130 when interrupted (C
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from hamilton import driver, htypes
 
 import finetune_module
 from finetune_module.engine import distributed
-from finetune_module.engine.files import REPORT_FILE, RunLock
+from finetune_module.engine.files import REPORT_FILE, RunLock, release_directory
 from finetune_module.engine.quiet import quiet_libraries
 
 # settings of the CLI and the driver's adapters (the driver config is finetune_module.CONFIG_KEYS)
@@ -706,12 +705,14 @@ def main(argv: list[str] | None = None) -> int:
             raise finetune_module.SettingsError(" ".join(str(e).split())) from e
         # the run's directory is taken before anything runs: a second run into it stops at once
         output_dir = settings.get("output_dir", finetune_module.settings.DEFAULT_OUTPUT_DIR)
-        lock = RunLock(output_dir, hold=distributed.is_main_process())
+        lock = RunLock(output_dir, hold=distributed.is_main_process())  # until the run ends
         began = time.perf_counter()
-        with _quiet_output(quiet):
-            result = dr.execute(outputs, inputs=settings)
-        del lock
-        gc.collect()  # the run's own hold (run_lock) sits in Hamilton's reference cycles
+        try:
+            with _quiet_output(quiet):
+                result = dr.execute(outputs, inputs=settings)
+        finally:  # success or failure: this process's runs in the directory are over
+            release_directory(output_dir)
+            del lock
         if distributed.is_main_process():
             _print_summary(result, start, time.perf_counter() - began)
             if cli.get("cache"):

@@ -96,8 +96,8 @@ def save_best_models__base(
     training_log: pd.DataFrame,
     report_html: str,
     model_recipe: ModelRecipe,
-    run_lock: RunLock,
     show_progress: bool,
+    run_lock: RunLock,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> str:
     """Where the best fine-tune was saved: the LoRA adapter (safetensors) and tokenizer, with
@@ -113,29 +113,30 @@ def save_best_models__base(
     :param prompt_template: the prompt the model was trained with (see `prompt_texts`).
     :param run_lock: held while the run writes into its directory.
     """
-    if is_main_process():
-        with atomic_directory(best_model_dir) as staging:
-            with quiet_libraries(not show_progress):
-                finetuned_model.save_pretrained(staging, safe_serialization=True)
-                tokenizer.save_pretrained(staging)
-            metrics = {
-                "training_and_validation": training_and_validation_set_metrics,
-                "hold_out": finetuned_hold_out_metrics,
-                "base_vs_finetuned": base_vs_finetuned_metrics,
-            }
-            _write_run_files(staging, metrics, prediction_tables, report_html)
-            training_log.to_csv(os.path.join(staging, TRAINING_LOG_FILE), index=False)
-            write_json(
-                os.path.join(staging, SETTINGS_FILE),
-                {
-                    "source_length_cap": source_length_cap,
-                    "target_length_cap": target_length_cap,
-                    **generation_settings,
-                    "prompt_template": prompt_template,
-                    "model_recipe": model_recipe.describe(),
-                },
-            )
-    wait_for_everyone()
+    with run_lock.released_on_failure():
+        if is_main_process():
+            with atomic_directory(best_model_dir) as staging:
+                with quiet_libraries(not show_progress):
+                    finetuned_model.save_pretrained(staging, safe_serialization=True)
+                    tokenizer.save_pretrained(staging)
+                metrics = {
+                    "training_and_validation": training_and_validation_set_metrics,
+                    "hold_out": finetuned_hold_out_metrics,
+                    "base_vs_finetuned": base_vs_finetuned_metrics,
+                }
+                _write_run_files(staging, metrics, prediction_tables, report_html)
+                training_log.to_csv(os.path.join(staging, TRAINING_LOG_FILE), index=False)
+                write_json(
+                    os.path.join(staging, SETTINGS_FILE),
+                    {
+                        "source_length_cap": source_length_cap,
+                        "target_length_cap": target_length_cap,
+                        **generation_settings,
+                        "prompt_template": prompt_template,
+                        "model_recipe": model_recipe.describe(),
+                    },
+                )
+        wait_for_everyone()
     run_lock.release()  # the run's last write is done: the directory is free again
     return best_model_dir
 
@@ -157,15 +158,16 @@ def save_best_models__presaved(
     model's directory), the prediction CSVs and `report.html`. The saved model itself is left
     as it is."""
     evaluation_dir = os.path.join(run_dir, "evaluation")
-    if is_main_process():
-        with atomic_directory(evaluation_dir) as staging:
-            metrics = {
-                "model_dir": presaved_model_dir,
-                "validation": training_and_validation_set_metrics,
-                "hold_out": finetuned_hold_out_metrics,
-                "base_vs_finetuned": base_vs_finetuned_metrics,
-            }
-            _write_run_files(staging, metrics, prediction_tables, report_html)
-    wait_for_everyone()
+    with run_lock.released_on_failure():
+        if is_main_process():
+            with atomic_directory(evaluation_dir) as staging:
+                metrics = {
+                    "model_dir": presaved_model_dir,
+                    "validation": training_and_validation_set_metrics,
+                    "hold_out": finetuned_hold_out_metrics,
+                    "base_vs_finetuned": base_vs_finetuned_metrics,
+                }
+                _write_run_files(staging, metrics, prediction_tables, report_html)
+        wait_for_everyone()
     run_lock.release()  # the run's last write is done: the directory is free again
     return evaluation_dir

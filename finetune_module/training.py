@@ -47,7 +47,6 @@ def training_arguments(
     train_set: pd.DataFrame,
     device: torch.device,
     run_dir: str,
-    run_lock: RunLock,
     training_settings: TrainingSettings,
     model_recipe: ModelRecipe,
     show_progress: bool,
@@ -62,7 +61,6 @@ def training_arguments(
 
     :param train_set: the training set (its size sets the logging and evaluation steps).
     :param model_recipe: the model's precision (bf16, fp16 or fp32).
-    :param run_lock: held while checkpoints are written into the run's directory.
     """
     settings = training_settings
     checkpoints_dir = os.path.join(run_dir, "checkpoints")
@@ -144,6 +142,7 @@ def fitted_weights(
     show_progress: bool,
     source_length_cap: int,
     target_length_cap: int,
+    run_lock: RunLock,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> FittedWeights:
     """The trained weights (the LoRA adapter's, or every weight in a full fine-tune) of the
@@ -162,8 +161,10 @@ def fitted_weights(
 
     :param show_progress: False: the libraries print no bars or warnings of their own.
     :param prompt_template: the prompt the model is trained with (see `prompt_texts`).
+    :param run_lock: held while checkpoints are written into the run's directory (taken
+        last, after every other input is checked).
     """
-    with quiet_libraries(not show_progress):
+    with quiet_libraries(not show_progress), run_lock.released_on_failure():
         model = build_model(
             model_recipe,
             training_arguments.device,  # this process's device, as the Trainer sees it

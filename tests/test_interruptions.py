@@ -22,7 +22,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from finetune_module import build_driver
-from finetune_module.engine.files import LOCK_FILE, RunLock, atomic_directory
+from finetune_module.engine.files import LOCK_FILE, atomic_directory
 from finetune_module.engine.models import ModelRecipe, build_model
 from finetune_module.engine.settings import ModelSettings, TrainingSettings
 from finetune_module.errors import SettingsError
@@ -189,7 +189,6 @@ def _training_arguments(output_dir: Path, **inputs: Any) -> Any:
         train_set=table,
         device=cpu,
         run_dir=str(output_dir),
-        run_lock=RunLock(str(output_dir), hold=False),  # nothing written here
         training_settings=TrainingSettings(**inputs),
         model_recipe=ModelRecipe("m"),
         show_progress=False,

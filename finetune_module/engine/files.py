@@ -101,25 +101,49 @@ def _holder_text(holder: dict[str, Any]) -> str:
     )
 
 
-# directory -> [the open lock file, how many RunLock objects of this process share it]
-_HELD: dict[str, list[Any]] = {}
+class _Hold:
+    """This process's lock on one directory: the open lock file, how many `RunLock` objects
+    share it, and whether taking it created the directory."""
 
+    def __init__(self, lock_file: IO[str], created: bool) -> None:
+        self.lock_file, self.created, self.uses = lock_file, created, 1
 
-def _release(directory: str) -> None:
-    """Drops one use of this process's lock on `directory`; the last one unlocks it."""
-    held = _HELD.get(directory)
-    if held is None:
-        return
-    held[1] -= 1
-    if held[1] <= 0:
-        del _HELD[directory]
-        lock_file = held[0]
-        try:  # an empty lock file: released cleanly
-            lock_file.seek(0)
-            lock_file.truncate()
+    def drop(self) -> None:
+        """One use fewer; the last one unlocks (see `close`)."""
+        self.uses -= 1
+        if self.uses == 0:
+            self.close()
+
+    def close(self) -> None:
+        """Unlocks, leaving an empty lock file (released cleanly); a directory the lock created
+        and nothing else was written to is removed, so a run that wrote nothing leaves
+        nothing."""
+        if self.lock_file.closed:
+            return
+        directory = os.path.dirname(self.lock_file.name)
+        if _HELD.get(directory) is self:
+            del _HELD[directory]
+        try:
+            self.lock_file.seek(0)
+            self.lock_file.truncate()
+            if self.created and os.listdir(directory) == [LOCK_FILE]:
+                os.unlink(self.lock_file.name)
+                os.rmdir(directory)
         except OSError:
             pass
-        lock_file.close()  # closing the file releases the lock
+        self.lock_file.close()  # closing the file releases the lock
+
+
+# directory -> this process's lock on it
+_HELD: dict[str, _Hold] = {}
+
+
+def release_directory(directory: str) -> None:
+    """Ends this process's every hold on `directory` (its runs there are over, whether they
+    succeeded or failed)."""
+    hold = _HELD.get(os.path.abspath(directory))
+    if hold is not None:
+        hold.close()
 
 
 class RunLock:
@@ -139,17 +163,29 @@ class RunLock:
         self.directory = os.path.abspath(directory)
         if not hold:  # a process that does not write (not the main one of several)
             return
-        if self.directory in _HELD:
-            _HELD[self.directory][1] += 1
+        hold = _HELD.get(self.directory)
+        if hold is None:
+            created = not os.path.isdir(self.directory)
+            hold = _HELD[self.directory] = _Hold(_take(self.directory), created)
         else:
-            _HELD[self.directory] = [_take(self.directory), 1]
-        _FINALIZERS[self] = weakref.finalize(self, _release, self.directory)
+            hold.uses += 1
+        _FINALIZERS[self] = weakref.finalize(self, hold.drop)
 
     def release(self) -> None:
         """Ends this hold now (the run has written its last file); later calls do nothing."""
         finalizer = _FINALIZERS.pop(self, None)
         if finalizer is not None:
             finalizer()
+
+    @contextmanager
+    def released_on_failure(self) -> Iterator[None]:
+        """A block that writes into the directory: if it fails, the run is over, and the hold
+        ends at once (a directory that only the lock created is removed with it)."""
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
 
 
 # each RunLock's release, kept out of its attributes (which Hamilton's cache fingerprints)
