@@ -7,7 +7,7 @@ computed, as Hamilton nodes; the modules here say *how*, with plain functions an
 | --- | --- |
 | `settings` | the run's settings as checked plain-data groups |
 | `sources`, `records` | reading data files and databases; checking records, splits, prompts |
-| `tokens` | padding token, length caps, truncation |
+| `tokens` | padding token, compact token tables (int32 arrays), length caps, truncation |
 | `loading` | loading models and tokenizers safely (safetensors only, clear errors) |
 | `models` | the model recipe and the one builder of every model |
 | `trainer`, `batching`, `memory` | the Trainer as we run it; length-grouped batches; memory |

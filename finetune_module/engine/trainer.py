@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from accelerate.utils import broadcast_object_list
@@ -45,7 +46,7 @@ from finetune_module.engine.batching import LengthGroupedBatches
 from finetune_module.engine.distributed import world_size
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.settings import TrainingSettings
-from finetune_module.engine.tokens import IGNORE_INDEX
+from finetune_module.engine.tokens import IGNORE_INDEX, TokenizedSet
 from finetune_module.errors import SettingsError
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folders
@@ -300,15 +301,15 @@ class FinetuneTrainer(Seq2SeqTrainer):
         here): a sequence-to-sequence batch groups by input and target length, a decoder-only
         one by the length of prompt and answer together."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(
+            dataset, TokenizedSet | list
+        ):
             return super()._get_train_sampler(train_dataset)
-        sources = [len(e["input_ids"]) for e in dataset]
-        targets = [len(e["labels"]) for e in dataset]
+        if isinstance(dataset, list):
+            dataset = TokenizedSet.from_examples(dataset)
+        sources, targets = dataset.input_ids.lengths(), dataset.labels.lengths()
         if not self.model.config.is_encoder_decoder:  # one sequence: prompt and answer
-            sources, targets = (
-                [s + t for s, t in zip(sources, targets, strict=True)],
-                [0] * len(sources),
-            )
+            sources, targets = sources + targets, np.zeros_like(targets)
         return LengthGroupedBatches(sources, targets, self.args.train_batch_size)
 
 
@@ -322,8 +323,8 @@ class FittedWeights:
 
 def fit(
     model: torch.nn.Module,
-    tokenized_train: list[dict[str, list[int]]],
-    tokenized_validation: list[dict[str, list[int]]],
+    tokenized_train: TokenizedSet | list[dict[str, list[int]]],
+    tokenized_validation: TokenizedSet | list[dict[str, list[int]]],
     training_arguments: Seq2SeqTrainingArguments,
     data_collator: Callable,
     tokenizer: PreTrainedTokenizerBase,
