@@ -64,13 +64,15 @@ def tokenizer__presaved(
 
 def source_token_ids(prompt_texts: list[str], tokenizer: PreTrainedTokenizerBase) -> TokenLists:
     """Token ids of every prompt (the input text in the prompt template), in table order, with
-    the special tokens the tokenizer adds (end-of-sequence for T5, beginning for Llama)."""
+    the special tokens the tokenizer adds (end-of-sequence for T5, beginning for Llama), held
+    as int32 arrays (`TokenLists`: `source_token_ids[i]` is row i's)."""
     return encoded(prompt_texts, lambda texts: tokenizer(texts, **_IDS_ONLY)["input_ids"])
 
 
 @config.when_not(model_type="causal")
 def target_token_ids(qa_table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> TokenLists:
-    """Token ids of every target text (with the end-of-sequence token), in table order."""
+    """Token ids of every target text (with the end-of-sequence token), in table order, held
+    as int32 arrays (`TokenLists`)."""
     return encoded(
         list(qa_table["output_text"]),
         lambda texts: tokenizer(text_target=texts, **_IDS_ONLY)["input_ids"],
@@ -81,9 +83,10 @@ def target_token_ids(qa_table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase)
 def target_token_ids__causal(
     qa_table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase
 ) -> TokenLists:
-    """Token ids of every answer, in table order: the text's own tokens (no beginning-of-sequence
-    token, as it continues the prompt) and the end-of-sequence token that stops generation.
-    A tokenizer without an end-of-sequence token is refused: answers would never end."""
+    """Token ids of every answer, in table order, held as int32 arrays (`TokenLists`): the
+    text's own tokens (no beginning-of-sequence token, as it continues the prompt) and the
+    end-of-sequence token that stops generation. A tokenizer without an end-of-sequence token
+    is refused: answers would never end."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SettingsError(
