@@ -20,7 +20,7 @@ import pandas as pd
 from hamilton.function_modifiers import cache, config, extract_fields
 
 from finetune_module.engine import records as checks
-from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
+from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE, TEXT
 from finetune_module.engine.settings import SplitSettings
 from finetune_module.engine.sources import (
     json_kind,
@@ -87,7 +87,8 @@ def qa_table(
     split_column: str | None = None,
 ) -> pd.DataFrame:
     """The validated question/answer table: columns `input_text` and `output_text` (and `split`
-    when a split column is named), one row per record, indexed by the record's position.
+    when a split column is named), one row per record, indexed by the record's position. The
+    text columns are pandas `str` columns holding the records' own strings, not copies.
 
     Every record must be an object whose two keys hold non-empty text; the first bad record is
     refused with its index and key. Duplicated records are kept and reported in a warning.
@@ -114,13 +115,14 @@ def qa_table(
     keys = (input_text_key, output_text_key)
     for key in (*keys, split_column) if split_column else keys:
         checks.check_key_exists(raw_records, key, data_label)
-    rows = [
-        [checks.record_text(record, key, index, data_label) for key in keys]
-        + ([checks.split_of(record, index, split_column, data_label)] if split_column else [])
-        for index, record in enumerate(raw_records)
-    ]
-    columns = ["input_text", "output_text", "split"]
-    table = pd.DataFrame(rows, columns=columns[: len(rows[0])])
+    inputs, outputs, splits = [], [], []
+    for index, record in enumerate(raw_records):  # record by record: the first bad one is named
+        inputs.append(checks.record_text(record, input_text_key, index, data_label))
+        outputs.append(checks.record_text(record, output_text_key, index, data_label))
+        if split_column:
+            splits.append(checks.split_of(record, index, split_column, data_label))
+    columns = {"input_text": inputs, "output_text": outputs}
+    table = pd.DataFrame(columns | ({"split": splits} if split_column else {}), dtype=TEXT)
     checks.warn_about_duplicates(table, data_label)
     return table
 
@@ -177,7 +179,8 @@ def prompt_texts(
     context_key: str | list[str] | None = None,
 ) -> list[str]:
     """The text the model is given for each row of the table, in table order: the prompt
-    template filled with the row's input text and context. By default the input text as it is.
+    template filled with the row's input text and context. By default the input text as it is
+    (the table's own strings).
 
     :param qa_table: the validated table (its index is the record's position in the file).
     :param raw_records: the records as parsed (the context is read from them).
@@ -200,6 +203,8 @@ def prompt_texts(
         )
     for key in keys:
         checks.check_key_exists(raw_records, key, data_label)
+    if prompt_template == "{input}":  # the input texts themselves, not copies of them
+        return list(qa_table["input_text"])
     return [
         prompt_template.format(
             input=text,

@@ -24,6 +24,7 @@ from finetune_module.engine.generation import answer_sets
 from finetune_module.engine.models import LanguageModel, ModelRecipe, build_model
 from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.settings import EvaluationSettings
+from finetune_module.engine.tokens import TokenizedSet
 from finetune_module.engine.trainer import FittedWeights, training_summary
 
 _SETS = ("validation", "hold_out")
@@ -83,8 +84,8 @@ def generation_settings(
 def model_answers(
     finetuned_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
-    tokenized_validation: list[dict[str, list[int]]],
-    tokenized_hold_out: list[dict[str, list[int]]],
+    tokenized_validation: TokenizedSet,
+    tokenized_hold_out: TokenizedSet,
     generation_settings: dict[str, int],
     show_progress: bool,
     adapter: str,
@@ -122,7 +123,7 @@ def set_answers(answers: dict[str, list[str]], answer_set: str) -> list[str]:
 
 def finetuned_validation_loss(
     finetuned_model: LanguageModel,
-    tokenized_validation: list[dict[str, list[int]]],
+    tokenized_validation: TokenizedSet,
     data_collator: Any,
     evaluation_settings: EvaluationSettings,
 ) -> float:

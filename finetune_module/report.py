@@ -10,14 +10,15 @@ from typing import Any
 import pandas as pd
 
 from finetune_module.engine import html_report
+from finetune_module.engine.tokens import TokenLists
 
 
 def report_html(
     training_log: pd.DataFrame,
     base_vs_finetuned_metrics: dict[str, dict[str, dict[str, float]]],
     training_and_validation_set_metrics: dict[str, Any],
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
+    source_token_ids: TokenLists,
+    target_token_ids: TokenLists,
     source_length_cap: int,
     target_length_cap: int,
     hold_out_set_predictions: list[tuple[str, str, str]],

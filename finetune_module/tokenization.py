@@ -1,8 +1,10 @@
 """Tokenization stage: tokenizer, length caps from the data, tokenized sets.
 
-Every text is tokenized once, without padding and without truncation; the caps are read off
-those lengths and the sets are truncated slices of the same token lists. Padding happens per
-batch, in the collator (training) and in the generation loop (evaluation).
+Every text is tokenized once, without padding and without truncation, a chunk of texts at a
+time into compact arrays (`finetune_module.engine.tokens.TokenLists`: int32 ids and offsets,
+never a list of Python ints per text); the caps are read off those lengths and the sets are
+truncated slices of the same arrays (`TokenizedSet`). Padding happens per batch, in the
+collator (training) and in the generation loop (evaluation).
 
 For a decoder-only model (`{"model_type": "causal"}`) an example is the prompt's tokens and the
 answer's tokens (ending with the end-of-sequence token); the collator joins them into one
@@ -18,13 +20,16 @@ from finetune_module.engine.loading import load_pretrained
 from finetune_module.engine.models import ModelRecipe, model_config
 from finetune_module.engine.settings import LengthSettings, ModelSettings
 from finetune_module.engine.tokens import (
+    TokenizedSet,
+    TokenLists,
+    encoded,
     input_limit,
     length_cap,
-    truncate_middle,
-    truncate_tail,
     with_pad_token,
 )
 from finetune_module.errors import SettingsError
+
+_IDS_ONLY = {"return_attention_mask": False, "return_token_type_ids": False}  # ids, nothing else
 
 
 # tokenizers are always loaded (a model directory may change in place) and cached by content
@@ -59,41 +64,48 @@ def tokenizer__presaved(
     )
 
 
-def source_token_ids(
-    prompt_texts: list[str], tokenizer: PreTrainedTokenizerBase
-) -> list[list[int]]:
+def source_token_ids(prompt_texts: list[str], tokenizer: PreTrainedTokenizerBase) -> TokenLists:
     """Token ids of every prompt (the input text in the prompt template), in table order, with
-    the special tokens the tokenizer adds (end-of-sequence for T5, beginning for Llama)."""
-    return tokenizer(prompt_texts)["input_ids"]
+    the special tokens the tokenizer adds (end-of-sequence for T5, beginning for Llama), held
+    as int32 arrays (`TokenLists`: `source_token_ids[i]` is row i's)."""
+    return encoded(prompt_texts, lambda texts: tokenizer(texts, **_IDS_ONLY)["input_ids"])
 
 
 @config.when_not(model_type="causal")
-def target_token_ids(qa_table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids of every target text (with the end-of-sequence token), in table order."""
-    return tokenizer(text_target=list(qa_table["output_text"]))["input_ids"]
+def target_token_ids(qa_table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> TokenLists:
+    """Token ids of every target text (with the end-of-sequence token), in table order, held
+    as int32 arrays (`TokenLists`)."""
+    return encoded(
+        list(qa_table["output_text"]),
+        lambda texts: tokenizer(text_target=texts, **_IDS_ONLY)["input_ids"],
+    )
 
 
 @config.when(model_type="causal")
 def target_token_ids__causal(
     qa_table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase
-) -> list[list[int]]:
-    """Token ids of every answer, in table order: the text's own tokens (no beginning-of-sequence
-    token, as it continues the prompt) and the end-of-sequence token that stops generation.
-    A tokenizer without an end-of-sequence token is refused: answers would never end."""
-    if tokenizer.eos_token_id is None:
+) -> TokenLists:
+    """Token ids of every answer, in table order, held as int32 arrays (`TokenLists`): the
+    text's own tokens (no beginning-of-sequence token, as it continues the prompt) and the
+    end-of-sequence token that stops generation. A tokenizer without an end-of-sequence token
+    is refused: answers would never end."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
         raise SettingsError(
             f"The tokenizer of {tokenizer.name_or_path!r} has no end-of-sequence token, which a "
             "decoder-only model needs to end its answers; use a model whose tokenizer has one "
             "(GPT-2, Llama, Qwen, ...), or add one to the tokenizer and save it."
         )
-    answers = tokenizer(list(qa_table["output_text"]), add_special_tokens=False)["input_ids"]
-    return [[*ids, tokenizer.eos_token_id] for ids in answers]
+
+    def answer_ids(texts: list[str]) -> list[list[int]]:
+        answers = tokenizer(texts, add_special_tokens=False, **_IDS_ONLY)["input_ids"]
+        return [[*ids, eos] for ids in answers]
+
+    return encoded(list(qa_table["output_text"]), answer_ids)
 
 
 @config.when(start="base")
-def source_length_cap__base(
-    source_token_ids: list[list[int]], length_settings: LengthSettings
-) -> int:
+def source_length_cap__base(source_token_ids: TokenLists, length_settings: LengthSettings) -> int:
     """Longest input (prompt), in tokens, fed to the model; longer inputs are truncated: the
     fixed max_source_length, else the length_percentile of the prompts' lengths."""
     settings = length_settings
@@ -101,9 +113,7 @@ def source_length_cap__base(
 
 
 @config.when(start="base")
-def target_length_cap__base(
-    target_token_ids: list[list[int]], length_settings: LengthSettings
-) -> int:
+def target_length_cap__base(target_token_ids: TokenLists, length_settings: LengthSettings) -> int:
     """Longest target, in tokens, trained on; also the generation length bound: the fixed
     max_target_length, else the length_percentile of the targets' lengths."""
     settings = length_settings
@@ -132,7 +142,7 @@ def source_length_cap__presaved(
 @config.when(start="presaved")
 def target_length_cap__presaved(
     presaved_model_dir: str,
-    target_token_ids: list[list[int]],
+    target_token_ids: TokenLists,
     length_settings: LengthSettings,
 ) -> int:
     """Longest target, in tokens; also the generation length bound: the fixed
@@ -159,8 +169,10 @@ def source_truncation__causal() -> str:
     return "middle"
 
 
-_TRUNCATIONS = {"tail": truncate_tail, "middle": truncate_middle}
-_SET_DOC = "The {} examples: `input_ids` and `labels`, truncated to the caps, not padded."
+_SET_DOC = (
+    "The {} examples: `input_ids` and `labels`, truncated to the caps, not padded, held as "
+    "arrays (`TokenizedSet`)."
+)
 
 
 @parameterize(
@@ -170,20 +182,17 @@ _SET_DOC = "The {} examples: `input_ids` and `labels`, truncated to the caps, no
 )
 def tokenized_set(
     rows: pd.DataFrame,
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
+    source_token_ids: TokenLists,
+    target_token_ids: TokenLists,
     source_length_cap: int,
     target_length_cap: int,
     source_truncation: str,
-) -> list[dict[str, list[int]]]:
-    """The rows' examples as `{"input_ids": prompt, "labels": target}`, not padded: the prompt
-    cut to its cap as `source_truncation` says, the target cut to its cap keeping its end
-    token."""
-    cut = _TRUNCATIONS[source_truncation]
-    return [
-        {
-            "input_ids": cut(source_token_ids[i], source_length_cap),
-            "labels": truncate_tail(target_token_ids[i], target_length_cap),
-        }
-        for i in rows.index
-    ]
+) -> TokenizedSet:
+    """The rows' examples (example `i` is `{"input_ids": prompt, "labels": target}`), not
+    padded: the prompt cut to its cap as `source_truncation` says, the target cut to its cap
+    keeping its end token."""
+    positions = rows.index.to_numpy()  # the rows' positions in the table
+    return TokenizedSet(
+        input_ids=source_token_ids.take(positions, source_length_cap, source_truncation),
+        labels=target_token_ids.take(positions, target_length_cap, "tail"),
+    )

@@ -27,6 +27,7 @@ from finetune_module.engine.models import ModelRecipe, build_model
 from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
 from finetune_module.engine.settings import TrainingSettings
+from finetune_module.engine.tokens import TokenizedSet
 from finetune_module.engine.trainer import (
     TRAINING_LOG_FILE,
     FittedWeights,
@@ -132,8 +133,8 @@ def data_collator__causal(
 
 @config.when(start="base")
 def fitted_weights(
-    tokenized_train: list[dict[str, list[int]]],
-    tokenized_validation: list[dict[str, list[int]]],
+    tokenized_train: TokenizedSet,
+    tokenized_validation: TokenizedSet,
     data_collator: Callable,
     training_arguments: Seq2SeqTrainingArguments,
     training_settings: TrainingSettings,

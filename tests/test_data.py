@@ -1,12 +1,13 @@
 """The data stage: loading, validation with clear errors, deterministic splits."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from finetune_module.data import data_splits, qa_table
+from finetune_module.data import data_splits, prompt_texts, qa_table
 from finetune_module.data import raw_records__file as raw_records
 from finetune_module.engine.settings import SplitSettings
 from finetune_module.errors import DataError, SettingsError
@@ -111,6 +112,17 @@ def test_missing_and_non_utf8_files_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"latin1\.json: not UTF-8 text \(byte 52, line 2\)"):
         raw_records(path)
+    for name in ("latin1.jsonl", "missing.jsonl", "empty.jsonl"):  # read a line at a time
+        content = b'{"question": "a", "reply": "b"}\n\n{"question": "caf\xe9", "reply": "b"}\n'
+        if name != "missing.jsonl":
+            _write(tmp_path, name, content if name == "latin1.jsonl" else b" \n\n")
+        expected = {
+            "latin1.jsonl": rf"not UTF-8 text \(byte {content.index(0xE9)}, line 3\)",
+            "missing.jsonl": "no such file",
+            "empty.jsonl": "the file is empty",
+        }[name]
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: {expected}"):
+            raw_records(str(tmp_path / name))
 
 
 def test_utf8_with_byte_order_mark_and_line_separators_in_json_lines(tmp_path: Path) -> None:
@@ -118,6 +130,24 @@ def test_utf8_with_byte_order_mark_and_line_separators_in_json_lines(tmp_path: P
     lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in records)
     path = _write(tmp_path, "d.jsonl", b"\xef\xbb\xbf" + lines.encode("utf-8"))
     assert _table(path)["input_text"].tolist() == ["one\u2028two\x85three", "c"]
+
+
+def test_json_lines_records_share_their_keys_and_the_table_and_prompts_their_texts(
+    tmp_path: Path,
+) -> None:
+    # a million records must not hold a million copies of each key, nor copies of every text
+    records = _records(3)
+    path = _write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in records))
+    read = raw_records(path)
+    assert read == records
+    assert all(a is b for a, b in zip(read[0], read[2], strict=True))
+    table = qa_table(read, path, "question", "reply")
+    assert table["input_text"].dtype == "str" and table["output_text"].dtype == "str"
+    assert table["input_text"][2] is read[2]["question"]
+    assert table["output_text"][1] is read[1]["reply"]
+    prompts = prompt_texts(table, read, path)
+    assert prompts == [r["question"] for r in records] and prompts[2] is read[2]["question"]
+    assert prompt_texts(table, read, path, "Q: {input}") == [f"Q: {p}" for p in prompts]
 
 
 def test_duplicated_records_are_kept_and_reported_with_their_indices(

@@ -8,7 +8,7 @@ computed, as Hamilton nodes; the modules here say *how*, with plain functions an
 | `settings` | the run's settings as checked plain-data groups |
 | `sources`, `records` | reading data files and databases; checking records, splits, prompts |
 | `read_only_sql` | keeping a database read-only while a user's query reads from it |
-| `tokens` | padding token, length caps, truncation |
+| `tokens` | padding token, compact token tables (int32 arrays), length caps, truncation |
 | `loading` | loading models and tokenizers safely (safetensors only, clear errors) |
 | `models` | the model recipe and the one builder of every model |
 | `quiet` | a quiet run: the libraries' own bars, log lines and warnings off while it runs |

@@ -5,6 +5,7 @@ in order. With several processes each answers its share of the batches and the a
 gathered, so every process ends with the answers of a single-process run.
 """
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +16,7 @@ from finetune_module.engine.distributed import (
     this_process_share,
     weights_sharded,
 )
+from finetune_module.engine.tokens import TokenizedSet, input_lengths
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -25,7 +27,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[dict[str, list[int]]],
+    examples: TokenizedSet | list[dict[str, list[int]]],
     max_new_tokens: int,
     num_beams: int,
     batch_size: int,
@@ -40,7 +42,7 @@ def generate(
     that its answer follows on. A progress bar named `desc` counts the answers (the main
     process's share) unless `quiet`.
     """
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    order = np.argsort(input_lengths(examples), kind="stable").tolist()
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     answered: list[tuple[int, str]] = []
     device, sharded = model_device(model), weights_sharded(model)
@@ -83,7 +85,7 @@ def generate(
 def answer_sets(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    sets: dict[str, list[dict[str, list[int]]]],
+    sets: dict[str, TokenizedSet | list[dict[str, list[int]]]],
     generation_settings: dict[str, int],
     who: str = "model",
     quiet: bool = True,

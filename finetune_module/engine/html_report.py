@@ -2,12 +2,15 @@
 (plotly.js is embedded, so the page opens from disk with no network)."""
 
 import html
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
+
+from finetune_module.engine.tokens import TokenLists, token_lengths
 
 _BASE_COLOUR, _TUNED_COLOUR = "#9aa5b1", "#2a6fdb"
 _FIGURE_HEIGHT = 420
@@ -106,8 +109,8 @@ def scores_figure(base_vs_finetuned_metrics: dict[str, dict[str, dict[str, float
 
 
 def lengths_figure(
-    source_token_ids: list[list[int]],
-    target_token_ids: list[list[int]],
+    source_token_ids: TokenLists | Sequence[Sequence[int]],
+    target_token_ids: TokenLists | Sequence[Sequence[int]],
     source_length_cap: int,
     target_length_cap: int,
 ) -> str:
@@ -119,8 +122,8 @@ def lengths_figure(
     titles = [f"{name} (tokens)" for name, *_ in parts]
     figure = make_subplots(rows=1, cols=2, subplot_titles=titles)
     for column, (name, token_ids, cap) in enumerate(parts, start=1):
-        lengths = [len(ids) for ids in token_ids]
-        over = sum(length > cap for length in lengths)
+        lengths = token_lengths(token_ids)
+        over = int((lengths > cap).sum())
         figure.add_histogram(
             x=lengths, name=name, marker_color=_TUNED_COLOUR, showlegend=False, row=1, col=column
         )

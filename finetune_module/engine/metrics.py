@@ -14,7 +14,7 @@ from sklearn.metrics import confusion_matrix as _confusion_counts
 
 from finetune_module.engine.distributed import gathered, this_process_share
 from finetune_module.engine.generation import model_device
-from finetune_module.engine.tokens import IGNORE_INDEX
+from finetune_module.engine.tokens import IGNORE_INDEX, TokenizedSet
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 MAX_AUTO_LABELS = 20  # task="auto": at most this many distinct targets, each seen twice or more
@@ -89,7 +89,7 @@ def confusion_counts(
 
 def mean_token_loss(
     model: torch.nn.Module,
-    examples: list[dict[str, list[int]]],
+    examples: TokenizedSet | list[dict[str, list[int]]],
     collator: Callable,
     batch_size: int,
 ) -> float:

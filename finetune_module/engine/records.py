@@ -11,6 +11,7 @@ import math
 import string
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from finetune_module.engine.sources import json_kind
@@ -31,6 +32,9 @@ SETS = ("train", "validation", "hold_out")
 PROMPT_FIELDS = ("input", "context")  # the placeholders a prompt_template may use
 DEFAULT_PROMPT_TEMPLATE = "{input}"  # the input text as it is
 SHOWN_DUPLICATES = 10  # duplicate records named in the warning; the count covers all of them
+#: The dtype of the table's text columns: pandas' `str`, holding the records' own strings
+#: (its default pyarrow storage would copy every text, and copy again for every split).
+TEXT = pd.StringDtype("python", na_value=np.nan)
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,12 @@ nothing here knows which keys the dataflow will read. Every problem is a `DataEr
   SQLAlchemy (SQLite built in, PostgreSQL with psycopg 3), never writing (`read_only_sql`).
 """
 
+import codecs
 import functools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -77,24 +78,59 @@ def _loads(text: str, where: str) -> Any:
         raise DataError(f"{where}: JSON too large to read ({e}).") from e
 
 
-def _parse_json_lines(text: str, data_path: str) -> list[Any]:
-    """One JSON value per non-empty line (lines end at "\\n" only, as JSON Lines says)."""
-    records = []
-    for line_number, line in enumerate(text.split("\n"), start=1):
+def _text_lines(data_path: str) -> Iterator[str]:
+    """The file's lines, read and decoded one at a time (lines end at "\\n" only, as JSON
+    Lines says; a UTF-8 byte order mark is dropped), with the errors of `read_text`: a missing,
+    unreadable, empty or non-UTF-8 file is a clear DataError (the first problem in the file)."""
+    if not os.path.exists(data_path):
+        raise DataError(f"{data_path}: no such file.")
+    if os.path.isdir(data_path):
+        raise DataError(f"{data_path}: is a directory, expected a JSON or JSON Lines file.")
+    offset, any_text = 0, False
+    try:
+        with open(data_path, "rb") as f:
+            for line_number, raw in enumerate(f, start=1):  # binary: split at b"\n" only
+                if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw, offset = raw[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{data_path}: not UTF-8 text (byte {offset + e.start}, line "
+                        f"{line_number}); save it as UTF-8."
+                    ) from e
+                offset += len(raw)
+                any_text = any_text or bool(line.strip())
+                yield line.removesuffix("\n")
+    except OSError as e:
+        raise DataError(f"{data_path}: cannot be read ({e.strerror}).") from e
+    if not any_text:
+        raise DataError(f"{data_path}: the file is empty.")
+
+
+def _parse_json_lines(lines: Iterable[str], data_path: str) -> list[Any]:
+    """One JSON value per non-empty line. Objects share their keys' strings (a file of a
+    million records holds each key once, not a million times)."""
+    records: list[Any] = []
+    keys: dict[str, str] = {}
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(_loads(line, f"{data_path}: line {line_number}"))
+            value = _loads(line, f"{data_path}: line {line_number}")
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{data_path}: line {line_number} is not valid JSON ({e.msg}, column {e.colno})."
             ) from e
+        if type(value) is dict:
+            value = {keys.setdefault(key, key): item for key, item in value.items()}
+        records.append(value)
     return records
 
 
 def _json_lines_records(data_path: str) -> list[Any]:
-    """The records of a JSON Lines file (one object a line)."""
-    return _parse_json_lines(read_text(data_path), data_path)
+    """The records of a JSON Lines file (one object a line), read a line at a time."""
+    return _parse_json_lines(_text_lines(data_path), data_path)
 
 
 def _json_records(data_path: str) -> list[Any]:
@@ -104,7 +140,7 @@ def _json_records(data_path: str) -> list[Any]:
         parsed = _loads(text, data_path)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _parse_json_lines(text, data_path)
+            return _parse_json_lines(text.split("\n"), data_path)
         if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
             raise DataError(
                 f"{data_path}: invalid JSON: the file ends before the JSON value is complete "

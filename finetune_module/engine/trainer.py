@@ -50,7 +50,7 @@ from finetune_module.engine.distributed import world_size
 from finetune_module.engine.files import SETTINGS_FILE, storage_error, take_umask, write_json
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.settings import TrainingSettings
-from finetune_module.engine.tokens import IGNORE_INDEX
+from finetune_module.engine.tokens import IGNORE_INDEX, TokenizedSet
 from finetune_module.errors import SettingsError
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")  # the Trainer's checkpoint folders
@@ -99,6 +99,11 @@ RUN_RECORD_FILE = "finetune_run.json"  # in each checkpoint: the run that wrote 
 def examples_fingerprint(examples: Any) -> str:
     """A fingerprint of tokenized examples (their input ids and labels, in order)."""
     digest = hashlib.blake2b(digest_size=16)
+    if isinstance(examples, TokenizedSet):  # its arrays, as they are
+        for lists in (examples.input_ids, examples.labels):
+            digest.update(lists.offsets.tobytes())
+            digest.update(lists.ids.tobytes())
+        return digest.hexdigest()
     for example in examples:
         for key in ("input_ids", "labels"):
             ids = np.asarray(example[key], dtype=np.int64)
@@ -425,15 +430,15 @@ class FinetuneTrainer(Seq2SeqTrainer):
         here): a sequence-to-sequence batch groups by input and target length, a decoder-only
         one by the length of prompt and answer together."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, list):
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(
+            dataset, TokenizedSet | list
+        ):
             return super()._get_train_sampler(train_dataset)
-        sources = [len(e["input_ids"]) for e in dataset]
-        targets = [len(e["labels"]) for e in dataset]
+        if isinstance(dataset, list):
+            dataset = TokenizedSet.from_examples(dataset)
+        sources, targets = dataset.input_ids.lengths(), dataset.labels.lengths()
         if not self.model.config.is_encoder_decoder:  # one sequence: prompt and answer
-            sources, targets = (
-                [s + t for s, t in zip(sources, targets, strict=True)],
-                [0] * len(sources),
-            )
+            sources, targets = sources + targets, np.zeros_like(targets)
         return LengthGroupedBatches(sources, targets, self.args.train_batch_size)
 
 
@@ -447,8 +452,8 @@ class FittedWeights:
 
 def fit(
     model: torch.nn.Module,
-    tokenized_train: list[dict[str, list[int]]],
-    tokenized_validation: list[dict[str, list[int]]],
+    tokenized_train: TokenizedSet | list[dict[str, list[int]]],
+    tokenized_validation: TokenizedSet | list[dict[str, list[int]]],
     training_arguments: Seq2SeqTrainingArguments,
     data_collator: Callable,
     tokenizer: PreTrainedTokenizerBase,
