@@ -234,7 +234,7 @@ def settings(
     }
 
 
-@cache(behavior="disable")  # taken on each run, never from the cache
+@cache(behavior="recompute")  # taken on each run; "disable" would stop dependents caching
 def run_lock(run_dir: str) -> RunLock:
     """This run's hold on its output directory, from the first node that writes there until
     `save_best_models` has written the last file (or, when the run fails, until its results

@@ -29,11 +29,15 @@ from finetune_module.engine.tokens import (
 )
 from finetune_module.errors import SettingsError
 from finetune_module.tokenization import (
-    source_length_cap,
+    source_length_cap__base as source_length_cap,
+)
+from finetune_module.tokenization import (
     source_token_ids,
-    target_length_cap,
     target_token_ids,
     tokenized_set,
+)
+from finetune_module.tokenization import (
+    target_length_cap__base as target_length_cap,
 )
 
 
