@@ -68,10 +68,8 @@ def test_a_run_killed_again_and_again_ends_as_an_uninterrupted_one(
     rng = random.Random(SEED)
     kills = [
         ("step", rng.randint(1, steps // 3)),
-        ("checkpoint", 1),
-        ("step", rng.randint(1, steps // 3)),
         ("checkpoint", rng.randint(1, 2)),
-        ("step", rng.randint(1, steps // 3)),
+        ("step", rng.randint(1, steps // 2)),
     ]
     for point, count in kills:
         status = _killed_run(point, count, data, tiny_model_dir, out)

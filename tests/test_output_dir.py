@@ -19,9 +19,14 @@ import run
 from finetune_module.engine.files import LOCK_FILE, RunLock, RunLockedError, atomic_directory
 from tests.conftest import EXAMPLE_DATA, QUICK, REPO, run_dag
 
+# Another process taking the directory with the real RunLock. It imports only what the lock
+# needs (the package's own __init__ would load torch and friends: seconds per process).
 HOLDER = textwrap.dedent(
-    """
-    import sys, time
+    f"""
+    import sys, time, types
+    package = types.ModuleType("finetune_module")
+    package.__path__ = [{str(REPO / "finetune_module")!r}]
+    sys.modules["finetune_module"] = package
     from finetune_module.engine.files import RunLock
     lock = RunLock(sys.argv[1])
     print("held", flush=True)
