@@ -272,6 +272,22 @@ def _table_select(connection: Any, sql_table: str, label: str) -> Any:
     return sqlalchemy.select(table).order_by(*table.primary_key.columns)
 
 
+def _database_url(data_path: str) -> Any:
+    """The SQLAlchemy URL of `data_path` (PostgreSQL through psycopg 3, which we ship; the
+    default would be psycopg2), or a DataError saying it is not a database URL."""
+    import sqlalchemy
+    from sqlalchemy import exc
+
+    try:
+        url = sqlalchemy.engine.make_url(data_path)
+    except exc.ArgumentError as e:
+        raise DataError(
+            f"{mask_credentials(data_path)}: not a database URL; expected e.g. "
+            "sqlite:///data.db or postgresql://user@localhost/dbname."
+        ) from e
+    return url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url
+
+
 def read_sql_records(
     data_path: str, sql_table: str | None = None, sql_query: str | None = None
 ) -> list[dict[str, Any]]:
@@ -291,15 +307,7 @@ def read_sql_records(
     sqlalchemy = import_optional("sqlalchemy", "Reading from a database")
     from sqlalchemy import exc
 
-    try:
-        url = sqlalchemy.engine.make_url(data_path)
-    except exc.ArgumentError as e:
-        raise DataError(
-            f"{mask_credentials(data_path)}: not a database URL; expected e.g. "
-            "sqlite:///data.db or postgresql://user@localhost/dbname."
-        ) from e
-    if url.drivername == "postgresql":  # SQLAlchemy's default is psycopg2; we ship psycopg 3
-        url = url.set(drivername="postgresql+psycopg")
+    url = _database_url(data_path)
     sqlite = url.drivername in ("sqlite", "sqlite+pysqlite")
     postgres = url.drivername == "postgresql+psycopg"
     query = None
