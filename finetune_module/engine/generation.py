@@ -1,8 +1,10 @@
 """Answers from a model: batched greedy (or beam) decoding of tokenized questions.
 
 Questions are sorted by length so that each batch pads little, then the answers are put back
-in order. With several processes each answers its share of the batches and the answers are
-gathered, so every process ends with the answers of a single-process run.
+in order. Greedy answers come from the lean decoding loop (`engine.decoding`) where it is
+proven to give `generate`'s answers, from Hugging Face `generate` everywhere else. With several
+processes each answers its share of the batches and the answers are gathered, so every process
+ends with the answers of a single-process run.
 """
 
 import numpy as np
@@ -10,11 +12,13 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from finetune_module.engine.decoding import greedy_generate, lean_decoding_applies
 from finetune_module.engine.distributed import (
     gathered,
     is_main_process,
     this_process_share,
     weights_sharded,
+    world_size,
 )
 from finetune_module.engine.tokens import TokenizedSet, input_lengths
 
@@ -22,6 +26,19 @@ from finetune_module.engine.tokens import TokenizedSet, input_lengths
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device the model's weights are on."""
     return next(model.parameters()).device
+
+
+def uses_lean_decoding(model: torch.nn.Module, num_beams: int) -> bool:
+    """Whether `generate` answers with the lean decoding loop: a single process on the CPU
+    (where the loop is proven; several processes, sharded weights and GPUs keep Hugging Face
+    `generate`), and a model and settings the loop gives `generate`'s answers for
+    (`decoding.lean_decoding_applies`)."""
+    return (
+        world_size() == 1
+        and not weights_sharded(model)
+        and model_device(model).type == "cpu"
+        and lean_decoding_applies(model, num_beams)
+    )
 
 
 def generate(
@@ -33,6 +50,7 @@ def generate(
     batch_size: int,
     desc: str = "answering",
     quiet: bool = True,
+    lean: bool = True,
 ) -> list[str]:
     """The model's decoded answers to the examples' `input_ids`, in the examples' order.
 
@@ -40,7 +58,8 @@ def generate(
     several processes each answers its share of the same batches, so the answers do not depend
     on how many processes there are. A decoder-only model's prompts are padded on the left, so
     that its answer follows on. A progress bar named `desc` counts the answers (the main
-    process's share) unless `quiet`.
+    process's share) unless `quiet`. With `lean`, greedy answers come from the lean decoding
+    loop where `uses_lean_decoding` (the same answers, with less work per token).
     """
     order = np.argsort(input_lengths(examples), kind="stable").tolist()
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -48,6 +67,7 @@ def generate(
     device, sharded = model_device(model), weights_sharded(model)
     decoder_only = not model.config.is_encoder_decoder
     share = this_process_share(batches, model)
+    lean = lean and uses_lean_decoding(model, num_beams)
     progress = tqdm(
         total=sum(map(len, share)),
         desc=desc,
@@ -61,16 +81,25 @@ def generate(
                 padding_side="left" if decoder_only else None,
                 return_tensors="pt",
             ).to(device)
-            generated = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-                use_cache=True,
-                synced_gpus=sharded,  # sharded weights: run in step until every process is done
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            if lean:
+                generated = greedy_generate(
+                    model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    max_new_tokens,
+                    tokenizer.pad_token_id,
+                )
+            else:
+                generated = model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
+                    do_sample=False,
+                    use_cache=True,
+                    synced_gpus=sharded,  # sharded weights: every process runs every step
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             if decoder_only:  # the output starts with the prompt
                 generated = generated[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -1,0 +1,311 @@
+"""Lean greedy decoding: the model's own forward pass, called step by step, with none of the
+per-step work that Hugging Face `generate` spends on features greedy answers do not use.
+
+`greedy_generate` returns what `model.generate(input_ids, attention_mask=...,
+max_new_tokens=..., num_beams=1, do_sample=False, pad_token_id=...)` returns, token for token:
+an encoder-decoder model's encoder runs once per batch and every step feeds the decoder one
+token against a key/value cache that grows in place (no concatenation per step); a decoder-only
+model reads its left-padded prompt once, then one token a step. Logits are reduced to the next
+token by `argmax`, after exactly the rules of the model's generation config that change greedy
+answers and that this loop implements (`GreedyRules`); a sequence that has ended is filled with
+the padding token, and the loop stops as soon as every sequence has ended or the length cap is
+reached.
+
+The loop calls the model directly, so it applies only where `tests/test_decoding.py` proves it
+equal to `generate`: the families in `PROVEN`, on the transformers release `PROVEN_ON`, greedy
+(beam search runs the stock path), a LoRA adapter or none, and a generation config with nothing
+the loop does not implement (`stock_only_settings`). `lean_decoding_applies` says whether a
+model qualifies; `generation.generate` falls back to `generate` everywhere else.
+"""
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import transformers
+from peft import PeftModel
+from transformers import (
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.cache_utils import DynamicLayer
+
+#: The model families (config.model_type) whose greedy answers `tests/test_decoding.py` proves
+#: equal to `generate`'s, with and without a LoRA adapter.
+PROVEN = frozenset(
+    {
+        *("t5", "mt5", "bart", "mbart", "marian", "pegasus", "m2m_100"),
+        *("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gpt_neox", "opt"),
+    }
+)
+#: The transformers release (major.minor) the loop was proven on; on another one `generate` runs.
+PROVEN_ON = "5.23"
+
+#: Generation-config settings that cannot change greedy answers here: set by every call
+#: (lengths, beams, sampling), used by sampling or beam search only, or about what `generate`
+#: returns rather than which tokens (the special token ids are read by `greedy_rules`).
+_NO_EFFECT_ON_GREEDY = frozenset(
+    {
+        *("max_length", "max_new_tokens", "num_beams", "do_sample", "use_cache"),
+        *("temperature", "top_k", "top_p", "min_p", "top_h", "typical_p"),
+        *("epsilon_cutoff", "eta_cutoff", "early_stopping", "length_penalty", "num_beam_groups"),
+        *("diversity_penalty", "output_attentions", "output_hidden_states", "output_scores"),
+        *("output_logits", "pad_token_id", "bos_token_id", "eos_token_id"),
+        *("decoder_start_token_id", "num_assistant_tokens", "num_assistant_tokens_schedule"),
+        *("assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind"),
+        *("compile_config", "disable_compile", "transformers_version", "_from_model_config"),
+    }
+)
+#: Generation-config settings that change greedy answers and that `GreedyRules` implements.
+_IMPLEMENTED = frozenset(
+    {
+        *("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "bad_words_ids"),
+        *("min_length", "min_new_tokens"),
+    }
+)
+
+
+def stock_only_settings(generation_config: GenerationConfig) -> list[str]:
+    """The names of the generation config's settings, set away from their defaults, that this
+    loop does not implement (so that greedy answers need `generate`): any setting outside the
+    implemented and the no-effect ones, a bad word of several tokens, a decoder start that is a
+    list. Empty when the loop gives `generate`'s answers."""
+    defaults = generation_config._get_default_generation_params()
+    unknown = [
+        name
+        for name, value in generation_config.to_dict().items()
+        if value is not None
+        and value != defaults.get(name)
+        and name not in _NO_EFFECT_ON_GREEDY | _IMPLEMENTED
+    ]
+    if any(len(word) != 1 for word in generation_config.bad_words_ids or []):
+        unknown.append("bad_words_ids")
+    if isinstance(generation_config.decoder_start_token_id, list):
+        unknown.append("decoder_start_token_id")
+    return unknown
+
+
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model that runs the forward pass: the model itself, or the one a LoRA
+    adapter sits in (whose layers hold the adapter, switched on or off)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def lean_decoding_applies(model: torch.nn.Module, num_beams: int) -> bool:
+    """Whether `greedy_generate` gives `model`'s greedy answers exactly as `generate` does:
+    greedy decoding (`num_beams` 1), transformers `PROVEN_ON`, a family in `PROVEN`, a LoRA
+    adapter or none (prompt-learning adapters need `generate`), weights whole on one device and
+    not quantized, and nothing in the generation config that needs `generate`."""
+    if num_beams != 1 or not transformers.__version__.startswith(PROVEN_ON + "."):
+        return False
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return False
+    net = transformers_model(model)
+    return (
+        isinstance(net, PreTrainedModel)
+        and net.config.model_type in PROVEN
+        and getattr(net, "hf_quantizer", None) is None
+        and len(set(getattr(net, "hf_device_map", {"": None}).values())) == 1
+        and not stock_only_settings(net.generation_config)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyRules:
+    """What a model's generation config asks of greedy decoding, as `generate` reads it.
+
+    Lengths count the whole sequence `generate` returns (prompt or decoder start included).
+    """
+
+    eos_token_ids: tuple[int, ...]  # any of these ends a sequence (none: only the cap does)
+    pad_token_id: int | None  # written after a sequence's end
+    decoder_start_token_id: int | None  # an encoder-decoder model's first decoder token
+    forced_bos_token_id: int | None  # the only token allowed at length 1
+    forced_eos_token_ids: tuple[int, ...]  # the only tokens allowed at the cap's last step
+    suppressed: tuple[int, ...]  # never chosen (`suppress_tokens`)
+    bad_words: tuple[int, ...]  # one-token bad words, minus the end tokens (`bad_words_ids`)
+    min_length: int  # the end tokens are not chosen while the sequence is shorter
+    min_new_tokens: int  # nor while fewer new tokens than this have been chosen
+
+
+def _ids(value: int | list[int] | None) -> tuple[int, ...]:
+    """Token ids as a tuple: none, one or several."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def greedy_rules(config: GenerationConfig, pad_token_id: int | None) -> GreedyRules:
+    """The rules `generate` applies to greedy decoding under the generation config `config`,
+    called with `pad_token_id` (None: the config's, else its first end token)."""
+    eos = _ids(config.eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
+    return GreedyRules(
+        eos_token_ids=eos,
+        pad_token_id=pad if pad is not None else (eos[0] if eos else None),
+        decoder_start_token_id=(
+            config.decoder_start_token_id
+            if config.decoder_start_token_id is not None
+            else config.bos_token_id
+        ),
+        forced_bos_token_id=config.forced_bos_token_id,
+        forced_eos_token_ids=_ids(config.forced_eos_token_id),
+        suppressed=_ids(config.suppress_tokens),
+        bad_words=tuple(
+            word[0] for word in config.bad_words_ids or [] if len(word) == 1 and word[0] not in eos
+        ),
+        min_length=config.min_length or 0,
+        min_new_tokens=config.min_new_tokens or 0,
+    )
+
+
+def _next_tokens(
+    logits: torch.Tensor, rules: GreedyRules, length: int, new: int, max_length: int
+) -> torch.Tensor:
+    """The greedy choice of every sequence's next token from its last position's `logits`
+    (batch x vocabulary), where each sequence is `length` tokens long, `new` of them generated,
+    and may grow to `max_length`: the rules that apply at this length, in `generate`'s order and
+    on float32 scores as its logits processors work, then the argmax. (The logits are changed
+    in place.)"""
+    scores = logits.float()
+    if rules.bad_words:
+        scores[:, list(rules.bad_words)] += float("-inf")  # an added bias, as generate does
+    if rules.eos_token_ids and (length < rules.min_length or new < rules.min_new_tokens):
+        scores[:, list(rules.eos_token_ids)] = float("-inf")
+    forced = ()
+    if rules.forced_bos_token_id is not None and length == 1:
+        forced = (rules.forced_bos_token_id,)
+    if rules.forced_eos_token_ids and length == max_length - 1:
+        forced = rules.forced_eos_token_ids
+    if forced:
+        scores = torch.full_like(scores, float("-inf"))
+        scores[:, list(forced)] = 0.0
+    if rules.suppressed:
+        scores[:, list(rules.suppressed)] = float("-inf")
+    return scores.argmax(dim=-1)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A self-attention key/value cache layer whose storage is allocated once, for `capacity`
+    tokens, at the first write: each step's keys and values are copied into it, and the layer
+    holds views of the tokens written so far (where `DynamicLayer` concatenates every step)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new keys and values after the ones held; returns all of them."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            batch, heads, _, key_width = key_states.shape
+            shape = (batch, heads, self.capacity)
+            self._key_storage = key_states.new_empty((*shape, key_width))
+            self._value_storage = value_states.new_empty((*shape, value_states.shape[-1]))
+        end = self.length + key_states.shape[-2]
+        self._key_storage[:, :, self.length : end].copy_(key_states)
+        self._value_storage[:, :, self.length : end].copy_(value_states)
+        self.length = end
+        self.keys = self._key_storage[:, :, :end]
+        self.values = self._value_storage[:, :, :end]
+        return self.keys, self.values
+
+
+def _self_attention_cache(config: PretrainedConfig, capacity: int) -> DynamicCache:
+    """The decoder's self-attention cache, laid out as `generate` lays it out for `config`
+    (sliding-window layers where the model has them), with every full-attention layer
+    preallocated for `capacity` tokens."""
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
+
+
+def greedy_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    pad_token_id: int | None,
+) -> torch.Tensor:
+    """The sequences `model.generate(input_ids=..., attention_mask=..., max_new_tokens=...,
+    num_beams=1, do_sample=False, pad_token_id=...)` returns (for a model where
+    `lean_decoding_applies`): an encoder-decoder model's decoder start and answer tokens, a
+    decoder-only model's left-padded prompt and answer tokens, each row ended by one of the end
+    tokens and padded after it, as long as the longest answer (at most `max_new_tokens`).
+
+    Call it under `torch.inference_mode()`.
+    """
+    net = transformers_model(model)
+    rules = greedy_rules(net.generation_config, pad_token_id)
+    batch = input_ids.shape[0]
+    kwargs = {"use_cache": True, "return_dict": True}
+    if "logits_to_keep" in inspect.signature(net.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # as generate passes it
+    if net.config.is_encoder_decoder:
+        prompt = torch.full((batch, 1), rules.decoder_start_token_id, device=input_ids.device)
+        kwargs["encoder_outputs"] = net.get_encoder()(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+        )
+        kwargs["attention_mask"] = attention_mask
+        self_attention = _self_attention_cache(net.config, max_new_tokens)
+        cache = EncoderDecoderCache(self_attention, DynamicCache(config=net.config))
+        step = {"decoder_input_ids": prompt}
+    else:
+        prompt = input_ids
+        cache = _self_attention_cache(net.config, input_ids.shape[1] + max_new_tokens)
+        step, mask = _prompt_inputs(input_ids, attention_mask, max_new_tokens)
+    kwargs["past_key_values"] = cache
+
+    prompt_length = prompt.shape[1]
+    max_length = prompt_length + max_new_tokens
+    sequences = prompt.new_empty((batch, max_length))
+    sequences[:, :prompt_length] = prompt
+    ends = torch.tensor(rules.eos_token_ids, dtype=torch.long, device=prompt.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
+    length = prompt_length
+    while length < max_length:
+        logits = net(**step, **kwargs).logits[:, -1]
+        tokens = _next_tokens(logits, rules, length, length - prompt_length, max_length)
+        if len(ends):
+            tokens = torch.where(unfinished, tokens, rules.pad_token_id)
+        sequences[:, length] = tokens
+        length += 1
+        if len(ends):
+            unfinished &= ~torch.isin(tokens, ends)
+            if not unfinished.any():
+                break
+        if net.config.is_encoder_decoder:
+            step = {"decoder_input_ids": tokens[:, None]}
+        else:
+            step = {"input_ids": tokens[:, None], "position_ids": step["position_ids"][:, -1:] + 1}
+            if mask is not None:
+                step["attention_mask"] = mask[:, :length]
+    return sequences[:, :length]
+
+
+def _prompt_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """A decoder-only model's inputs for its left-padded prompt, as `generate` makes them, and
+    the attention mask over the prompt and every new token (None when there is no padding: a
+    mask of all ones is left out). Positions count the real tokens (padding at 0). The mask is
+    allocated once; each step gives the model its first columns."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    if bool(attention_mask.all()):
+        return {"input_ids": input_ids, "position_ids": positions}, None
+    batch, prompt_length = attention_mask.shape
+    mask = attention_mask.new_ones((batch, prompt_length + max_new_tokens))
+    mask[:, :prompt_length] = attention_mask
+    step = {"input_ids": input_ids, "position_ids": positions, "attention_mask": attention_mask}
+    return step, mask

@@ -1,0 +1,309 @@
+"""The lean greedy decoding loop gives Hugging Face `generate`'s answers, token for token: on
+every family, with a LoRA adapter switched on and off, on batches of different lengths, to the
+length cap and to early ends; under the generation-config rules it implements; and it leaves
+every other config to `generate`. Broken variants of the loop are caught by the same checks."""
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from finetune_module.engine import decoding, generation
+from finetune_module.engine.decoding import greedy_generate, lean_decoding_applies
+from finetune_module.engine.models import lora_config
+from finetune_module.engine.settings import LoraSettings
+from finetune_module.engine.tokens import with_pad_token
+from finetune_module.tiny_model import FAMILIES
+
+QUESTIONS = [
+    "How do I reset my password?",
+    "Refund",
+    "My order has not arrived yet and it has been two weeks; what can I do about it?",
+    "Can I change the email address on my account?",
+]
+
+
+class Tiny:
+    """A tiny model of a family with a LoRA adapter whose weights change its answers, its
+    tokenizer, and a padded batch of questions of different lengths."""
+
+    def __init__(self, model_dir: Path, family: str) -> None:
+        kind = FAMILIES[family].kind
+        auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        torch.manual_seed(0)
+        base = auto.from_pretrained(model_dir).eval()
+        self.model = get_peft_model(base, lora_config(LoraSettings(r=4), base)).eval()
+        for name, weight in self.model.named_parameters():
+            if "lora_B" in name:
+                weight.data.normal_(0.0, 0.5)  # a zero B (peft's start) would change nothing
+        self.tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_dir))
+        self.batch = self.tokenizer.pad(
+            {"input_ids": self.tokenizer(QUESTIONS)["input_ids"]},
+            padding_side="left" if kind == "causal" else None,
+            return_tensors="pt",
+        )
+        self.config = self.model.get_base_model().generation_config
+        self.config_ends = list(decoding.greedy_rules(self.config, None).eos_token_ids)
+
+    def adapter(self, on: bool) -> AbstractContextManager[Any]:
+        """The adapter switched on (as it is) or off for the block."""
+        return nullcontext() if on else self.model.disable_adapter()
+
+    def stock(self, max_new_tokens: int) -> torch.Tensor:
+        """`generate`'s greedy sequences for the batch."""
+        with torch.inference_mode():
+            return self.model.generate(
+                **self.batch,
+                max_new_tokens=max_new_tokens,
+                num_beams=1,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+
+    def lean(self, max_new_tokens: int) -> torch.Tensor:
+        """The lean loop's greedy sequences for the batch."""
+        with torch.inference_mode():
+            return greedy_generate(
+                self.model,
+                self.batch["input_ids"],
+                self.batch["attention_mask"],
+                max_new_tokens,
+                self.tokenizer.pad_token_id,
+            )
+
+    def mismatch(self, max_new_tokens: int) -> str:
+        """How the lean loop's sequences differ from `generate`'s ("" when they are equal)."""
+        stock, lean = self.stock(max_new_tokens), self.lean(max_new_tokens)
+        if stock.shape == lean.shape and torch.equal(stock, lean):
+            return ""
+        return f"generate:\n{stock}\nlean:\n{lean}"
+
+    @property
+    def prompt_length(self) -> int:
+        """How many tokens `generate`'s sequences hold before the answers: the decoder start,
+        or the left-padded prompt."""
+        return 1 if self.model.config.is_encoder_decoder else self.batch["input_ids"].shape[1]
+
+    def new_tokens(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The generated part of `generate`-shaped sequences."""
+        return sequences[:, self.prompt_length :]
+
+
+@pytest.fixture(scope="module")
+def tiny(family_model: Callable[[str], Path]) -> Callable[[str], Tiny]:
+    """A `Tiny` of a family, built once per module."""
+    made: dict[str, Tiny] = {}
+
+    def of(family: str) -> Tiny:
+        if family not in made:
+            made[family] = Tiny(family_model(family), family)
+        return made[family]
+
+    return of
+
+
+def _second_tokens(t: Tiny) -> list[int]:
+    """The tokens `generate` chooses second: as end tokens, they end every answer by its
+    second token (some at their first)."""
+    return sorted(set(t.new_tokens(t.stock(2))[:, 1].tolist()))
+
+
+def _set(monkeypatch: pytest.MonkeyPatch, t: Tiny, **settings: Any) -> None:
+    """Sets generation-config settings of a Tiny for the test."""
+    for key, value in settings.items():
+        monkeypatch.setattr(t.config, key, value)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lean_answers_are_generates_on_every_family(
+    family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny(family)
+    assert lean_decoding_applies(t.model, num_beams=1)
+    answers = {}
+    for on in (True, False):
+        with t.adapter(on):
+            assert not t.mismatch(12), f"adapter {'on' if on else 'off'}, to the cap"
+            answers[on] = t.stock(12)
+    assert not torch.equal(answers[True], answers[False]), "the adapter changes the answers"
+
+    # the first answer ends at its second token, the others when they choose it or later
+    ending = t.new_tokens(answers[True])[0, 1].item()
+    _set(monkeypatch, t, eos_token_id=[ending, *t.config_ends])
+    for on in (True, False):
+        with t.adapter(on):
+            assert not t.mismatch(12), f"adapter {'on' if on else 'off'}, ending early"
+    assert (t.new_tokens(t.stock(12))[0, 2:] == t.tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_the_loop_stops_when_every_answer_has_ended(
+    family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny(family)
+    _set(monkeypatch, t, eos_token_id=_second_tokens(t))
+    steps = []
+    hook = t.model.get_base_model().register_forward_hook(lambda *_: steps.append(1))
+    try:
+        lean = t.lean(30)
+    finally:
+        hook.remove()
+    assert torch.equal(lean, t.stock(30))
+    assert t.new_tokens(lean).shape[1] == len(steps) <= 2
+
+
+def _prompt_and(extra: int) -> Callable[[Tiny], int]:
+    """A length: the prompt's (1, an encoder-decoder model's decoder start) and `extra`."""
+    return lambda t: (
+        (1 if t.model.config.is_encoder_decoder else t.batch["input_ids"].shape[1]) + extra
+    )
+
+
+def _first_tokens(t: Tiny) -> list[int]:
+    """The tokens of the first three of every answer, but the end tokens."""
+    return sorted(set(t.new_tokens(t.stock(3)).flatten().tolist()) - set(t.config_ends))
+
+
+# each rule's settings (values computed from the Tiny where they are functions), and the end
+# tokens it is tried with
+RULES: dict[str, tuple[dict[str, Any], bool]] = {
+    "forced_bos": ({"forced_bos_token_id": 5}, False),
+    "forced_eos": ({"forced_eos_token_id": 7}, False),
+    "forced_eos_list": ({"forced_eos_token_id": [9, 8]}, False),
+    "suppress_tokens": ({"suppress_tokens": _first_tokens}, False),
+    "bad_words": ({"bad_words_ids": lambda t: [[token] for token in _first_tokens(t)]}, False),
+    "min_length": ({"min_length": _prompt_and(5)}, True),
+    "min_new_tokens": ({"min_new_tokens": lambda t: 4}, True),
+    "min_new_tokens_over_min_length": ({"min_new_tokens": lambda t: 4, "min_length": 2}, True),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("family", ["t5", "bart", "llama"])
+def test_the_generation_rules_give_generates_answers(
+    family: str, rule: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny(family)
+    settings, early_ends = RULES[rule]
+    if early_ends:
+        _set(monkeypatch, t, eos_token_id=_second_tokens(t))
+    values = {key: value(t) if callable(value) else value for key, value in settings.items()}
+    before = t.stock(8)
+    _set(monkeypatch, t, **values)
+    assert lean_decoding_applies(t.model, num_beams=1)
+    if not (rule == "forced_bos" and family == "llama"):  # a prompt is longer than 1 token
+        assert not torch.equal(t.stock(8), before), "the rule changes the answers"
+    assert not t.mismatch(8)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"no_repeat_ngram_size": 2},
+        {"repetition_penalty": 1.3},
+        {"bad_words_ids": [[5, 6]]},
+        {"sequence_bias": {(5,): -2.0}},
+        {"encoder_no_repeat_ngram_size": 2},
+        {"renormalize_logits": True},
+        {"decoder_start_token_id": [0, 0, 0, 0]},
+        {"max_time": 10.0},
+        {"cache_implementation": "static"},
+    ],
+)
+def test_settings_the_loop_does_not_implement_go_to_generate(
+    settings: dict[str, Any], tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny("t5")
+    _set(monkeypatch, t, **settings)
+    assert decoding.stock_only_settings(t.config) == list(settings)
+    assert not lean_decoding_applies(t.model, num_beams=1)
+    assert not generation.uses_lean_decoding(t.model, num_beams=1)
+
+
+def test_settings_that_do_not_change_greedy_answers_keep_the_loop(
+    tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny("t5")
+    _set(monkeypatch, t, do_sample=True, temperature=0.7, top_p=0.9, num_beams=4, max_length=9)
+    assert decoding.stock_only_settings(t.config) == []
+    assert not t.mismatch(6)
+
+
+def test_beam_search_and_unproven_families_go_to_generate(
+    tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny("t5")
+    assert not lean_decoding_applies(t.model, num_beams=2)
+    monkeypatch.setattr(decoding, "PROVEN", decoding.PROVEN - {"t5"})
+    assert not lean_decoding_applies(t.model, num_beams=1)
+    assert lean_decoding_applies(tiny("llama").model, num_beams=1)
+    monkeypatch.setattr(decoding, "PROVEN_ON", "0.0")
+    assert not lean_decoding_applies(tiny("llama").model, num_beams=1)
+
+
+def _pads_with_another_token(config: Any, pad: int | None) -> decoding.GreedyRules:
+    rules = GREEDY_RULES(config, pad)
+    return dataclasses.replace(rules, pad_token_id=rules.pad_token_id + 1)
+
+
+def _never_ends(config: Any, pad: int | None) -> decoding.GreedyRules:
+    return dataclasses.replace(GREEDY_RULES(config, pad), eos_token_ids=())
+
+
+def _keeps_a_stale_value(
+    self: decoding.PreallocatedLayer, keys: torch.Tensor, values: torch.Tensor, *_: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caches each new token's value one step late: the slot holds the token's before it."""
+    keys, values = CACHE_UPDATE(self, keys, values)
+    if values.shape[2] > 1:
+        values[:, :, -1] = values[:, :, -2]
+    return keys, values
+
+
+GREEDY_RULES, CACHE_UPDATE = decoding.greedy_rules, decoding.PreallocatedLayer.update
+BROKEN = {
+    "pads with another token": (decoding, "greedy_rules", _pads_with_another_token),
+    "never ends": (decoding, "greedy_rules", _never_ends),
+    "ignores the rules": (decoding, "_next_tokens", lambda logits, *_: logits.argmax(-1)),
+    "caches a stale value": (decoding.PreallocatedLayer, "update", _keeps_a_stale_value),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_broken_loops_are_caught(
+    broken: str, family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny(family)
+    ending = t.new_tokens(t.stock(6))[0, 1].item()  # the first answer ends early
+    _set(monkeypatch, t, eos_token_id=[ending], forced_eos_token_id=[ending])
+    assert not t.mismatch(6)
+    monkeypatch.setattr(*BROKEN[broken])
+    assert t.mismatch(6)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_generation_answers_the_same_with_and_without_the_lean_loop(
+    family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny(family)
+    examples = [{"input_ids": ids} for ids in t.tokenizer(QUESTIONS * 3)["input_ids"]]
+    settings = {"max_new_tokens": 10, "num_beams": 1, "batch_size": 5}
+    calls = []
+    monkeypatch.setattr(
+        generation, "greedy_generate", lambda *a: calls.append(1) or greedy_generate(*a)
+    )
+    lean = generation.generate(t.model, t.tokenizer, examples, **settings)
+    assert len(calls) == 3  # 12 questions in batches of 5
+    assert generation.generate(t.model, t.tokenizer, examples, **settings, lean=False) == lean
+    assert len(calls) == 3
+    with t.model.disable_adapter():
+        base = generation.generate(t.model, t.tokenizer, examples, **settings)
+        assert generation.generate(t.model, t.tokenizer, examples, **settings, lean=False) == base
+    assert base != lean
