@@ -212,7 +212,7 @@ def _summed_over_processes(values: dict[str, float]) -> dict[str, float]:
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Runs the benchmark in `--nproc` processes under torchrun, each with its share of cores;
     the machine's matmul peak is measured first, with every core."""
-    _prepare(args, Path(args.workdir))  # once, before the processes start
+    prepare(Path(args.workdir), args.quick, args.records)  # once, before the processes start
     peak = matmul_gflops()
     rest = [
         a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
@@ -237,14 +237,15 @@ def _overrides(ablation: str, caps: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
-    """The benchmark's dataset and model in `work`, built unless already there."""
+def prepare(work: Path, quick: bool, records: int) -> tuple[Path, Path]:
+    """The paths of the benchmark's dataset of `records` records and of its model (the tiny
+    one if `quick`, else flan-t5-small's shape) in `work`, built unless already there."""
     work.mkdir(parents=True, exist_ok=True)
-    size = "tiny" if args.quick else "flan-t5-small"
-    data_path = work / f"bench-data-{DATA_VERSION}-{args.records}.json"
+    size = "tiny" if quick else "flan-t5-small"
+    data_path = work / f"bench-data-{DATA_VERSION}-{records}.json"
     if not data_path.exists():
-        build_dataset(REPO / "example-support-dataset.json", data_path, records=args.records)
-    model_dir = work / f"model-{size}-{DATA_VERSION}-{args.records}"
+        build_dataset(REPO / "example-support-dataset.json", data_path, records=records)
+    model_dir = work / f"model-{size}-{DATA_VERSION}-{records}"
     if not (model_dir / "model.safetensors").exists():
         build_t5(str(model_dir), training_texts(data_path), **SHAPES[size])
     return data_path, model_dir
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ablate == "input-grouping":
         FinetuneTrainer._get_train_sampler = Seq2SeqTrainer._get_train_sampler
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
-    data_path, model_dir = _prepare(args, work)
+    data_path, model_dir = prepare(work, args.quick, args.records)
     # under --nproc the launcher measured the peak with every core before starting the ranks
     peak_gflops = args.matmul_peak or matmul_gflops(
         dtype=torch.bfloat16 if args.bf16 else torch.float32
@@ -417,6 +418,11 @@ def _table(f: dict[str, Any]) -> str:
                 f"DAG {s['dag']:.1f}x (goal {GOALS['dag']:g}x)",
             ),
         ]
+    return aligned(rows)
+
+
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """(name, value) rows as text, the values in one column."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -4,7 +4,7 @@ length cap and to early ends; under the generation-config rules it implements; a
 every other config to `generate`. Broken variants of the loop are caught by the same checks."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,16 @@ QUESTIONS = [
     "My order has not arrived yet and it has been two weeks; what can I do about it?",
     "Can I change the email address on my account?",
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one thread while these tests run: both paths run under the same setting, and
+    on a shared 2-core machine two threads wait on each other's core (5x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Tiny:
@@ -66,6 +76,17 @@ class Tiny:
                 pad_token_id=self.tokenizer.pad_token_id,
             )
 
+    def first_logits(self) -> torch.Tensor:
+        """The logits `generate` chooses the batch's first answer tokens from."""
+        with torch.inference_mode():
+            return self.model.generate(
+                **self.batch,
+                max_new_tokens=1,
+                pad_token_id=self.tokenizer.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            ).logits[0]
+
     def lean(self, max_new_tokens: int) -> torch.Tensor:
         """The lean loop's greedy sequences for the batch."""
         with torch.inference_mode():
@@ -77,12 +98,15 @@ class Tiny:
                 self.tokenizer.pad_token_id,
             )
 
-    def mismatch(self, max_new_tokens: int) -> str:
-        """How the lean loop's sequences differ from `generate`'s ("" when they are equal)."""
+    def same(self, max_new_tokens: int, what: str = "") -> torch.Tensor:
+        """`generate`'s sequences, checked equal to the lean loop's (`what`: the case)."""
         stock, lean = self.stock(max_new_tokens), self.lean(max_new_tokens)
-        if stock.shape == lean.shape and torch.equal(stock, lean):
-            return ""
-        return f"generate:\n{stock}\nlean:\n{lean}"
+        assert torch.equal(stock, lean), f"{what}\ngenerate:\n{stock}\nlean:\n{lean}"
+        return stock
+
+    def differs(self, max_new_tokens: int) -> bool:
+        """Whether the lean loop's sequences differ from `generate`'s."""
+        return not torch.equal(self.stock(max_new_tokens), self.lean(max_new_tokens))
 
     @property
     def prompt_length(self) -> int:
@@ -126,20 +150,20 @@ def test_lean_answers_are_generates_on_every_family(
 ) -> None:
     t = tiny(family)
     assert lean_decoding_applies(t.model, num_beams=1)
-    answers = {}
+    answers, logits = {}, {}
     for on in (True, False):
         with t.adapter(on):
-            assert not t.mismatch(12), f"adapter {'on' if on else 'off'}, to the cap"
-            answers[on] = t.stock(12)
-    assert not torch.equal(answers[True], answers[False]), "the adapter changes the answers"
+            answers[on] = t.same(10, f"adapter {'on' if on else 'off'}, to the cap")
+            logits[on] = t.first_logits()
+    assert not torch.allclose(logits[True], logits[False]), "the adapter changes the model"
 
     # the first answer ends at its second token, the others when they choose it or later
     ending = t.new_tokens(answers[True])[0, 1].item()
     _set(monkeypatch, t, eos_token_id=[ending, *t.config_ends])
     for on in (True, False):
         with t.adapter(on):
-            assert not t.mismatch(12), f"adapter {'on' if on else 'off'}, ending early"
-    assert (t.new_tokens(t.stock(12))[0, 2:] == t.tokenizer.pad_token_id).all()
+            answers[on] = t.same(10, f"adapter {'on' if on else 'off'}, ending early")
+    assert (t.new_tokens(answers[True])[0, 2:] == t.tokenizer.pad_token_id).all()
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
@@ -199,7 +223,7 @@ def test_the_generation_rules_give_generates_answers(
     assert lean_decoding_applies(t.model, num_beams=1)
     if not (rule == "forced_bos" and family == "llama"):  # a prompt is longer than 1 token
         assert not torch.equal(t.stock(8), before), "the rule changes the answers"
-    assert not t.mismatch(8)
+    t.same(8)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +256,7 @@ def test_settings_that_do_not_change_greedy_answers_keep_the_loop(
     t = tiny("t5")
     _set(monkeypatch, t, do_sample=True, temperature=0.7, top_p=0.9, num_beams=4, max_length=9)
     assert decoding.stock_only_settings(t.config) == []
-    assert not t.mismatch(6)
+    t.same(6)
 
 
 def test_beam_search_and_unproven_families_go_to_generate(
@@ -283,9 +307,9 @@ def test_broken_loops_are_caught(
     t = tiny(family)
     ending = t.new_tokens(t.stock(6))[0, 1].item()  # the first answer ends early
     _set(monkeypatch, t, eos_token_id=[ending], forced_eos_token_id=[ending])
-    assert not t.mismatch(6)
+    t.same(6)
     monkeypatch.setattr(*BROKEN[broken])
-    assert t.mismatch(6)
+    assert t.differs(6)
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])

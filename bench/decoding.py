@@ -1,0 +1,294 @@
+"""Time greedy decoding: Hugging Face `generate` against the lean loop, side by side in one
+process, and both against the bound of streaming the weights once per decode step.
+
+    python -m bench.decoding                  # flan-t5-small's shape: 20 answers, cap 118
+    python -m bench.decoding --quick          # a tiny model: checks the script itself runs
+    python -m bench.decoding --threads 2,1    # the comparison under each torch thread count
+
+The model, data and questions are the benchmark's (`bench.benchmark`): its fine-tune as the
+evaluation stage holds it (the recipe's model with a fresh LoRA adapter), answering the
+validation and hold-out questions with `generation.generate`, batch 32, greedy, to the cap.
+Rounds alternate the order (stock then lean, lean then stock, ...) and the figures are the
+median of the per-round ratios: the machine is shared, and only ratios measured side by side
+mean much. Both paths must give the same answers (the script stops if they do not).
+
+A decode step is one call of the decoder (the encoder runs once per batch, timed apart). The
+bound of a step is the bytes of weights it reads (every module that runs in a step, less the
+embedding tables, which are read a row per token; the cross-attention keys and values are
+computed once per batch) over the memory bandwidth measured here (the best of a few sums of
+a large tensor); the bound of the run is that times the number of steps. A second bound adds
+the key/value caches each step reads (the encoder states' keys and values, padded to the
+batch's longest question, and the answers' own).
+"""
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from hamilton import driver
+
+import finetune_module
+from bench.benchmark import REPO, aligned, prepare
+from finetune_module.engine import generation
+from finetune_module.engine.decoding import greedy_generate, transformers_model
+from finetune_module.engine.models import build_model
+
+CAP = 118  # the new-token cap of the answers (the benchmark run's target length cap)
+
+
+def benchmark_questions(data_path: Path, model_dir: Path) -> dict[str, Any]:
+    """The benchmark run's evaluation work, from the dataflow: its `tokenizer`, its
+    `model_recipe` and its validation and hold-out questions (`examples`, tokenized)."""
+    dr = driver.Builder().with_config({"start": "base"}).with_modules(*finetune_module.MODULES)
+    inputs = {
+        "data_path": str(data_path),
+        "input_text_key": "question",
+        "output_text_key": "reply",
+        "model_id": str(model_dir),
+        "quiet": True,
+    }
+    nodes = ["tokenizer", "model_recipe", "tokenized_validation", "tokenized_hold_out"]
+    found = dr.build().execute(nodes, inputs=inputs)
+    examples = [*found["tokenized_validation"], *found["tokenized_hold_out"]]
+    return {"tokenizer": found["tokenizer"], "recipe": found["model_recipe"], "examples": examples}
+
+
+def memory_bandwidth(megabytes: int = 512, trials: int = 5) -> float:
+    """The machine's memory bandwidth in GB/s: the best of a few sums of a large float32
+    tensor (read once each)."""
+    values = torch.ones(megabytes * 2**20 // 4)
+    values.sum()
+    best = min(_seconds(values.sum) for _ in range(trials))
+    return values.numel() * 4 / best / 1e9
+
+
+def _seconds(work: Any) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def weight_bytes_per_step(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    """The bytes of weights one decode step reads: the parameters of every module that runs
+    in the second step of decoding `input_ids` (cross-attention keys and values come from
+    the cache by then), less the embedding tables, which are read a row per token."""
+    ran: list[torch.nn.Module] = []
+    net = transformers_model(model)
+    hooks = [net.get_decoder().register_forward_pre_hook(lambda *_: ran.clear())]
+    hooks += [m.register_forward_hook(lambda m, *_: ran.append(m)) for m in net.modules()]
+    try:
+        with torch.inference_mode():
+            greedy_generate(model, input_ids, torch.ones_like(input_ids), 2, None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(
+        p.numel() * p.element_size()
+        for m in set(ran)
+        if not isinstance(m, torch.nn.Embedding)
+        for p in m.parameters(recurse=False)
+    )
+
+
+def cache_bytes_per_step(config: Any, batches: list[list[int]], steps: list[int]) -> float:
+    """The mean bytes of keys and values a T5 decode step reads: per batch of question
+    lengths, its encoder states padded to the longest question and, on average, half its
+    answers' length, over the steps each batch ran (float32)."""
+    per_token = 2 * config.num_decoder_layers * config.num_heads * config.d_kv * 4
+    read = sum(
+        len(lengths) * (max(lengths) + n / 2) * per_token * n
+        for lengths, n in zip(batches, steps, strict=True)
+    )
+    return read / max(1, sum(steps))
+
+
+@contextlib.contextmanager
+def counted(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
+    """While the block runs: the decoder's calls (`steps`, per batch in `batch_steps`) and
+    the encoder's seconds (`encoder_seconds`)."""
+    net = transformers_model(model)
+    counts: dict[str, Any] = {"steps": 0, "batch_steps": [], "encoder_seconds": 0.0}
+    started: list[float] = []
+
+    def encoder_started(*_: Any) -> None:
+        started.append(time.perf_counter())
+        counts["batch_steps"].append(0)
+
+    def encoder_done(*_: Any) -> None:
+        counts["encoder_seconds"] += time.perf_counter() - started.pop()
+
+    def step(*_: Any) -> None:
+        counts["steps"] += 1
+        counts["batch_steps"][-1] += 1
+
+    hooks = [
+        net.get_encoder().register_forward_pre_hook(encoder_started),
+        net.get_encoder().register_forward_hook(encoder_done),
+        net.get_decoder().register_forward_pre_hook(step),
+    ]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def timed_answers(
+    model: torch.nn.Module, work: dict[str, Any], settings: dict[str, int], lean: bool
+) -> dict[str, Any]:
+    """One pass of `generation.generate` over the questions: its `answers`, `seconds`,
+    decode `steps` (and per batch), and the encoder's seconds."""
+    with counted(model) as counts:
+        started = time.perf_counter()
+        answers = generation.generate(
+            model, work["tokenizer"], work["examples"], **settings, lean=lean
+        )
+        counts["seconds"] = time.perf_counter() - started
+    return {**counts, "answers": answers}
+
+
+def compare(
+    model: torch.nn.Module, work: dict[str, Any], settings: dict[str, int], rounds: int
+) -> dict[str, Any]:
+    """`rounds` interleaved passes of each path (the order alternating): the runs, and the
+    median per-round ratios of stock to lean seconds (whole, and decoding only)."""
+    runs: dict[str, list[dict[str, Any]]] = {"stock": [], "lean": []}
+    for round_ in range(rounds):
+        for path in ("stock", "lean") if round_ % 2 == 0 else ("lean", "stock"):
+            runs[path].append(timed_answers(model, work, settings, lean=path == "lean"))
+    answers = {run["answers"] == runs["stock"][0]["answers"] for run in runs["lean"]}
+    if answers != {True}:
+        raise SystemExit("The lean loop's answers differ from generate's.")
+
+    def decode_seconds(run: dict[str, Any]) -> float:
+        return run["seconds"] - run["encoder_seconds"]
+
+    pairs = list(zip(runs["stock"], runs["lean"], strict=True))
+    return {
+        "runs": runs,
+        "speedup": statistics.median(s["seconds"] / n["seconds"] for s, n in pairs),
+        "decode_speedup": statistics.median(
+            decode_seconds(s) / decode_seconds(n) for s, n in pairs
+        ),
+        "seconds_per_step": {
+            path: statistics.median(decode_seconds(run) / run["steps"] for run in runs[path])
+            for path in runs
+        },
+    }
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Builds the model and questions and measures; returns the figures."""
+    work_dir = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
+    data_path, model_dir = prepare(work_dir, args.quick, args.records)
+    work = benchmark_questions(data_path, model_dir)
+    model = build_model(work["recipe"], torch.device("cpu"))
+    settings = {"max_new_tokens": args.max_new_tokens, "num_beams": 1, "batch_size": args.batch}
+    if not generation.uses_lean_decoding(model, num_beams=1):
+        raise SystemExit("The lean loop does not apply to this model.")
+
+    bandwidth = memory_bandwidth()
+    weights = weight_bytes_per_step(model, torch.tensor([work["examples"][0]["input_ids"]]))
+    by_threads = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        by_threads[threads] = compare(model, work, settings, args.rounds)
+    first = by_threads[args.threads[0]]["runs"]["lean"][0]
+    lengths = sorted(len(x["input_ids"]) for x in work["examples"])
+    batches = [lengths[i : i + args.batch] for i in range(0, len(lengths), args.batch)]
+    caches = cache_bytes_per_step(transformers_model(model).config, batches, first["batch_steps"])
+    return {
+        "model": "tiny" if args.quick else "flan-t5-small shape",
+        "answers": len(work["examples"]),
+        **settings,
+        "decode_steps": first["steps"],
+        "memory_bandwidth_gb_s": bandwidth,
+        "weight_mb_per_step": weights / 1e6,
+        "cache_mb_per_step": caches / 1e6,
+        "bound_seconds_per_step": weights / (bandwidth * 1e9),
+        "bound_with_caches_seconds_per_step": (weights + caches) / (bandwidth * 1e9),
+        "by_threads": {
+            threads: {
+                "speedup": found["speedup"],
+                "decode_speedup": found["decode_speedup"],
+                "seconds_per_step": found["seconds_per_step"],
+                "seconds": {p: [r["seconds"] for r in runs] for p, runs in found["runs"].items()},
+                "encoder_seconds": {
+                    p: [r["encoder_seconds"] for r in runs] for p, runs in found["runs"].items()
+                },
+            }
+            for threads, found in by_threads.items()
+        },
+    }
+
+
+def _table(f: dict[str, Any]) -> str:
+    """The figures as a short text table."""
+    bound = f["bound_seconds_per_step"]
+    rows = [
+        ("model", f["model"]),
+        ("answers x cap, batch", f"{f['answers']} x {f['max_new_tokens']}, {f['batch_size']}"),
+        ("decode steps", f"{f['decode_steps']}"),
+        ("memory bandwidth", f"{f['memory_bandwidth_gb_s']:.1f} GB/s"),
+        ("weights read per step", f"{f['weight_mb_per_step']:.1f} MB"),
+        ("caches read per step", f"{f['cache_mb_per_step']:.1f} MB (mean)"),
+        ("bound per step", f"{1e3 * bound:.2f} ms (weights only)"),
+        ("", f"{1e3 * f['bound_with_caches_seconds_per_step']:.2f} ms (with caches)"),
+        ("bound, whole run", f"{bound * f['decode_steps']:.2f} s"),
+    ]
+    for threads, t in f["by_threads"].items():
+        stock, lean = t["seconds_per_step"]["stock"], t["seconds_per_step"]["lean"]
+        rows += [
+            (f"{threads} thread(s): s/step", f"stock {stock:.4f}, lean {lean:.4f}"),
+            ("  x the bound", f"stock {stock / bound:.1f}, lean {lean / bound:.1f}"),
+            (
+                "  stock / lean (median)",
+                f"{t['speedup']:.2f}x whole, {t['decode_speedup']:.2f}x decoding",
+            ),
+        ]
+    return aligned(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of the decoding benchmark."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.decoding", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny model, a short cap, 2 rounds")
+    p.add_argument("--records", type=int, help="dataset size (default: 400, --quick: 60)")
+    p.add_argument("--max-new-tokens", type=int, help=f"the cap (default: {CAP}, --quick: 8)")
+    p.add_argument("--batch", type=int, default=32, help="default: %(default)s")
+    p.add_argument("--rounds", type=int, help="passes of each path (default: 4, --quick: 2)")
+    p.add_argument(
+        "--threads",
+        default=str(torch.get_num_threads()),
+        help="comma-separated torch thread counts to measure under (default: %(default)s)",
+    )
+    p.add_argument("--workdir", help="where the model and data go (default: a temp dir)")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "decoding.json"),
+        help="JSON file for the figures (default: %(default)s)",
+    )
+    args = p.parse_args(argv)
+    args.records = args.records or (60 if args.quick else 400)
+    args.max_new_tokens = args.max_new_tokens or (8 if args.quick else CAP)
+    args.rounds = args.rounds or (2 if args.quick else 4)
+    args.threads = [int(n) for n in args.threads.split(",")]
+    figures = measure(args)
+    print(_table(figures))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(f"\nFigures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
