@@ -40,7 +40,8 @@ from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
-from finetune_module.engine import distributed, speedups
+from finetune_module.engine import distributed, generation, speedups
+from finetune_module.engine.decoding import transformers_model
 from finetune_module.engine.trainer import FinetuneTrainer
 from finetune_module.tiny_model import build_t5
 
@@ -140,24 +141,28 @@ class _FixedLengthCollator:
 
 @contextlib.contextmanager
 def _counting_generation(counts: dict[str, float]) -> Iterator[None]:
-    """Counts the tokens `generate` produces (and its time) while the block runs."""
-    original = GenerationMixin.generate
+    """Counts the tokens generation produces (and its time) while the block runs: Hugging
+    Face `generate`'s and the lean decoding loop's."""
 
-    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        output = original(self, *args, **kwargs)
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        new = sequences[:, 1:]  # after the decoder start token
-        counts["tokens"] += int((new != self.config.pad_token_id).sum())
-        counts["answers"] += int(sequences.shape[0])
-        counts["seconds"] += time.perf_counter() - started
-        return output
+    def counting(run: Any) -> Any:
+        def counted(model: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            output = run(model, *args, **kwargs)
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            new = sequences[:, 1:]  # after the decoder start token
+            counts["tokens"] += int((new != transformers_model(model).config.pad_token_id).sum())
+            counts["answers"] += int(sequences.shape[0])
+            counts["seconds"] += time.perf_counter() - started
+            return output
 
-    GenerationMixin.generate = generate
+        return counted
+
+    stock, lean = GenerationMixin.generate, generation.greedy_generate
+    GenerationMixin.generate, generation.greedy_generate = counting(stock), counting(lean)
     try:
         yield
     finally:
-        GenerationMixin.generate = original
+        GenerationMixin.generate, generation.greedy_generate = stock, lean
 
 
 def matmul_gflops(
