@@ -18,7 +18,9 @@ embedding tables, which are read a row per token; the cross-attention keys and v
 computed once per batch) over the memory bandwidth measured here (the best of a few sums of
 a large tensor); the bound of the run is that times the number of steps. A second bound adds
 the key/value caches each step reads (the encoder states' keys and values, padded to the
-batch's longest question, and the answers' own).
+batch's longest question, and the answers' own). A third is the step's matmul work (2 FLOPs
+per weight per row of the batch) at the machine's matmul peak (`bench.benchmark`'s, measured
+on large square matrices).
 """
 
 import argparse
@@ -35,7 +37,7 @@ import torch
 from hamilton import driver
 
 import finetune_module
-from bench.benchmark import REPO, aligned, prepare
+from bench.benchmark import REPO, aligned, matmul_gflops, prepare
 from finetune_module.engine import generation
 from finetune_module.engine.decoding import greedy_generate, transformers_model
 from finetune_module.engine.models import build_model
@@ -194,7 +196,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if not generation.uses_lean_decoding(model, num_beams=1):
         raise SystemExit("The lean loop does not apply to this model.")
 
-    bandwidth = memory_bandwidth()
+    bandwidth, peak_gflops = memory_bandwidth(), matmul_gflops()
     weights = weight_bytes_per_step(model, torch.tensor([work["examples"][0]["input_ids"]]))
     by_threads = {}
     for threads in args.threads:
@@ -204,6 +206,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     lengths = sorted(len(x["input_ids"]) for x in work["examples"])
     batches = [lengths[i : i + args.batch] for i in range(0, len(lengths), args.batch)]
     caches = cache_bytes_per_step(transformers_model(model).config, batches, first["batch_steps"])
+    rows = sum(len(b) * n for b, n in zip(batches, first["batch_steps"], strict=True))
+    flops = 2 * weights / 4 * rows / first["steps"]  # float32 weights, mean rows a step
     return {
         "model": "tiny" if args.quick else "flan-t5-small shape",
         "answers": len(work["examples"]),
@@ -214,6 +218,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "cache_mb_per_step": caches / 1e6,
         "bound_seconds_per_step": weights / (bandwidth * 1e9),
         "bound_with_caches_seconds_per_step": (weights + caches) / (bandwidth * 1e9),
+        "matmul_peak_gflops": peak_gflops,
+        "compute_bound_seconds_per_step": flops / (peak_gflops * 1e9),
         "by_threads": {
             threads: {
                 "speedup": found["speedup"],
@@ -241,6 +247,11 @@ def _table(f: dict[str, Any]) -> str:
         ("caches read per step", f"{f['cache_mb_per_step']:.1f} MB (mean)"),
         ("bound per step", f"{1e3 * bound:.2f} ms (weights only)"),
         ("", f"{1e3 * f['bound_with_caches_seconds_per_step']:.2f} ms (with caches)"),
+        (
+            "",
+            f"{1e3 * f['compute_bound_seconds_per_step']:.2f} ms (matmuls at the "
+            f"{f['matmul_peak_gflops']:.0f} GFLOP/s peak)",
+        ),
         ("bound, whole run", f"{bound * f['decode_steps']:.2f} s"),
     ]
     for threads, t in f["by_threads"].items():

@@ -40,14 +40,15 @@ def one_thread() -> Iterator[None]:
 
 
 class Tiny:
-    """A tiny model of a family with a LoRA adapter whose weights change its answers, its
-    tokenizer, and a padded batch of questions of different lengths."""
+    """A tiny model of a family (its config changed by `config`) with a LoRA adapter whose
+    weights change its answers, its tokenizer, and a padded batch of questions of different
+    lengths."""
 
-    def __init__(self, model_dir: Path, family: str) -> None:
+    def __init__(self, model_dir: Path, family: str, **config: Any) -> None:
         kind = FAMILIES[family].kind
         auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
         torch.manual_seed(0)
-        base = auto.from_pretrained(model_dir).eval()
+        base = auto.from_pretrained(model_dir, **config).eval()
         self.model = get_peft_model(base, lora_config(LoraSettings(r=4), base)).eval()
         for name, weight in self.model.named_parameters():
             if "lora_B" in name:
@@ -164,6 +165,36 @@ def test_lean_answers_are_generates_on_every_family(
         with t.adapter(on):
             answers[on] = t.same(10, f"adapter {'on' if on else 'off'}, ending early")
     assert (t.new_tokens(answers[True])[0, 2:] == t.tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_sliding_window_layers_past_their_window(
+    family: str, family_model: Callable[[str], Path]
+) -> None:
+    t = Tiny(family_model(family), family, sliding_window=4)
+    assert type(t.model.get_base_model().config.sliding_window) is int
+    assert t.batch["attention_mask"].sum(1).min() > 4  # every prompt outgrows the window
+    t.same(10, "sliding window of 4")
+
+
+def test_phi3_beyond_its_original_length_goes_to_generate(
+    tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny("phi3")
+    config = t.model.get_base_model().config
+    monkeypatch.setattr(config, "original_max_position_embeddings", 40)
+    assert lean_decoding_applies(t.model, num_beams=1, longest=40)
+    assert not lean_decoding_applies(t.model, num_beams=1, longest=41)
+    assert not generation.uses_lean_decoding(t.model, num_beams=1, longest=41)
+    calls = []
+    monkeypatch.setattr(generation, "greedy_generate", lambda *a: calls.append(1))
+    examples = [{"input_ids": list(range(3, 33))}]  # 30 tokens: 30 + 11 > 40
+    generation.generate(
+        t.model, t.tokenizer, examples, max_new_tokens=11, num_beams=1, batch_size=4
+    )
+    assert calls == []
+    monkeypatch.setattr(decoding, "longest_proven", lambda config: None)
+    assert lean_decoding_applies(t.model, num_beams=1, longest=10**6)
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])

@@ -95,11 +95,23 @@ def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def lean_decoding_applies(model: torch.nn.Module, num_beams: int) -> bool:
-    """Whether `greedy_generate` gives `model`'s greedy answers exactly as `generate` does:
-    greedy decoding (`num_beams` 1), transformers `PROVEN_ON`, a family in `PROVEN`, a LoRA
-    adapter or none (prompt-learning adapters need `generate`), weights whole on one device and
-    not quantized, and nothing in the generation config that needs `generate`."""
+def longest_proven(config: PretrainedConfig) -> int | None:
+    """The longest sequence (prompt and answer) the loop is proven for with a model of
+    `config` (None: any): Phi-3's `generate` drops the cache and starts over once a sequence
+    outgrows `original_max_position_embeddings` (its long RoPE factors start there); the loop
+    leaves such sequences to it."""
+    if config.model_type == "phi3":
+        return getattr(config, "original_max_position_embeddings", None)
+    return None
+
+
+def lean_decoding_applies(model: torch.nn.Module, num_beams: int, longest: int = 0) -> bool:
+    """Whether `greedy_generate` gives `model`'s greedy answers exactly as `generate` does, for
+    sequences of up to `longest` tokens (a decoder-only model's prompt and answer): greedy
+    decoding (`num_beams` 1), transformers `PROVEN_ON`, a family in `PROVEN`, within its
+    `longest_proven` length, a LoRA adapter or none (prompt-learning adapters need `generate`),
+    weights whole on one device and not quantized, and nothing in the generation config that
+    needs `generate`."""
     if num_beams != 1 or not transformers.__version__.startswith(PROVEN_ON + "."):
         return False
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
@@ -108,6 +120,7 @@ def lean_decoding_applies(model: torch.nn.Module, num_beams: int) -> bool:
     return (
         isinstance(net, PreTrainedModel)
         and net.config.model_type in PROVEN
+        and longest <= (longest_proven(net.config) or longest)
         and getattr(net, "hf_quantizer", None) is None
         and len(set(getattr(net, "hf_device_map", {"": None}).values())) == 1
         and not stock_only_settings(net.generation_config)
@@ -175,7 +188,7 @@ def _next_tokens(
     if rules.bad_words:
         scores[:, list(rules.bad_words)] += float("-inf")  # an added bias, as generate does
     if rules.eos_token_ids and (length < rules.min_length or new < rules.min_new_tokens):
-        scores[:, list(rules.eos_token_ids)] = float("-inf")
+        scores[:, _in_vocabulary(rules.eos_token_ids, scores)] = float("-inf")
     forced = ()
     if rules.forced_bos_token_id is not None and length == 1:
         forced = (rules.forced_bos_token_id,)
@@ -185,8 +198,13 @@ def _next_tokens(
         scores = torch.full_like(scores, float("-inf"))
         scores[:, list(forced)] = 0.0
     if rules.suppressed:
-        scores[:, list(rules.suppressed)] = float("-inf")
+        scores[:, _in_vocabulary(rules.suppressed, scores)] = float("-inf")
     return scores.argmax(dim=-1)
+
+
+def _in_vocabulary(ids: tuple[int, ...], scores: torch.Tensor) -> list[int]:
+    """The ids that have a score (`generate` masks by vocabulary, passing over the others)."""
+    return [i for i in ids if i < scores.shape[-1]]
 
 
 class PreallocatedLayer(DynamicLayer):

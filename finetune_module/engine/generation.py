@@ -28,16 +28,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def uses_lean_decoding(model: torch.nn.Module, num_beams: int) -> bool:
-    """Whether `generate` answers with the lean decoding loop: a single process on the CPU
-    (where the loop is proven; several processes, sharded weights and GPUs keep Hugging Face
-    `generate`), and a model and settings the loop gives `generate`'s answers for
-    (`decoding.lean_decoding_applies`)."""
+def uses_lean_decoding(model: torch.nn.Module, num_beams: int, longest: int = 0) -> bool:
+    """Whether `generate` answers with the lean decoding loop, for sequences of up to `longest`
+    tokens: a single process on the CPU (where the loop is proven; several processes, sharded
+    weights and GPUs keep Hugging Face `generate`), and a model and settings the loop gives
+    `generate`'s answers for (`decoding.lean_decoding_applies`)."""
     return (
         world_size() == 1
         and not weights_sharded(model)
         and model_device(model).type == "cpu"
-        and lean_decoding_applies(model, num_beams)
+        and lean_decoding_applies(model, num_beams, longest)
     )
 
 
@@ -61,13 +61,15 @@ def generate(
     process's share) unless `quiet`. With `lean`, greedy answers come from the lean decoding
     loop where `uses_lean_decoding` (the same answers, with less work per token).
     """
-    order = np.argsort(input_lengths(examples), kind="stable").tolist()
+    lengths = input_lengths(examples)
+    order = np.argsort(lengths, kind="stable").tolist()
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     answered: list[tuple[int, str]] = []
     device, sharded = model_device(model), weights_sharded(model)
     decoder_only = not model.config.is_encoder_decoder
     share = this_process_share(batches, model)
-    lean = lean and uses_lean_decoding(model, num_beams)
+    longest = int(lengths.max(initial=0)) + max_new_tokens
+    lean = lean and uses_lean_decoding(model, num_beams, longest)
     progress = tqdm(
         total=sum(map(len, share)),
         desc=desc,
