@@ -4,15 +4,22 @@ process, and both against the bound of streaming the weights once per decode ste
     python -m bench.decoding                  # flan-t5-small's shape: 20 answers, cap 118
     python -m bench.decoding --quick          # a tiny model: checks the script itself runs
     python -m bench.decoding --threads 2,1    # the comparison under each torch thread count
+    python -m bench.decoding --family llama   # a decoder-only model of the same width
 
 The model, data and questions are the benchmark's (`bench.benchmark`): its fine-tune as the
 evaluation stage holds it (the recipe's model with a fresh LoRA adapter), answering the
 validation and hold-out questions with `generation.generate`, batch 32, greedy, to the cap.
+`--family` takes a decoder-only family of `finetune_module.tiny_model` instead, built with
+flan-t5-small's width and depth (d_model 512, 8 layers, 8 heads, d_ff 1024) and the
+benchmark's tokenizer vocabulary: its prompts (the questions in the prompt template, padded
+on the left) are read once, then each step reads them again from the cache.
 Rounds alternate the order (stock then lean, lean then stock, ...) and the figures are the
 median of the per-round ratios: the machine is shared, and only ratios measured side by side
 mean much. Both paths must give the same answers (the script stops if they do not).
 
-A decode step is one call of the decoder (the encoder runs once per batch, timed apart). The
+A decode step is one call of the decoder that chooses one token a sequence; reading the
+questions (the encoder's pass, or a decoder-only model's first pass over its prompts) is
+timed apart. The
 bound of a step is the bytes of weights it reads (every module that runs in a step, less the
 embedding tables, which are read a row per token; the cross-attention keys and values are
 computed once per batch) over the memory bandwidth measured here (the best of a few sums of
@@ -38,17 +45,35 @@ from hamilton import driver
 
 import finetune_module
 from bench.benchmark import REPO, aligned, matmul_gflops, prepare
+from bench.data import TOKENIZER_VOCABULARY, training_texts
 from finetune_module.engine import generation
 from finetune_module.engine.decoding import greedy_generate, transformers_model
 from finetune_module.engine.models import build_model
+from finetune_module.tiny_model import FAMILIES, Sizes, build
 
 CAP = 118  # the new-token cap of the answers (the benchmark run's target length cap)
+#: A decoder-only model of flan-t5-small's width and depth (`--family`).
+DECODER_SIZES = Sizes(vocab_size=TOKENIZER_VOCABULARY, d_model=512, num_layers=8, num_heads=8,
+                      d_ff=1024)  # fmt: skip
 
 
-def benchmark_questions(data_path: Path, model_dir: Path) -> dict[str, Any]:
-    """The benchmark run's evaluation work, from the dataflow: its `tokenizer`, its
-    `model_recipe` and its validation and hold-out questions (`examples`, tokenized)."""
-    dr = driver.Builder().with_config({"start": "base"}).with_modules(*finetune_module.MODULES)
+def decoder_model(work: Path, data_path: Path, family: str, quick: bool) -> Path:
+    """The directory of a decoder-only model of `family` with `DECODER_SIZES` (tiny ones if
+    `quick`) and a tokenizer of its kind learned from the benchmark's texts, in `work`, built
+    unless already there."""
+    model_dir = work / f"model-{family}{'-tiny' if quick else ''}-{data_path.stem}"
+    if not (model_dir / "model.safetensors").exists():
+        sizes = Sizes() if quick else DECODER_SIZES
+        build(str(model_dir), training_texts(data_path), family, sizes)
+    return model_dir
+
+
+def benchmark_questions(data_path: Path, model_dir: Path, kind: str) -> dict[str, Any]:
+    """The benchmark run's evaluation work, from the dataflow (a model of `kind`, "seq2seq"
+    or "causal"): its `tokenizer`, its `model_recipe` and its validation and hold-out
+    questions (`examples`, tokenized)."""
+    config = {"start": "base", "model_type": kind}
+    dr = driver.Builder().with_config(config).with_modules(*finetune_module.MODULES)
     inputs = {
         "data_path": str(data_path),
         "input_text_key": "question",
@@ -100,10 +125,16 @@ def weight_bytes_per_step(model: torch.nn.Module, input_ids: torch.Tensor) -> in
 
 
 def cache_bytes_per_step(config: Any, batches: list[list[int]], steps: list[int]) -> float:
-    """The mean bytes of keys and values a T5 decode step reads: per batch of question
-    lengths, its encoder states padded to the longest question and, on average, half its
-    answers' length, over the steps each batch ran (float32)."""
-    per_token = 2 * config.num_decoder_layers * config.num_heads * config.d_kv * 4
+    """The mean bytes of keys and values a decode step of a T5 or a Llama-shaped model reads:
+    per batch of question (or prompt) lengths, the questions padded to the longest one (a
+    T5's encoder states, a decoder-only model's prompt) and, on average, half the answers'
+    length, over the steps each batch ran (float32)."""
+    if config.is_encoder_decoder:
+        layers, width = config.num_decoder_layers, config.num_heads * config.d_kv
+    else:
+        layers = config.num_hidden_layers
+        width = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    per_token = 2 * layers * width * 4
     read = sum(
         len(lengths) * (max(lengths) + n / 2) * per_token * n
         for lengths, n in zip(batches, steps, strict=True)
@@ -113,28 +144,43 @@ def cache_bytes_per_step(config: Any, batches: list[list[int]], steps: list[int]
 
 @contextlib.contextmanager
 def counted(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
-    """While the block runs: the decoder's calls (`steps`, per batch in `batch_steps`) and
-    the encoder's seconds (`encoder_seconds`)."""
+    """While the block runs: the decode steps (`steps`, per batch in `batch_steps`) and the
+    seconds of reading the questions (`input_seconds`): an encoder's pass, or a decoder-only
+    model's pass over the prompts (its call on an empty cache, not counted as a step)."""
     net = transformers_model(model)
-    counts: dict[str, Any] = {"steps": 0, "batch_steps": [], "encoder_seconds": 0.0}
+    counts: dict[str, Any] = {"steps": 0, "batch_steps": [], "input_seconds": 0.0}
     started: list[float] = []
 
-    def encoder_started(*_: Any) -> None:
+    def reads_prompts(kwargs: dict[str, Any]) -> bool:
+        return not net.config.is_encoder_decoder and not kwargs["past_key_values"].get_seq_length()
+
+    def input_started(*_: Any) -> None:
         started.append(time.perf_counter())
         counts["batch_steps"].append(0)
 
-    def encoder_done(*_: Any) -> None:
-        counts["encoder_seconds"] += time.perf_counter() - started.pop()
+    def input_done(*_: Any) -> None:
+        counts["input_seconds"] += time.perf_counter() - started.pop()
 
-    def step(*_: Any) -> None:
-        counts["steps"] += 1
-        counts["batch_steps"][-1] += 1
+    def decoder_called(_: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if reads_prompts(kwargs):
+            input_started()
+        else:
+            counts["steps"] += 1
+            counts["batch_steps"][-1] += 1
 
+    def decoder_done(_: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if started:
+            input_done()
+
+    reader = net.get_encoder() if net.config.is_encoder_decoder else None
+    decoder = net.get_decoder()
     hooks = [
-        net.get_encoder().register_forward_pre_hook(encoder_started),
-        net.get_encoder().register_forward_hook(encoder_done),
-        net.get_decoder().register_forward_pre_hook(step),
+        decoder.register_forward_pre_hook(decoder_called, with_kwargs=True),
+        decoder.register_forward_hook(decoder_done, with_kwargs=True),
     ]
+    if reader is not None:
+        hooks += [reader.register_forward_pre_hook(input_started)]
+        hooks += [reader.register_forward_hook(input_done)]
     try:
         yield counts
     finally:
@@ -146,7 +192,7 @@ def timed_answers(
     model: torch.nn.Module, work: dict[str, Any], settings: dict[str, int], lean: bool
 ) -> dict[str, Any]:
     """One pass of `generation.generate` over the questions: its `answers`, `seconds`,
-    decode `steps` (and per batch), and the encoder's seconds."""
+    decode `steps` (and per batch), and the seconds of reading the questions."""
     with counted(model) as counts:
         started = time.perf_counter()
         answers = generation.generate(
@@ -170,7 +216,7 @@ def compare(
         raise SystemExit("The lean loop's answers differ from generate's.")
 
     def decode_seconds(run: dict[str, Any]) -> float:
-        return run["seconds"] - run["encoder_seconds"]
+        return run["seconds"] - run["input_seconds"]
 
     pairs = list(zip(runs["stock"], runs["lean"], strict=True))
     return {
@@ -190,7 +236,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Builds the model and questions and measures; returns the figures."""
     work_dir = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
     data_path, model_dir = prepare(work_dir, args.quick, args.records)
-    work = benchmark_questions(data_path, model_dir)
+    kind = "seq2seq"
+    if args.family:
+        model_dir, kind = decoder_model(work_dir, data_path, args.family, args.quick), "causal"
+    work = benchmark_questions(data_path, model_dir, kind)
     model = build_model(work["recipe"], torch.device("cpu"))
     settings = {"max_new_tokens": args.max_new_tokens, "num_beams": 1, "batch_size": args.batch}
     if not generation.uses_lean_decoding(model, num_beams=1):
@@ -209,7 +258,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rows = sum(len(b) * n for b, n in zip(batches, first["batch_steps"], strict=True))
     flops = 2 * weights / 4 * rows / first["steps"]  # float32 weights, mean rows a step
     return {
-        "model": "tiny" if args.quick else "flan-t5-small shape",
+        "model": args.family or ("tiny" if args.quick else "flan-t5-small shape"),
         "answers": len(work["examples"]),
         **settings,
         "decode_steps": first["steps"],
@@ -226,8 +275,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "decode_speedup": found["decode_speedup"],
                 "seconds_per_step": found["seconds_per_step"],
                 "seconds": {p: [r["seconds"] for r in runs] for p, runs in found["runs"].items()},
-                "encoder_seconds": {
-                    p: [r["encoder_seconds"] for r in runs] for p, runs in found["runs"].items()
+                "input_seconds": {
+                    p: [r["input_seconds"] for r in runs] for p, runs in found["runs"].items()
                 },
             }
             for threads, found in by_threads.items()
@@ -276,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", type=int, help="dataset size (default: 400, --quick: 60)")
     p.add_argument("--max-new-tokens", type=int, help=f"the cap (default: {CAP}, --quick: 8)")
     p.add_argument("--batch", type=int, default=32, help="default: %(default)s")
+    p.add_argument(
+        "--family",
+        choices=[name for name, family in FAMILIES.items() if family.kind == "causal"],
+        help="a decoder-only model of this family, of flan-t5-small's width, instead",
+    )
     p.add_argument("--rounds", type=int, help="passes of each path (default: 4, --quick: 2)")
     p.add_argument(
         "--threads",
