@@ -22,7 +22,7 @@ from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
 
 #: The width, in columns, of the generated `--help` texts.
-HELP_WIDTH = 100
+HELP_WIDTH = 80
 
 ENGINE_INTRO = """# Engine
 
