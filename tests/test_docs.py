@@ -4,6 +4,7 @@ from the docstrings, the command-line reference from the parsers, the DAG pictur
 README stays short and keeps the test command that CI runs."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,9 @@ def test_readme_is_short_and_keeps_the_test_command() -> None:
     assert lines[start + 1].startswith("```")
     assert "pytest" in lines[start + 2]
     assert lines[start + 3] == "```"
+
+
+def test_readme_links_to_files_that_exist() -> None:
+    targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README.read_text(encoding="utf-8"))
+    assert "docs/getting-started.md" in targets
+    assert [target for target in targets if not (REPO / target).exists()] == []
