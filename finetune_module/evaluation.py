@@ -25,7 +25,11 @@ from finetune_module.engine.models import LanguageModel, ModelRecipe, build_mode
 from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.settings import EvaluationSettings
 from finetune_module.engine.tokens import TokenizedSet
-from finetune_module.engine.trainer import FittedWeights, training_summary
+from finetune_module.engine.trainer import (
+    FittedWeights,
+    best_checkpoint_eval_loss,
+    training_summary,
+)
 
 _SETS = ("validation", "hold_out")
 
@@ -121,14 +125,38 @@ def set_answers(answers: dict[str, list[str]], answer_set: str) -> list[str]:
     return answers[answer_set]
 
 
-def finetuned_validation_loss(
+@config.when(start="base")
+def finetuned_validation_loss__base(
+    fitted_weights: FittedWeights,
     finetuned_model: LanguageModel,
     tokenized_validation: TokenizedSet,
     data_collator: Any,
     evaluation_settings: EvaluationSettings,
 ) -> float:
-    """Mean cross-entropy per target token of the fine-tuned model on the validation set, in
-    batches of per_device_eval_batch_size."""
+    """The fine-tuned model's validation loss: the one the Trainer measured for the best
+    checkpoint, whose weights the model has (not computed twice); measured again, as the
+    Trainer does, only when the training log lacks it."""
+    measured = best_checkpoint_eval_loss(fitted_weights.trainer_state)
+    if measured is not None:
+        return measured
+    return metrics.mean_token_loss(
+        finetuned_model,
+        tokenized_validation,
+        data_collator,
+        evaluation_settings.per_device_eval_batch_size,
+    )
+
+
+@config.when(start="presaved")
+def finetuned_validation_loss__presaved(
+    finetuned_model: LanguageModel,
+    tokenized_validation: TokenizedSet,
+    data_collator: Any,
+    evaluation_settings: EvaluationSettings,
+) -> float:
+    """The saved fine-tune's validation loss, measured as the Trainer measures it: mean
+    cross-entropy per target token of each batch of per_device_eval_batch_size, averaged over
+    the examples."""
     return metrics.mean_token_loss(
         finetuned_model,
         tokenized_validation,
