@@ -64,6 +64,9 @@ from finetune_module.errors import (
 from finetune_module.inference import export_merged, predict, read_texts
 from finetune_module.pictures import STAGE_NAMES
 
+#: The package's version (pyproject.toml reads it from here: the one place it is written).
+__version__ = "0.1.0"
+
 #: The stage modules of the dataflow, in execution order (the last holds deprecated names).
 STAGES = (settings, data, tokenization, model, training, evaluation, report, artifacts)
 #: The Hamilton modules of the dataflow: the stages, then the deprecated names.
@@ -186,6 +189,7 @@ __all__ = [
     "ModelNotAvailableError",
     "SettingsError",
     "StorageError",
+    "__version__",
     "build_driver",
     "draw_dag",
     "export_merged",
