@@ -8,12 +8,17 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
+# Installed the way a user installs it: the pinned lock first, then the package itself.
 COPY requirements.txt .
 # PyTorch's CPU index supplies the CPU build of the pinned torch (no CUDA libraries in the image)
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
     -r requirements.txt
 
-COPY finetune_module/ finetune_module/
+# the package from what its build reads; the sources go once it is installed
+COPY pyproject.toml README.md /tmp/finetune-module/
+COPY finetune_module/ /tmp/finetune-module/finetune_module/
+RUN pip install --no-cache-dir --no-deps /tmp/finetune-module && rm -rf /tmp/finetune-module
+
 COPY run.py example-support-dataset.json ./
 
 ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
