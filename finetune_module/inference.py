@@ -27,6 +27,7 @@ from finetune_module.engine.models import (
     LanguageModel,
     build_model,
     is_adapter_dir,
+    saved_model_dir,
     saved_model_recipe,
 )
 from finetune_module.engine.quiet import quiet_libraries
@@ -82,7 +83,8 @@ def predict(
     empty text is refused, as training refuses one; so is a template with `{context}`:
     predict takes questions only.
 
-    :param model_dir: a `best_model/` directory, a Trainer `checkpoint-N/` or an exported model.
+    :param model_dir: a run's output directory (its best model is used), a `best_model/`
+        directory, a Trainer `checkpoint-N/` or an exported model.
     :param texts: the questions.
     :param num_beams: 1 for greedy decoding (default), more for beam search.
     :param max_new_tokens: the most tokens an answer may have (default: the saved bound).
@@ -98,7 +100,7 @@ def predict(
             raise DataError(f"texts[{index}] is a {type(text).__name__}, expected text.")
         if not text.strip():
             raise DataError(f"texts[{index}]: empty text.")
-    model_dir = os.path.abspath(model_dir)
+    model_dir = saved_model_dir(model_dir)
     saved = saved_settings(model_dir)
     checked = EvaluationSettings(
         num_beams=num_beams,
@@ -169,12 +171,13 @@ def export_merged(
 
     The directory is written atomically (a temporary directory renamed into place).
 
-    :param model_dir: the saved adapter (`best_model/` or a Trainer `checkpoint-N/`).
+    :param model_dir: the saved adapter: a run's output directory (its best model is used), a
+        `best_model/` directory or a Trainer `checkpoint-N/`.
     :param export_dir: where the merged model goes (replaced if it exists).
     :param trust_remote_code: allow code shipped with the model to run.
     :param quiet: none of the libraries' own progress bars, log lines or warnings.
     """
-    source, target = os.path.abspath(model_dir), os.path.abspath(export_dir)
+    source, target = saved_model_dir(model_dir), os.path.abspath(export_dir)
     if not is_adapter_dir(source):
         raise ModelNotAvailableError(
             f"No LoRA adapter in {source!r} (no {ADAPTER_CONFIG}); export merges an adapter "

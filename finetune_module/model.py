@@ -18,7 +18,7 @@ from hamilton.function_modifiers import config
 from peft import LoraConfig
 
 from finetune_module.engine import models, speedups
-from finetune_module.engine.files import existing_directory
+from finetune_module.engine.files import BEST_MODEL_DIR, existing_directory
 from finetune_module.engine.loading import ADAPTER_CONFIG, saved_adapter_dir
 from finetune_module.engine.models import MODEL_CONFIG_FILE, ModelRecipe
 from finetune_module.engine.settings import ModelSettings
@@ -28,18 +28,20 @@ from finetune_module.errors import ModelNotAvailableError, SettingsError
 def best_model_dir(run_dir: str) -> str:
     """Directory that holds the best fine-tune (adapter, tokenizer, metrics, predictions):
     `best_model/` in the run's directory."""
-    return os.path.join(run_dir, "best_model")
+    return os.path.join(run_dir, BEST_MODEL_DIR)
 
 
 @config.when(start="presaved")
 def presaved_model_dir(best_model_dir: str, model_settings: ModelSettings) -> str:
-    """Directory of the saved fine-tune to evaluate: `presaved_model_path`, else the best model
-    of the run's directory (or its backup, when a save was killed between its two renames)."""
+    """Directory of the saved fine-tune to evaluate: `presaved_model_path` (a saved model, or a
+    run's output directory: its best model), else the best model of this run's directory (or
+    its backup, when a save was killed between its two renames)."""
     given = model_settings.presaved_model_path
-    path = os.path.abspath(given) if given else existing_directory(best_model_dir)
-    if not any(
-        os.path.isfile(os.path.join(path, name)) for name in (ADAPTER_CONFIG, MODEL_CONFIG_FILE)
-    ):
+    if given:
+        path = models.saved_model_dir(given, "presaved_model_path")
+    else:
+        path = existing_directory(best_model_dir)
+    if not models.holds_saved_model(path):
         raise ModelNotAvailableError(
             f"No saved fine-tune in {path!r} (no {ADAPTER_CONFIG} or {MODEL_CONFIG_FILE}). Run "
             'with {"start": "base"} first, or set presaved_model_path to a saved fine-tune '

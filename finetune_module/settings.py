@@ -89,6 +89,7 @@ def settings(
     fsdp: bool = False,
     fsdp_config: str | dict[str, Any] | None = None,
     activation_memory_gb: float | int | str | None = checked.AUTO,
+    report_to: str | list[str] = "none",
     # evaluation
     num_beams: int = 1,
     max_new_tokens: int | None = None,
@@ -174,6 +175,10 @@ def settings(
         backward pass; a longer batch recomputes just enough layers' activations to stay within
         it. "auto" (default): 4 times the size of the model's weights; None: no limit (fastest,
         most memory). Part of the CPU speed layer.
+    :param report_to: where the Trainer logs its training and evaluation metrics: "none"
+        (default), "all" (every integration installed), or the name of one or a list of them,
+        e.g. "tensorboard" (logs under `<output_dir>/checkpoints/runs`), "wandb" or "mlflow"
+        (the Trainer's own MLflow logging; `--mlflow` logs the whole run instead).
     :param num_beams: 1 for greedy decoding (default), more for beam search.
     :param max_new_tokens: the most tokens an answer may have (default: the target cap).
     :param generation_batch_size: questions answered at once.
@@ -201,6 +206,7 @@ def settings(
         fsdp=fsdp,
         fsdp_config=checked.json_settings(fsdp_config, "fsdp_config"),
         activation_memory_gb=activation_memory_gb,
+        report_to=checked.report_to_names(report_to),
     )
     checked.check_scaling(device, deepspeed_settings, fsdp)
     return {

@@ -22,7 +22,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Seq2Se
 
 from finetune_module.engine import memory
 from finetune_module.engine.distributed import world_size
-from finetune_module.engine.files import RunLock
+from finetune_module.engine.files import CHECKPOINTS_DIR, RunLock
 from finetune_module.engine.models import ModelRecipe, build_model
 from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
@@ -64,7 +64,7 @@ def training_arguments(
     :param model_recipe: the model's precision (bf16, fp16 or fp32).
     """
     settings = training_settings
-    checkpoints_dir = os.path.join(run_dir, "checkpoints")
+    checkpoints_dir = os.path.join(run_dir, CHECKPOINTS_DIR)
     batch = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_set) / (batch * world_size()))
     per_epoch = settings.max_steps <= 0 or settings.max_steps >= steps_per_epoch
@@ -93,7 +93,7 @@ def training_arguments(
         "greater_is_better": False,
         "save_total_limit": 2,
         "train_sampling_strategy": "group_by_length",
-        "report_to": "none",
+        "report_to": list(settings.report_to),
         "use_cpu": device.type == "cpu",
         **scaling_arguments(settings, model_recipe.precision),
         "disable_tqdm": not show_progress,

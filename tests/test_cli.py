@@ -1,5 +1,7 @@
 """run.py from the shell: help, the DAG picture, a run from a YAML file, exit statuses."""
 
+import argparse
+import inspect
 import io
 import os
 import re
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,6 +19,7 @@ from hamilton import driver
 
 import finetune_module
 import run
+from finetune_module import cli
 from finetune_module.engine.loading import TINY_MODEL_HINT
 from tests.conftest import EXAMPLE_DATA, REPO, SilentHub, hub_env, read_json
 
@@ -34,11 +38,14 @@ def _cli(
     )
 
 
-def test_help_documents_every_flag() -> None:
+def test_help_documents_every_flag_and_lists_the_commands() -> None:
     out = _cli("--help")
     assert out.returncode == 0
-    parser = run.build_parser()
+    parser = cli.build_parser()
     for action in parser._actions:
+        if action.help == argparse.SUPPRESS:  # the --name-with-dashes spellings
+            assert all("-" in flag[2:] for flag in action.option_strings)
+            continue
         for flag in action.option_strings:
             assert flag in out.stdout
         if action.option_strings and action.dest != "help":
@@ -47,29 +54,135 @@ def test_help_documents_every_flag() -> None:
         "--data",
         "--input-key",
         "--output-key",
-        "--model-id",
+        "--model_id",
         "--start",
-        "--output-dir",
+        "--output_dir",
         "--num_train_epochs",
         "--per_device_train_batch_size",
         "--learning_rate",
+        "--report_to",
         "--config",
         "--dag",
     ):
         assert flag in out.stdout
+    assert out.stdout.startswith("usage: finetune [train|evaluate|predict|export|dag] [flags]")
+    for command, text in cli.COMMANDS.items():
+        assert f"  {command:9s} {text}" in out.stdout
+    for command in cli.COMMANDS:
+        usage = cli.build_parser(command).format_usage()
+        assert usage.startswith(f"usage: finetune {command}" if command != "train" else "usage:")
 
 
-def test_activation_memory_flag_takes_a_number_or_none() -> None:
-    parser = run.build_parser()
-    assert vars(parser.parse_args(["--activation-memory-gb", "1.5"])) == {
-        "activation_memory_gb": 1.5
-    }
-    assert vars(parser.parse_args(["--activation-memory-gb", "None"])) == {
-        "activation_memory_gb": None
-    }
-    assert vars(parser.parse_args([])) == {}  # unset: the dataflow's default
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--activation-memory-gb", "lots"])
+def _dataflow_inputs() -> dict[str, list[Any]]:
+    """Each external input of the dataflow over every config, with the functions of the nodes
+    that take it (read here from Hamilton and the signatures, not from the command line)."""
+    inputs: dict[str, list[Any]] = {}
+    for start in finetune_module.STARTS:
+        for source in finetune_module.SOURCES:
+            dr = finetune_module.build_driver(start, source=source)
+            for variable in dr.list_available_variables():
+                if variable.is_external_input and variable.originating_functions:
+                    users = [
+                        function
+                        for user in dr.graph.nodes[variable.name].depended_on_by
+                        for function in user.originating_functions
+                    ]
+                    inputs.setdefault(variable.name, []).extend(users)
+    return inputs
+
+
+def test_every_input_of_the_dataflow_has_a_flag_with_its_default_and_docstring() -> None:
+    inputs = _dataflow_inputs()
+    assert {"data_path", "sql_table", "num_train_epochs", "report_to", "quiet"} <= set(inputs)
+    for command in ("train", "evaluate"):
+        parser = cli.build_parser(command)
+        help_text = " ".join(parser.format_help().split())
+        shown = {
+            flag: action.dest
+            for action in parser._actions
+            if action.help != argparse.SUPPRESS
+            for flag in action.option_strings
+        }
+        for name, functions in inputs.items():
+            assert shown.get(f"--{name}") == name, f"{command}: no flag --{name} for the input"
+            defaults = {
+                inspect.signature(f).parameters[name].default
+                for f in functions
+                if name in inspect.signature(f).parameters
+            } - {inspect.Parameter.empty}
+            expected = cli.CLI_DEFAULTS.get(name, next(iter(defaults), None))
+            assert len(defaults) <= 1, f"{name} has different defaults in different nodes"
+            assert parser.get_default(name) == expected, name
+            docs = [
+                re.search(rf":param {name}:\s*(.{{20}})", inspect.getdoc(f) or "")
+                for f in functions
+            ]
+            starts = [" ".join(m.group(1).split()) for m in docs if m]
+            assert starts, f"no node documents the input {name} with a :param: line"
+            assert any(start in help_text for start in starts), name
+        # a YAML config file takes the same names
+        known = {a.dest for a in parser._actions} - {"help", "version", "config"}
+        assert set(inputs) <= known
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--activation-memory-gb", "1.5"], {"activation_memory_gb": 1.5}),
+        (["--activation_memory_gb", "None"], {"activation_memory_gb": None}),
+        (["--activation_memory_gb", "auto"], {"activation_memory_gb": "auto"}),
+        (["--cpu-speedups", "auto"], {"cpu_speedups": None}),
+        (["--cpu_speedups", "off"], {"cpu_speedups": False}),
+        (
+            ["--cpu_speedups", "fused_gelu,cheap_dropout"],
+            {"cpu_speedups": ["fused_gelu", "cheap_dropout"]},
+        ),
+        (["--target-modules", "q", "v"], {"target_modules": ["q", "v"]}),
+        (["--resume"], {"resume_from_checkpoint": True}),
+        (
+            ["--resume_from_checkpoint", "ck/checkpoint-4"],
+            {"resume_from_checkpoint": "ck/checkpoint-4"},
+        ),
+        (["--init-adapter-path", "a"], {"init_adapter_path": "a"}),
+        (["--no-use_lora"], {"use_lora": False}),
+        (["--full-finetune"], {"use_lora": False}),
+        (["--trust_remote_code"], {"trust_remote_code": True}),
+        (
+            ["--training-arg", "warmup_steps=2", "--extra_training_args", "optim=sgd"],
+            {"extra_training_args": {"warmup_steps": 2, "optim": "sgd"}},
+        ),
+        (
+            ["--max_source_length", "none", "--num_train_epochs", "3"],
+            {"max_source_length": None, "num_train_epochs": 3},
+        ),
+        (["--learning-rate", "5e-4", "--lora-r", "8"], {"learning_rate": 0.0005, "r": 8}),
+        (["--prompt_template", "Q: {input}\\nA:"], {"prompt_template": "Q: {input}\nA:"}),
+        (["--report_to", "tensorboard", "wandb"], {"report_to": ["tensorboard", "wandb"]}),
+        ([], {}),  # unset: the dataflow's defaults, never the command line's
+    ],
+)
+def test_flags_read_values_of_the_inputs_types(argv: list[str], expected: dict[str, Any]) -> None:
+    assert cli.settings_from(argv) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--num_beams", "1.5"], ["--seed", "x"], ["--seed"], ["--lora_dropout", "lots"]],
+)
+def test_a_value_of_the_wrong_type_is_refused_by_the_parser(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.settings_from(argv)
+    assert exit_.value.code == 2
+
+
+def test_version_from_the_command_and_the_module() -> None:
+    for command in ([str(REPO / "run.py")], ["-m", "finetune_module"]):
+        out = subprocess.run(
+            [sys.executable, *command, "--version"], capture_output=True, text=True, cwd=REPO
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"finetune {finetune_module.__version__} (Python ")
+        assert "transformers 5." in out.stdout
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
@@ -79,6 +192,11 @@ def test_dag_draws_a_picture(tmp_path: Path) -> None:
         out = _cli("--dag", str(picture), "--start", start)
         assert out.returncode == 0, out.stderr
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = _cli(
+        "dag", str(tmp_path / "training.svg"), "--stage", "training", "--model-type", "causal"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "fitted_weights" in (tmp_path / "training.svg").read_text()
 
 
 # what a run prints with --quiet: the summary, line by line, and nothing else
@@ -252,8 +370,8 @@ class _Terminal(io.StringIO):
 def test_node_progress_bar_on_a_terminal_unless_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    assert run.progress_adapters(quiet=True) == []
-    adapters = run.progress_adapters(quiet=False)
+    assert cli.progress_adapters(quiet=True) == []
+    adapters = cli.progress_adapters(quiet=False)
     assert [type(a).__name__ for a in adapters] == ["ProgressBar"]
     dr = (
         driver.Builder()
@@ -268,4 +386,4 @@ def test_node_progress_bar_on_a_terminal_unless_quiet(monkeypatch: pytest.Monkey
     assert "finetune -> raw_records" in shown  # the node being computed
     assert re.search(r"finetune -> Execution Complete!: 100%\|#+\| (\d+)/\1 ", shown)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file
-    assert run.progress_adapters(quiet=False) == []
+    assert cli.progress_adapters(quiet=False) == []

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 from peft import PeftModel
@@ -42,7 +43,7 @@ def test_predict_refuses_bad_arguments(base_run: dict[str, Any], tmp_path: Path)
         finetune_module.predict(model_dir, ["ok", 3])  # type: ignore[list-item]
     with pytest.raises(SettingsError, match="num_beams must be at least 1"):
         finetune_module.predict(model_dir, ["ok"], num_beams=0)
-    with pytest.raises(ModelNotAvailableError, match="No saved fine-tune in"):
+    with pytest.raises(ModelNotAvailableError, match="holds no saved model"):
         finetune_module.predict(str(tmp_path), ["ok"])
 
 
@@ -175,3 +176,42 @@ def test_export_refuses_to_overwrite_its_source_or_a_non_adapter(
     with pytest.raises(ModelNotAvailableError, match="No LoRA adapter in"):
         finetune_module.export_merged(str(tiny_model_dir), "/nonexistent/never-written")
     assert (Path(model_dir) / "adapter_config.json").is_file()
+
+
+def test_commands_find_the_model_in_a_run_directory_or_a_checkpoint(
+    base_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    questions, answers = _hold_out(base_run)
+    best = Path(base_run["result"]["save_best_models"])
+    run_dir = best.parent
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints
+    for model_dir in (run_dir, best, checkpoints[-1]):  # the run dir means its best model
+        assert run.main(["predict", "--model-dir", str(model_dir), *questions]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == len(questions)
+        if model_dir != checkpoints[-1]:
+            assert printed == [" ".join(answer.splitlines()) for answer in answers]
+    assert run.main(["export", "--model_dir", str(run_dir), "--to", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert finetune_module.predict(str(tmp_path / "m"), questions) == answers
+    # evaluate: the same run directory, evaluated into another one
+    inputs = base_run["inputs"]
+    evaluation = tmp_path / "evaluation-run"
+    argv = ["evaluate", str(run_dir), "--data", inputs["data_path"], "--quiet"]
+    assert run.main([*argv, "--model_id", inputs["model_id"], "--output_dir", str(evaluation)]) == 0
+    rows = pd.read_csv(
+        evaluation / "evaluation" / "hold_out_predictions.csv", keep_default_na=False
+    )
+    assert rows["prediction"].tolist() == answers
+    capsys.readouterr()
+    # a directory without a model, and a run that has checkpoints but no best model yet
+    assert run.main(["predict", "--model-dir", str(tmp_path), "hi?"]) == 2
+    assert "holds no saved model" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    os.symlink(checkpoints[-1], unfinished / "checkpoints" / checkpoints[-1].name)
+    assert run.main(["export", "--model-dir", str(unfinished), "--to", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert "no best model yet" in error and checkpoints[-1].name in error
+    assert not (tmp_path / "x").exists()

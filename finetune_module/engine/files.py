@@ -29,6 +29,8 @@ REPORT_FILE = "report.html"
 
 # A directory being replaced is first renamed to `<dir>.old`; a crash between the two renames
 # leaves it there, and the next write (or a reader, see `existing_directory`) takes it back.
+BEST_MODEL_DIR = "best_model"  # the run directory's folder of its best model
+CHECKPOINTS_DIR = "checkpoints"  # the run directory's folder of the Trainer's checkpoints
 BACKUP_SUFFIX = ".old"
 
 LOCK_FILE = ".finetune.lock"  # in the output directory: who is writing to it

@@ -13,6 +13,7 @@ Weights are read from safetensors files only, and code shipped with a model runs
 """
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from finetune_module.engine import speedups
+from finetune_module.engine.files import BEST_MODEL_DIR, CHECKPOINTS_DIR, existing_directory
 from finetune_module.engine.loading import ADAPTER_CONFIG, load_pretrained, saved_adapter_dir
 from finetune_module.engine.settings import LoraSettings
 from finetune_module.errors import ModelNotAvailableError, SettingsError
@@ -85,6 +87,50 @@ class ModelRecipe:
 def is_adapter_dir(path: str) -> bool:
     """Whether `path` holds a saved LoRA adapter (rather than a full model)."""
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def holds_saved_model(path: str) -> bool:
+    """Whether `path` holds a saved model: a LoRA adapter (`adapter_config.json`) or a full
+    model (`config.json`), as a best model, a checkpoint and an export do."""
+    return any(
+        os.path.isfile(os.path.join(path, name)) for name in (ADAPTER_CONFIG, MODEL_CONFIG_FILE)
+    )
+
+
+def saved_model_dir(path: str, setting: str = "model_dir") -> str:
+    """The directory of the saved model that `path` names, as an absolute path: `path` itself
+    when it holds one (a `best_model/`, a Trainer `checkpoint-N/` or an exported model), else the
+    best model of the run directory `path` (its `best_model/`, or that folder's backup when a
+    save was killed between its two renames). A `ModelNotAvailableError` names `setting` and
+    what is there otherwise (a run that has checkpoints but no best model yet lists them).
+
+    :param path: a saved model's directory or a run's output directory.
+    :param setting: the name the caller knows the path by, for the error message.
+    """
+    path = os.path.abspath(path)
+    if holds_saved_model(path):
+        return path
+    if not os.path.isdir(path):
+        raise ModelNotAvailableError(f"{setting} {path!r} does not exist or is not a directory.")
+    best = existing_directory(os.path.join(path, BEST_MODEL_DIR))
+    if holds_saved_model(best):
+        return best
+    checkpoints = sorted(
+        glob.glob(os.path.join(path, CHECKPOINTS_DIR, "checkpoint-*")),
+        key=lambda name: int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else -1,
+    )
+    found = [name for name in checkpoints if holds_saved_model(name)]
+    hint = (
+        f" It has checkpoints but no best model yet (the run did not finish): give one of "
+        f"{', '.join(map(repr, found))}, or resume the run with resume_from_checkpoint."
+        if found
+        else " Give a run's output directory, its best_model/ folder, a checkpoint-N/ folder "
+        "or an exported model."
+    )
+    raise ModelNotAvailableError(
+        f"{setting} {path!r} holds no saved model (no {ADAPTER_CONFIG} or {MODEL_CONFIG_FILE}) "
+        f"and no {BEST_MODEL_DIR}/ folder.{hint}"
+    )
 
 
 def adapter_base_model_id(adapter_dir: str) -> str:

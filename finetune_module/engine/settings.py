@@ -153,8 +153,10 @@ class TrainingSettings:
     fsdp: bool = False
     fsdp_config: dict[str, Any] | None = None
     activation_memory_gb: float | str | None = AUTO
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_report_to(self.report_to)
         _check_positive(
             per_device_train_batch_size=self.per_device_train_batch_size,
             per_device_eval_batch_size=self.per_device_eval_batch_size,
@@ -176,6 +178,45 @@ class TrainingSettings:
                 "activation_memory_gb must be a positive number of GB, None (no limit) or "
                 f'"{AUTO}" (from the model\'s size), got {budget}.'
             )
+
+
+def report_to_names(report_to: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The Trainer integrations that `report_to` names, as a tuple: () for "none" (or None),
+    every installed one for "all", else the names given (one text or a list of them)."""
+    if report_to is None:
+        return ()
+    names = (report_to,) if isinstance(report_to, str) else tuple(report_to)
+    if not all(isinstance(name, str) for name in names):
+        raise SettingsError(f"report_to must be a name or a list of names, got {report_to!r}.")
+    names = tuple(dict.fromkeys(name.strip().lower() for name in names if name.strip()))
+    if names in ((), ("none",)):
+        return ()
+    if names == ("all",):
+        from transformers.integrations import get_available_reporting_integrations
+
+        return tuple(get_available_reporting_integrations())
+    return names
+
+
+def check_report_to(names: tuple[str, ...]) -> None:
+    """Refuses a Trainer integration that transformers does not know, or whose package is not
+    installed here, naming the ones it knows or the package to install."""
+    from transformers.integrations import integration_utils
+
+    known = tuple(integration_utils.INTEGRATION_TO_CALLBACK)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SettingsError(
+            f"report_to: unknown integration {', '.join(map(repr, unknown))}; known: none, all, "
+            f"{', '.join(known)}."
+        )
+    available = integration_utils.get_available_reporting_integrations()
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise SettingsError(
+            f"report_to: {', '.join(missing)} is not installed here (pip install "
+            f"{' '.join(missing)}; for tensorboard, pip install tensorboard)."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
