@@ -2,7 +2,7 @@
 #   docker build -t finetune . && docker run -v "$PWD/output:/app/output" finetune
 FROM python:3.11-slim
 
-# graphviz draws the DAG picture (python run.py --dag dag.png)
+# graphviz draws the DAG picture (finetune dag dag.png)
 RUN apt-get update \
     && apt-get install -y --no-install-recommends graphviz \
     && rm -rf /var/lib/apt/lists/*
@@ -22,5 +22,5 @@ RUN pip install --no-cache-dir --no-deps /tmp/finetune-module && rm -rf /tmp/fin
 COPY run.py example-support-dataset.json ./
 
 ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-CMD ["python", "run.py", "--data", "example-support-dataset.json", \
+CMD ["finetune", "--data", "example-support-dataset.json", \
      "--input-key", "question", "--output-key", "reply", "--output-dir", "/app/output"]

@@ -266,3 +266,25 @@ def test_installed_package_runs_the_tiny_fine_tune_from_any_directory(
     assert report["hold_out"] > 0
     for name in ("adapter_model.safetensors", "metrics.json", "hold_out_predictions.csv"):
         assert (saved / name).is_file(), name
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "starts"),
+    [
+        (("finetune",), "--version", f"finetune {finetune_module.__version__} (Python "),
+        (("python", "-m", "finetune_module"), "--help", "usage: finetune"),
+    ],
+)
+def test_installed_command_runs_from_any_directory(
+    venv: Path, tmp_path: Path, command: tuple[str, ...], flag: str, starts: str
+) -> None:
+    done = subprocess.run(
+        [venv / "bin" / command[0], *command[1:], flag],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(starts), done.stdout[:500]
