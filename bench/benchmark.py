@@ -41,6 +41,7 @@ from transformers.generation.utils import GenerationMixin
 import finetune_module
 from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
 from finetune_module.engine import distributed, speedups
+from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.engine.trainer import FinetuneTrainer
 from finetune_module.tiny_model import build_t5
 
@@ -98,17 +99,21 @@ _SPEEDUPS_OFF = {
 
 
 class _NodeTimer(api.NodeExecutionHook):
-    """Records how long each node of the DAG takes."""
+    """Records how long each node of the DAG takes (`seconds`, by node) and which node is
+    running (`running`, None between nodes)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.running: str | None = None
         self._started: dict[str, float] = {}
 
     def run_before_node_execution(self, *, node_name: str, **kwargs: Any) -> None:
         self._started[node_name] = time.perf_counter()
+        self.running = node_name
 
     def run_after_node_execution(self, *, node_name: str, **kwargs: Any) -> None:
         self.seconds[node_name] = time.perf_counter() - self._started.pop(node_name)
+        self.running = None
 
 
 class _FixedLengthCollator:
@@ -138,9 +143,15 @@ class _FixedLengthCollator:
         }
 
 
+def _generation_counts() -> dict[str, float]:
+    """Counts of generation, all zero: tokens, answers and seconds in `generate`."""
+    return {"tokens": 0.0, "answers": 0.0, "seconds": 0.0}
+
+
 @contextlib.contextmanager
-def _counting_generation(counts: dict[str, float]) -> Iterator[None]:
-    """Counts the tokens `generate` produces (and its time) while the block runs."""
+def _counting_generation(counts: dict[str, dict[str, float]], timer: _NodeTimer) -> Iterator[None]:
+    """Counts the tokens `generate` produces (and its time) while the block runs, by the node
+    that calls it (`counts[node]`, see `_generation_counts`)."""
     original = GenerationMixin.generate
 
     def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -148,9 +159,10 @@ def _counting_generation(counts: dict[str, float]) -> Iterator[None]:
         output = original(self, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         new = sequences[:, 1:]  # after the decoder start token
-        counts["tokens"] += int((new != self.config.pad_token_id).sum())
-        counts["answers"] += int(sequences.shape[0])
-        counts["seconds"] += time.perf_counter() - started
+        node = counts.setdefault(str(timer.running), _generation_counts())
+        node["tokens"] += int((new != self.config.pad_token_id).sum())
+        node["answers"] += int(sequences.shape[0])
+        node["seconds"] += time.perf_counter() - started
         return output
 
     GenerationMixin.generate = generate
@@ -212,7 +224,7 @@ def _summed_over_processes(values: dict[str, float]) -> dict[str, float]:
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Runs the benchmark in `--nproc` processes under torchrun, each with its share of cores;
     the machine's matmul peak is measured first, with every core."""
-    _prepare(args, Path(args.workdir))  # once, before the processes start
+    prepare(Path(args.workdir), args.quick, args.records)  # once, before the processes start
     peak = matmul_gflops()
     rest = [
         a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
@@ -237,14 +249,15 @@ def _overrides(ablation: str, caps: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
-    """The benchmark's dataset and model in `work`, built unless already there."""
+def prepare(work: Path, quick: bool, records: int) -> tuple[Path, Path]:
+    """The benchmark's dataset (`records` records) and model (a tiny one if `quick`, else
+    flan-t5-small's shape) in `work`, built unless already there: their paths."""
     work.mkdir(parents=True, exist_ok=True)
-    size = "tiny" if args.quick else "flan-t5-small"
-    data_path = work / f"bench-data-{DATA_VERSION}-{args.records}.json"
+    size = "tiny" if quick else "flan-t5-small"
+    data_path = work / f"bench-data-{DATA_VERSION}-{records}.json"
     if not data_path.exists():
-        build_dataset(REPO / "example-support-dataset.json", data_path, records=args.records)
-    model_dir = work / f"model-{size}-{DATA_VERSION}-{args.records}"
+        build_dataset(REPO / "example-support-dataset.json", data_path, records=records)
+    model_dir = work / f"model-{size}-{DATA_VERSION}-{records}"
     if not (model_dir / "model.safetensors").exists():
         build_t5(str(model_dir), training_texts(data_path), **SHAPES[size])
     return data_path, model_dir
@@ -258,10 +271,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ablate == "input-grouping":
         FinetuneTrainer._get_train_sampler = Seq2SeqTrainer._get_train_sampler
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
-    data_path, model_dir = _prepare(args, work)
+    data_path, model_dir = prepare(work, args.quick, args.records)
     # under --nproc the launcher measured the peak with every core before starting the ranks
     peak_gflops = args.matmul_peak or matmul_gflops(
-        dtype=torch.bfloat16 if args.bf16 else torch.float32
+        n=512 if args.quick else 2048, dtype=torch.bfloat16 if args.bf16 else torch.float32
     )
 
     timer = _NodeTimer()
@@ -284,6 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.max_steps:
         inputs["max_steps"] = args.max_steps
+    if args.max_new_tokens:
+        inputs["max_new_tokens"] = args.max_new_tokens
     if args.bf16:
         inputs["bf16"] = True
     if args.ablate == "no-grouping":
@@ -298,14 +313,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     caps = dr.execute(["tokenizer", "source_length_cap", "target_length_cap"], inputs=inputs)
     overrides = _overrides(args.ablate, caps)
 
-    counts = {"tokens": 0.0, "answers": 0.0, "seconds": 0.0}
-    outputs = [*finetune_module.DEFAULT_OUTPUTS, "tokenized_train", "finetuned_model"]
+    by_node: dict[str, dict[str, float]] = {}
+    outputs = [
+        *finetune_module.DEFAULT_OUTPUTS,
+        "tokenized_train",
+        "finetuned_model",
+        "finetuned_hold_out_metrics",
+    ]
     started = time.perf_counter()
-    with _counting_generation(counts):
+    with _counting_generation(by_node, timer):
         result = dr.execute(outputs, inputs=inputs, overrides=overrides)
     dag_seconds = time.perf_counter() - started
 
-    counts = _summed_over_processes(counts)
+    every_node = {k: sum(c[k] for c in by_node.values()) for k in _generation_counts()}
+    counts = _summed_over_processes(every_node)
+    finetuned = _summed_over_processes(by_node.get("finetuned_answers", _generation_counts()))
     metrics = result["training_and_validation_set_metrics"]
     config = result["finetuned_model"].get_base_model().config
     train = result["tokenized_train"]
@@ -354,6 +376,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generated_tokens_per_second": counts["tokens"] / max(1e-9, counts["seconds"]),
         "answers_per_second": counts["answers"] / max(1e-9, counts["seconds"]),
         "eval_seconds_per_answer": eval_per_answer,
+        # the fine-tuned model's answers alone (the base model's are the rest)
+        "finetuned_generated_answers": finetuned["answers"],
+        "finetuned_generated_tokens": finetuned["tokens"],
+        "finetuned_answers_seconds": timer.seconds.get("finetuned_answers", 0.0),
+        "base_answers_seconds": timer.seconds.get("base_answers", 0.0),
         "stage_seconds": dict(sorted(stages.items(), key=lambda kv: -kv[1])),
         "dag_seconds": dag_seconds,
         "peak_rss_gb": _summed_over_processes(
@@ -363,7 +390,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "rouge": {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
+        "eval_loss": metrics["eval_loss"],
+        "rouge": {k: metrics[k] for k in ROUGE_KEYS},
+        "hold_out_rouge": {k: result["finetuned_hold_out_metrics"][k] for k in ROUGE_KEYS},
     }
     if not args.max_steps and not args.quick:
         figures["speedup_vs_reference"] = {
@@ -440,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(ABLATIONS),
         default="none",
         help="switch one lever off: " + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=0, help="longest answer (default: the target cap)"
     )
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torchrun)")
     p.add_argument(
