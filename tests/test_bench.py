@@ -97,6 +97,7 @@ def test_peer_trains_and_answers_on_the_dataflows_sets(
     assert source_cap < longest_question and target_cap < longest_reply
 
 
+@pytest.mark.slow
 def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "comparison.json"
     done = subprocess.run(

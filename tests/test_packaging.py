@@ -246,6 +246,7 @@ def test_wheel_holds_the_package_and_its_data_only(wheel: Path) -> None:
     assert "finetune = finetune_module.cli:main" in scripts
 
 
+@pytest.mark.slow
 def test_installed_package_runs_the_tiny_fine_tune_from_any_directory(
     venv: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -270,6 +271,7 @@ def test_installed_package_runs_the_tiny_fine_tune_from_any_directory(
         assert (saved / name).is_file(), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "flag", "starts"),
     [
