@@ -42,6 +42,7 @@ import finetune_module
 from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
 from finetune_module.engine import distributed, generation, speedups
 from finetune_module.engine.decoding import transformers_model
+from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.engine.trainer import FinetuneTrainer
 from finetune_module.tiny_model import build_t5
 
@@ -99,17 +100,21 @@ _SPEEDUPS_OFF = {
 
 
 class _NodeTimer(api.NodeExecutionHook):
-    """Records how long each node of the DAG takes."""
+    """Records how long each node of the DAG takes (`seconds`, by node) and which node is
+    running (`running`, None between nodes)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.running: str | None = None
         self._started: dict[str, float] = {}
 
     def run_before_node_execution(self, *, node_name: str, **kwargs: Any) -> None:
         self._started[node_name] = time.perf_counter()
+        self.running = node_name
 
     def run_after_node_execution(self, *, node_name: str, **kwargs: Any) -> None:
         self.seconds[node_name] = time.perf_counter() - self._started.pop(node_name)
+        self.running = None
 
 
 class _FixedLengthCollator:
@@ -139,10 +144,16 @@ class _FixedLengthCollator:
         }
 
 
+def _generation_counts() -> dict[str, float]:
+    """Counts of generation, all zero: tokens, answers and seconds generating."""
+    return {"tokens": 0.0, "answers": 0.0, "seconds": 0.0}
+
+
 @contextlib.contextmanager
-def _counting_generation(counts: dict[str, float]) -> Iterator[None]:
-    """Counts the tokens generation produces (and its time) while the block runs: Hugging
-    Face `generate`'s and the lean decoding loop's."""
+def _counting_generation(counts: dict[str, dict[str, float]], timer: _NodeTimer) -> Iterator[None]:
+    """Counts the tokens generation produces (and its time) while the block runs, by the node
+    that calls it (`counts[node]`, see `_generation_counts`): Hugging Face `generate`'s and the
+    lean decoding loop's."""
 
     def counting(run: Any) -> Any:
         def counted(model: Any, *args: Any, **kwargs: Any) -> Any:
@@ -150,9 +161,10 @@ def _counting_generation(counts: dict[str, float]) -> Iterator[None]:
             output = run(model, *args, **kwargs)
             sequences = output if isinstance(output, torch.Tensor) else output.sequences
             new = sequences[:, 1:]  # after the decoder start token
-            counts["tokens"] += int((new != transformers_model(model).config.pad_token_id).sum())
-            counts["answers"] += int(sequences.shape[0])
-            counts["seconds"] += time.perf_counter() - started
+            node = counts.setdefault(str(timer.running), _generation_counts())
+            node["tokens"] += int((new != transformers_model(model).config.pad_token_id).sum())
+            node["answers"] += int(sequences.shape[0])
+            node["seconds"] += time.perf_counter() - started
             return output
 
         return counted
@@ -243,8 +255,8 @@ def _overrides(ablation: str, caps: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare(work: Path, quick: bool, records: int) -> tuple[Path, Path]:
-    """The paths of the benchmark's dataset of `records` records and of its model (the tiny
-    one if `quick`, else flan-t5-small's shape) in `work`, built unless already there."""
+    """The benchmark's dataset (`records` records) and model (a tiny one if `quick`, else
+    flan-t5-small's shape) in `work`, built unless already there: their paths."""
     work.mkdir(parents=True, exist_ok=True)
     size = "tiny" if quick else "flan-t5-small"
     data_path = work / f"bench-data-{DATA_VERSION}-{records}.json"
@@ -267,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_path, model_dir = prepare(work, args.quick, args.records)
     # under --nproc the launcher measured the peak with every core before starting the ranks
     peak_gflops = args.matmul_peak or matmul_gflops(
-        dtype=torch.bfloat16 if args.bf16 else torch.float32
+        n=512 if args.quick else 2048, dtype=torch.bfloat16 if args.bf16 else torch.float32
     )
 
     timer = _NodeTimer()
@@ -290,6 +302,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.max_steps:
         inputs["max_steps"] = args.max_steps
+    if args.max_new_tokens:
+        inputs["max_new_tokens"] = args.max_new_tokens
     if args.bf16:
         inputs["bf16"] = True
     if args.ablate == "no-grouping":
@@ -304,14 +318,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     caps = dr.execute(["tokenizer", "source_length_cap", "target_length_cap"], inputs=inputs)
     overrides = _overrides(args.ablate, caps)
 
-    counts = {"tokens": 0.0, "answers": 0.0, "seconds": 0.0}
-    outputs = [*finetune_module.DEFAULT_OUTPUTS, "tokenized_train", "finetuned_model"]
+    by_node: dict[str, dict[str, float]] = {}
+    outputs = [
+        *finetune_module.DEFAULT_OUTPUTS,
+        "tokenized_train",
+        "finetuned_model",
+        "finetuned_hold_out_metrics",
+    ]
     started = time.perf_counter()
-    with _counting_generation(counts):
+    with _counting_generation(by_node, timer):
         result = dr.execute(outputs, inputs=inputs, overrides=overrides)
     dag_seconds = time.perf_counter() - started
 
-    counts = _summed_over_processes(counts)
+    every_node = {k: sum(c[k] for c in by_node.values()) for k in _generation_counts()}
+    counts = _summed_over_processes(every_node)
+    finetuned = _summed_over_processes(by_node.get("finetuned_answers", _generation_counts()))
     metrics = result["training_and_validation_set_metrics"]
     config = result["finetuned_model"].get_base_model().config
     train = result["tokenized_train"]
@@ -360,6 +381,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generated_tokens_per_second": counts["tokens"] / max(1e-9, counts["seconds"]),
         "answers_per_second": counts["answers"] / max(1e-9, counts["seconds"]),
         "eval_seconds_per_answer": eval_per_answer,
+        # the fine-tuned model's answers alone (the base model's are the rest)
+        "finetuned_generated_answers": finetuned["answers"],
+        "finetuned_generated_tokens": finetuned["tokens"],
+        "finetuned_answers_seconds": timer.seconds.get("finetuned_answers", 0.0),
+        "base_answers_seconds": timer.seconds.get("base_answers", 0.0),
         "stage_seconds": dict(sorted(stages.items(), key=lambda kv: -kv[1])),
         "dag_seconds": dag_seconds,
         "peak_rss_gb": _summed_over_processes(
@@ -369,7 +395,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "rouge": {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
+        "eval_loss": metrics["eval_loss"],
+        "rouge": {k: metrics[k] for k in ROUGE_KEYS},
+        "hold_out_rouge": {k: result["finetuned_hold_out_metrics"][k] for k in ROUGE_KEYS},
     }
     if not args.max_steps and not args.quick:
         figures["speedup_vs_reference"] = {
@@ -426,6 +454,14 @@ def _table(f: dict[str, Any]) -> str:
     return aligned(rows)
 
 
+def shown(table: str, figures: dict[str, Any], out: str) -> None:
+    """Prints the table and writes the figures to the JSON file `out` (and says where)."""
+    print(table)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(f"\nFigures written to {out}")
+
+
 def aligned(rows: list[tuple[str, str]]) -> str:
     """(name, value) rows as text, the values in one column."""
     width = max(len(k) for k, _ in rows)
@@ -452,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         help="switch one lever off: " + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()),
     )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=0, help="longest answer (default: the target cap)"
+    )
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torchrun)")
     p.add_argument(
         "--bf16", action="store_true", help="bf16 autocast (a CUDA GPU with bf16 support)"
@@ -476,10 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if not distributed.is_main_process():
         distributed.end()
         return 0
-    print(_table(figures))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-    print(f"\nFigures written to {args.out}")
+    shown(_table(figures), figures, args.out)
     distributed.end()
     return 0
 

@@ -32,7 +32,6 @@ on large square matrices).
 
 import argparse
 import contextlib
-import json
 import statistics
 import tempfile
 import time
@@ -44,7 +43,7 @@ import torch
 from hamilton import driver
 
 import finetune_module
-from bench.benchmark import REPO, aligned, matmul_gflops, prepare
+from bench.benchmark import REPO, aligned, matmul_gflops, prepare, shown
 from bench.data import TOKENIZER_VOCABULARY, training_texts
 from finetune_module.engine import generation
 from finetune_module.engine.decoding import greedy_generate, transformers_model
@@ -348,10 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.threads = [int(n) for n in args.threads.split(",")]
     figures = measure(args)
-    print(_table(figures))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-    print(f"\nFigures written to {args.out}")
+    shown(_table(figures), figures, args.out)
     return 0
 
 

@@ -64,7 +64,7 @@ from finetune_module.errors import (
 from finetune_module.inference import export_merged, predict, read_texts
 from finetune_module.pictures import STAGE_NAMES
 
-#: This package's version.
+#: The package's version (pyproject.toml reads it from here: the one place it is written).
 __version__ = "0.1.0"
 
 #: The stage modules of the dataflow, in execution order (the last holds deprecated names).

@@ -21,11 +21,20 @@ from transformers import PreTrainedTokenizerBase, Seq2SeqTrainingArguments
 
 from finetune_module.engine import metrics
 from finetune_module.engine.generation import answer_sets
-from finetune_module.engine.models import LanguageModel, ModelRecipe, build_model
+from finetune_module.engine.models import (
+    LanguageModel,
+    ModelRecipe,
+    build_model,
+    model_files_identity,
+)
 from finetune_module.engine.quiet import quiet_libraries
 from finetune_module.engine.settings import EvaluationSettings
 from finetune_module.engine.tokens import TokenizedSet
-from finetune_module.engine.trainer import FittedWeights, training_summary
+from finetune_module.engine.trainer import (
+    FittedWeights,
+    best_checkpoint_eval_loss,
+    training_summary,
+)
 
 _SETS = ("validation", "hold_out")
 
@@ -67,42 +76,94 @@ def generation_settings(
     }
 
 
-@parameterize(
-    finetuned_answers=(
-        {"adapter": value("on")},
-        "The fine-tuned model's answers to the validation and the hold-out questions, by set "
-        '("validation", "hold_out"), generated together in one pass.',
-    ),
-    base_answers=(
-        {"adapter": value("off")},
-        "The base model's answers to the validation and the hold-out questions, by set: the "
-        "fine-tuned model with its LoRA adapter switched off, generated exactly as the "
-        "fine-tune's answers are. Empty for a full fine-tune: its weights were trained in "
-        "place, no adapter to switch off.",
-    ),
-)
-def model_answers(
+def _answers(
+    model: LanguageModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenized_validation: TokenizedSet,
+    tokenized_hold_out: TokenizedSet,
+    generation_settings: dict[str, int],
+    show_progress: bool,
+    who: str,
+) -> dict[str, list[str]]:
+    """A model's answers to both sets, by set, generated in one pass."""
+    sets = {"validation": tokenized_validation, "hold_out": tokenized_hold_out}
+    with quiet_libraries(not show_progress):
+        return answer_sets(model, tokenizer, sets, generation_settings, who, not show_progress)
+
+
+def finetuned_answers(
     finetuned_model: LanguageModel,
     tokenizer: PreTrainedTokenizerBase,
     tokenized_validation: TokenizedSet,
     tokenized_hold_out: TokenizedSet,
     generation_settings: dict[str, int],
     show_progress: bool,
-    adapter: str,
 ) -> dict[str, list[str]]:
-    """A model's answers to both sets, by set, generated in one pass."""
-    sets = {"validation": tokenized_validation, "hold_out": tokenized_hold_out}
-    quiet = not show_progress
-    if adapter == "on":
-        with quiet_libraries(quiet):
-            return answer_sets(
-                finetuned_model, tokenizer, sets, generation_settings, "fine-tuned model", quiet
-            )
-    if not isinstance(finetuned_model, PeftModel):
-        return {name: [] for name in sets}
-    with finetuned_model.disable_adapter(), quiet_libraries(quiet):
-        return answer_sets(
-            finetuned_model, tokenizer, sets, generation_settings, "base model", quiet
+    """The fine-tuned model's answers to the validation and the hold-out questions, by set
+    ("validation", "hold_out"), generated together in one pass."""
+    return _answers(
+        finetuned_model,
+        tokenizer,
+        tokenized_validation,
+        tokenized_hold_out,
+        generation_settings,
+        show_progress,
+        "fine-tuned model",
+    )
+
+
+@cache(behavior="ignore")  # a model object: base_model_identity stands for it in cache keys
+def base_answer_model(finetuned_model: LanguageModel) -> LanguageModel:
+    """The model that gives the base model's answers: the fine-tuned model, whose LoRA adapter
+    `base_answers` switches off (no second copy of the weights). The cache keys of the nodes
+    that take it leave it out; `base_model_identity` says what it is instead."""
+    return finetuned_model
+
+
+def base_model_identity(model_recipe: ModelRecipe) -> dict[str, Any]:
+    """What the base model is, as plain data that Hamilton's cache can compare across runs:
+    the model id and its files (each file's size and time for a local directory, the cached
+    snapshot for a hub id), how it is loaded, and whether the fine-tune has an adapter to
+    switch off (a full fine-tune has no base model left). The fine-tune's training settings
+    are not part of it: a re-run that trains differently takes the base model's answers from
+    the cache (with `--cache`)."""
+    recipe = model_recipe
+    return {
+        "model_id": recipe.model_id,
+        "files": model_files_identity(recipe.model_id),
+        "model_type": recipe.model_type,
+        "quantization": recipe.quantization,
+        "precision": recipe.precision,
+        "trust_remote_code": recipe.trust_remote_code,
+        "has_adapter": recipe.lora is not None or recipe.adapter_path is not None,
+    }
+
+
+def base_answers(
+    base_answer_model: LanguageModel,
+    base_model_identity: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    tokenized_validation: TokenizedSet,
+    tokenized_hold_out: TokenizedSet,
+    generation_settings: dict[str, int],
+    show_progress: bool,
+) -> dict[str, list[str]]:
+    """The base model's answers to the validation and the hold-out questions, by set: the
+    fine-tuned model with its LoRA adapter switched off, generated exactly as the fine-tune's
+    answers are. Empty for a full fine-tune: its weights were trained in place, no adapter to
+    switch off. With Hamilton's cache, a run with the same base model, questions and
+    generation settings takes them from the cache, however the fine-tune was trained."""
+    if not base_model_identity["has_adapter"] or not isinstance(base_answer_model, PeftModel):
+        return {"validation": [], "hold_out": []}
+    with base_answer_model.disable_adapter():
+        return _answers(
+            base_answer_model,
+            tokenizer,
+            tokenized_validation,
+            tokenized_hold_out,
+            generation_settings,
+            show_progress,
+            "base model",
         )
 
 
@@ -121,14 +182,38 @@ def set_answers(answers: dict[str, list[str]], answer_set: str) -> list[str]:
     return answers[answer_set]
 
 
-def finetuned_validation_loss(
+@config.when(start="base")
+def finetuned_validation_loss__base(
+    fitted_weights: FittedWeights,
     finetuned_model: LanguageModel,
     tokenized_validation: TokenizedSet,
     data_collator: Any,
     evaluation_settings: EvaluationSettings,
 ) -> float:
-    """Mean cross-entropy per target token of the fine-tuned model on the validation set, in
-    batches of per_device_eval_batch_size."""
+    """The fine-tuned model's validation loss: the one the Trainer measured for the best
+    checkpoint, whose weights the model has (not computed twice); measured again, as the
+    Trainer does, only when the training log lacks it."""
+    measured = best_checkpoint_eval_loss(fitted_weights.trainer_state)
+    if measured is not None:
+        return measured
+    return metrics.mean_token_loss(
+        finetuned_model,
+        tokenized_validation,
+        data_collator,
+        evaluation_settings.per_device_eval_batch_size,
+    )
+
+
+@config.when(start="presaved")
+def finetuned_validation_loss__presaved(
+    finetuned_model: LanguageModel,
+    tokenized_validation: TokenizedSet,
+    data_collator: Any,
+    evaluation_settings: EvaluationSettings,
+) -> float:
+    """The saved fine-tune's validation loss, measured as the Trainer measures it: mean
+    cross-entropy per target token of each batch of per_device_eval_batch_size, averaged over
+    the examples."""
     return metrics.mean_token_loss(
         finetuned_model,
         tokenized_validation,

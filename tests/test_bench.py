@@ -1,4 +1,5 @@
-"""The benchmark: its FLOP count is right, its data has the intended spread, and it runs."""
+"""The benchmark: its FLOP count is right, its data has the intended spread, it runs, and its
+peer (the plain Hugging Face script) works on our sets and runs beside it."""
 
 import json
 import subprocess
@@ -8,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hamilton import driver
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from bench.benchmark import forward_flops
 from bench.data import TOKENIZER_VOCABULARY, build_dataset, training_texts
+from bench.peer import tokenized_sets
+from finetune_module import MODULES
+from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.tiny_model import train_tokenizer
 from tests.conftest import EXAMPLE_DATA, REPO
 
@@ -65,6 +70,62 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
     assert 0 < figures["matmul_share"] < 1.5 and figures["peak_rss_gb"] > 0
     assert {"training", "evaluation", "tokenization"} <= set(figures["stage_seconds"])
     assert "train samples/s" in done.stdout
+
+
+def test_peer_trains_and_answers_on_the_dataflows_sets(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    data = build_dataset(EXAMPLE_DATA, tmp_path / "bench.json", records=60)
+    dr = driver.Builder().with_config({"start": "base"}).with_modules(*MODULES).build()
+    names = ["tokenized_train", "tokenized_validation", "tokenized_hold_out",
+             "source_length_cap", "target_length_cap"]  # fmt: skip
+    ours = dr.execute(
+        names,
+        inputs={"data_path": str(data), "model_id": str(tiny_model_dir),
+                "input_text_key": "question", "output_text_key": "reply"},
+    )  # fmt: skip
+    records = json.loads(data.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sets, source_cap, target_cap = tokenized_sets(records, tokenizer)
+    assert (source_cap, target_cap) == (ours["source_length_cap"], ours["target_length_cap"])
+    for name in ("train", "validation", "hold_out"):
+        peer = [{"input_ids": x["input_ids"], "labels": x["labels"]} for x in sets[name]]
+        assert peer == list(ours[f"tokenized_{name}"]), name
+    # both caps cut some texts: the truncation is compared too
+    longest_question = max(map(len, tokenizer([r["question"] for r in records]).input_ids))
+    longest_reply = max(map(len, tokenizer(text_target=[r["reply"] for r in records]).input_ids))
+    assert source_cap < longest_question and target_cap < longest_reply
+
+
+@pytest.mark.slow
+def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "comparison.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--quick",
+         "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    comparison = json.loads(out.read_text())
+    figures = {"whole_seconds", "train_seconds", "generation_seconds", "peak_rss_gb"}
+    for side in ("peer", "us", "peer_over_us"):
+        assert set(comparison[side]) == figures
+        assert all(value > 0 for value in comparison[side].values()), side
+    for figure in figures:
+        ratio = comparison["peer"][figure] / comparison["us"][figure]
+        assert comparison["peer_over_us"][figure] == pytest.approx(ratio)
+    peer = comparison["peer_figures"]
+    # 24 records: 22 to train on (3 steps of 8), 1 validation and 1 hold-out question
+    assert peer["train_examples"] == 22 and peer["steps"] == 3
+    assert peer["generated_answers"] == 2 and peer["generated_tokens"] > 0
+    assert [len(peer["answers"][name]) for name in ("validation", "hold_out")] == [1, 1]
+    for side in ("peer", "us"):
+        for name in ("validation", "hold_out"):
+            assert set(comparison["rouge"][side][name]) == set(ROUGE_KEYS)
+    assert comparison["generated_tokens"]["us"] > 0 and comparison["our_base_answers_seconds"] > 0
+    assert comparison["validation_loss"]["peer"] > 0 and comparison["validation_loss"]["us"] > 0
+    assert (tmp_path / "work" / "peer-run" / "adapter" / "adapter_config.json").is_file()
+    assert "peer / us" in done.stdout and "whole job" in done.stdout
 
 
 @pytest.mark.parametrize("family", [[], ["--family", "llama"]], ids=["t5", "llama"])

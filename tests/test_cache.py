@@ -3,6 +3,7 @@ and the trained adapter from the cache and does not train; a changed generation 
 recomputes generation only; a changed training setting trains again."""
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 import run
+from finetune_module.engine.models import model_files_identity
 from tests.conftest import EXAMPLE_DATA, QUICK, read_json
 
 TRAINING = "fitted_weights"  # the node that trains
@@ -54,6 +56,7 @@ def test_second_run_skips_training_and_beams_recompute_only_generation(
     first_checkpoints = _checkpoints(output)
     assert first_checkpoints
     first_answers = pd.read_csv(output / "best_model" / "hold_out_predictions.csv")
+    first_base_answers = pd.read_csv(output / "best_model" / "base_model_predictions.csv")
     assert len(first_answers) == folds.count("test")
 
     assert run.main(argv) == 0  # same data, model and settings
@@ -66,6 +69,9 @@ def test_second_run_skips_training_and_beams_recompute_only_generation(
     assert read_json(output / "best_model" / "finetune_settings.json")["num_beams"] == 2
 
     assert run.main([*argv, "--learning_rate", "0.01"]) == 0  # a training setting changed
+    pd.testing.assert_frame_equal(
+        pd.read_csv(output / "best_model" / "base_model_predictions.csv"), first_base_answers
+    )
 
     first, second, beams, learning_rate = _runs(cache)
     assert first["executed"] >= NOT_RECOMPUTED
@@ -75,5 +81,22 @@ def test_second_run_skips_training_and_beams_recompute_only_generation(
     assert {"hold_out_set_predictions", "finetuned_model_on_validation_set"} <= beams["executed"]
     assert TRAINING in learning_rate["executed"]
     assert "tokenized_train" in learning_rate["hit"]  # the data did not change
+    # the base model's answers: generated once per generation setting, whatever the training
+    assert "base_answers" in first["executed"] and "base_answers" in beams["executed"]
+    for run_ in (second, learning_rate):
+        assert "base_answers" in run_["hit"] and "base_answers" not in run_["executed"]
+    assert "finetuned_answers" in learning_rate["executed"]
     out = capsys.readouterr().out
     assert f"Cache {cache}: re-used" in out and "fitted_weights" in out
+
+
+def test_the_base_models_identity_follows_its_files(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = model_files_identity(str(model))
+    assert [name for name, _, _ in before] == sorted(p.name for p in model.iterdir())
+    assert model_files_identity(str(model)) == before  # nothing read, nothing changed
+    config = model / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": 1}', 1))
+    assert model_files_identity(str(model)) != before
+    assert model_files_identity("no-such-org/no-such-model") == []  # not in the hub's cache

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -45,6 +46,7 @@ def _adapter(best_model: Path) -> dict[str, torch.Tensor]:
     return load_file(best_model / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_run_killed_again_and_again_ends_as_an_uninterrupted_one(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -111,6 +111,7 @@ def _rouge_l(scores: dict[str, dict[str, dict[str, float]]], model: str) -> dict
     return {name: by_model[model]["rougeL"] for name, by_model in scores.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_full_finetuning_learns_the_topic_answers(
     family: str, topic_data: Path, tmp_path: Path
@@ -121,6 +122,7 @@ def test_full_finetuning_learns_the_topic_answers(
     assert min(finetuned.values()) >= 80, finetuned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "inputs", "threshold"),
     [

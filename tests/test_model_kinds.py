@@ -32,9 +32,9 @@ from finetune_module.tiny_model import main as build_tiny_model
 from finetune_module.tokenization import tokenizer__base
 from tests.conftest import EXAMPLE_DATA, REPO, TINY, read_json
 
+VALID_CONFIGS_FILE = REPO / "finetune_module" / "valid_configs.jsonl"  # shipped with the package
 VALID_CONFIGS = {
-    entry["name"]: entry
-    for entry in map(json.loads, (REPO / "valid_configs.jsonl").read_text().splitlines())
+    entry["name"]: entry for entry in map(json.loads, VALID_CONFIGS_FILE.read_text().splitlines())
 }
 N_TRAIN, N_VALIDATION, N_HOLD_OUT = split_sizes(len(read_json(EXAMPLE_DATA)), 0.95, 0.8)
 LABELS = ("billing", "bug", "setup")
@@ -180,7 +180,7 @@ def test_valid_configs_cover_every_variant_once() -> None:
 
 @pytest.mark.parametrize("name", list(VALID_CONFIGS))
 def test_valid_config_builds_a_driver_that_needs_only_the_documented_inputs(name: str) -> None:
-    dr = _driver(VALID_CONFIGS[name]["config"])
+    dr = finetune_module.build_driver(**VALID_CONFIGS[name]["config"])  # the checked builder
     # raises if any node of the four outputs lacks an upstream node or a required input
     dr.validate_execution(
         list(finetune_module.DEFAULT_OUTPUTS),

@@ -14,6 +14,7 @@ from transformers.generation.utils import GenerationMixin
 from transformers.utils import logging as transformers_logging
 
 import finetune_module
+from finetune_module.engine import generation
 from finetune_module.engine.records import split_sizes
 from finetune_module.errors import ModelNotAvailableError, SettingsError
 from tests.conftest import EXAMPLE_DATA, QUICK, read_json, run_dag
@@ -105,13 +106,19 @@ def test_each_model_answers_both_sets_in_one_pass(
     base_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
-    generate = GenerationMixin.generate
+    generate, lean = GenerationMixin.generate, generation.greedy_generate
 
     def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
         batches.append(kwargs["input_ids"].shape[0])
         return generate(self, *args, **kwargs)
 
+    def lean_counting(model: Any, input_ids: torch.Tensor, *args: Any) -> Any:
+        batches.append(input_ids.shape[0])
+        return lean(model, input_ids, *args)
+
+    # the batches answered by Hugging Face generate and by the lean decoding loop
     monkeypatch.setattr(GenerationMixin, "generate", counting)
+    monkeypatch.setattr(generation, "greedy_generate", lean_counting)
     inputs = {k: v for k, v in base_run["inputs"].items() if k in ("data_path", "output_dir")}
     result = run_dag("presaved", **inputs)
     # the fine-tuned model, then the base model: one batch each holds both sets' questions

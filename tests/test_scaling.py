@@ -42,6 +42,7 @@ def _csv_rows(path: Path) -> list[tuple[str, ...]]:
     return [tuple(row) for row in table.itertuples(index=False)]
 
 
+@pytest.mark.slow
 def test_torchrun_trains_on_two_processes_and_writes_once(
     tiny_model_dir: Path, base_run: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -93,9 +93,11 @@ def mean_token_loss(
     collator: Callable,
     batch_size: int,
 ) -> float:
-    """Mean cross-entropy per target token of the model on the examples, in batches made by
-    `collator` (with several processes, each scores its share of the batches and the sums are
-    gathered)."""
+    """The validation loss as the Hugging Face Trainer measures it: the examples in order, in
+    batches of `batch_size` made by `collator`; each batch's mean cross-entropy per target
+    token, averaged over the examples (a batch counts as many times as it has examples). The
+    same model and data give the Trainer's `eval_loss`. With several processes, each scores its
+    share of the batches and the sums are gathered."""
     device = model_device(model)
     batches = [
         examples[start : start + batch_size] for start in range(0, len(examples), batch_size)
@@ -111,6 +113,8 @@ def mean_token_loss(
             loss = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
             )
-            sums.append((loss.item(), int((labels != IGNORE_INDEX).sum())))
+            tokens = int((labels != IGNORE_INDEX).sum())
+            if tokens:  # a batch without targets has no loss (the Trainer leaves it out too)
+                sums.append((loss.item() / tokens * len(rows), len(rows)))
     every = gathered(sums, model)
-    return sum(total for total, _ in every) / max(1, sum(tokens for _, tokens in every))
+    return sum(total for total, _ in every) / max(1, sum(count for _, count in every))

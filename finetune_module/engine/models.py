@@ -84,6 +84,23 @@ class ModelRecipe:
         return described
 
 
+def model_files_identity(model_id: str) -> list[Any]:
+    """What identifies a model's files without reading them: for a local directory, each
+    file's path in it, size and modification time; for a hub id, the cached snapshot (its
+    commit) that loading takes, or nothing when the model is not cached yet."""
+    if os.path.isdir(model_id):
+        return sorted(
+            [os.path.relpath(os.path.join(folder, name), model_id), stat.st_size, stat.st_mtime_ns]
+            for folder, _, names in os.walk(model_id)
+            for name in names
+            for stat in [os.stat(os.path.join(folder, name))]
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_id, MODEL_CONFIG_FILE)
+    return [os.path.dirname(cached)] if isinstance(cached, str) else []
+
+
 def is_adapter_dir(path: str) -> bool:
     """Whether `path` holds a saved LoRA adapter (rather than a full model)."""
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))

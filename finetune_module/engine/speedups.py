@@ -17,8 +17,8 @@ Each is the same function as the one it replaces (dropout keeps each value with 
 random stream behind dropout, and float rounding in the last bits differ. `PROVEN` names the
 families for which `tests/test_speedups.py` proves each piece equal to the stock path (loss and
 gradients), on the transformers release `PROVEN_ON`; on any other family or release the stock
-path runs. Measured with `python -m bench.benchmark` (see the README); each can be switched off
-there with `--ablate`.
+path runs. Measured with `python -m bench.benchmark` (see docs/performance.md); each can be
+switched off there with `--ablate`.
 """
 
 import contextlib

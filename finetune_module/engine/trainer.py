@@ -534,6 +534,18 @@ def log_table(log_history: list[dict[str, Any]]) -> pd.DataFrame:
     return table.reindex(columns=[*TRAINING_LOG_COLUMNS, *others])
 
 
+def best_checkpoint_eval_loss(state: TrainerState) -> float | None:
+    """The validation loss the Trainer measured for the checkpoint it loaded back as the best:
+    the `eval_loss` logged at that checkpoint's step; None when the log has none."""
+    step = (state.best_model_checkpoint or "").rsplit("-", 1)[-1]
+    if not step.isdigit():
+        return None
+    for entry in reversed(state.log_history):
+        if entry.get("step") == int(step) and "eval_loss" in entry:
+            return float(entry["eval_loss"])
+    return None
+
+
 def training_summary(state: TrainerState, world_size: int) -> dict[str, Any]:
     """The trainer's own end-of-training figures (loss, runtime, throughput, best checkpoint)."""
     summary: dict[str, Any] = {}

@@ -1,0 +1,208 @@
+"""The headline benchmark: the plain Hugging Face script a user would write (`bench/peer.py`)
+and our dataflow, side by side on the same data and model.
+
+    python -m bench.compare                      # flan-t5-small's shape, 400 records, 1 epoch
+    python -m bench.compare --quick              # a tiny model: checks the comparison runs
+
+The benchmark's model and dataset are built once (`bench.benchmark.prepare`), then the peer and
+our dataflow (`bench.benchmark`, every lever on) run back to back, each in its own process so
+that each peak memory is its own, with the same epochs and batch size. For each figure the
+table gives the peer's value, ours, and the ratio peer / us: above 1, we are faster (or take
+less memory).
+
+- whole job: from reading the data to the saved model, after the imports (the peer's
+  `whole_seconds`, our DAG's `dag_seconds`); ours also answers with the base model, computes
+  the validation loss again and writes the report.
+- training: the Trainer's `train_runtime` on both sides (evaluation each epoch included).
+- generation: the fine-tuned model's greedy answers to the validation and hold-out questions,
+  up to the target cap: the peer's two `trainer.predict` calls (each also computes a loss), our
+  `finetuned_answers` node.
+- peak memory: each process's peak resident set.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.benchmark import REPO, prepare
+
+# what is compared: (label, the peer's figure, our figure, unit)
+FIGURES = (
+    ("whole job", "whole_seconds", "dag_seconds", "s"),
+    ("training", "train_seconds", "train_seconds", "s"),
+    ("generation", "generation_seconds", "finetuned_answers_seconds", "s"),
+    ("peak memory", "peak_rss_gb", "peak_rss_gb", "GB"),
+)
+# what both sides must share for the comparison to be fair: (the peer's figure, our figure)
+SHARED = (
+    ("train_examples", "train_examples"),
+    ("steps", "steps"),
+    ("source_length_cap", "source_length_cap"),
+    ("target_length_cap", "target_length_cap"),
+    ("generated_answers", "finetuned_generated_answers"),
+)
+
+
+def _run(module: str, arguments: list[str]) -> None:
+    """Runs `python -m module arguments` in its own process, offline, from the repository."""
+    command = [sys.executable, "-m", module, *arguments]
+    subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+
+
+def _load_average() -> float:
+    """The machine's load average over the last minute (runnable processes)."""
+    return os.getloadavg()[0]
+
+
+def compare(
+    work: Path,
+    quick: bool = False,
+    records: int = 400,
+    epochs: float = 1.0,
+    batch_size: int = 8,
+    max_new_tokens: int = 0,
+) -> dict[str, Any]:
+    """Runs the peer and our dataflow back to back on the benchmark's model and data (built in
+    `work` unless already there) and returns the comparison: each side's figures by the
+    peer's names (`peer`, `us`), the ratios peer / us (`peer_over_us`), the scores, the load
+    of the machine before and after, and each side's full figures (`peer_figures`,
+    `us_figures`).
+
+    :param quick: a tiny model instead of flan-t5-small's shape.
+    :param records: the dataset's size.
+    :param epochs: training epochs, on both sides.
+    :param batch_size: the training batch size, on both sides.
+    :param max_new_tokens: the longest answer on both sides (0: the target cap).
+    """
+    data_path, model_dir = prepare(work, quick, records)
+    common = ["--epochs", str(epochs), "--batch-size", str(batch_size)]
+    if max_new_tokens:
+        common += ["--max-new-tokens", str(max_new_tokens)]
+    load_before = _load_average()
+    peer_out, us_out = work / "peer.json", work / "us.json"
+    peer_run = work / "peer-run"
+    _run("bench.peer", ["--data", str(data_path), "--model", str(model_dir),
+                        "--output-dir", str(peer_run), "--out", str(peer_out),
+                        *common])  # fmt: skip
+    quick_flag = ["--quick"] if quick else []
+    _run("bench.benchmark", ["--workdir", str(work), "--records", str(records),
+                             "--out", str(us_out), *common, *quick_flag])  # fmt: skip
+    load_after = _load_average()
+    peer = json.loads(peer_out.read_text(encoding="utf-8"))
+    us = json.loads(us_out.read_text(encoding="utf-8"))
+    differing = [f"{p} {peer[p]} vs {us[u]}" for p, u in SHARED if peer[p] != us[u]]
+    if differing:
+        raise RuntimeError(f"The peer and our dataflow did not do the same work: {differing}")
+    return {
+        "model": us["model"],
+        "records": records,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "peer": {p: peer[p] for _, p, _, _ in FIGURES},
+        "us": {p: us[u] for _, p, u, _ in FIGURES},
+        "peer_over_us": {p: peer[p] / us[u] for _, p, u, _ in FIGURES},
+        "generated_tokens": {
+            "peer": peer["generated_tokens"],
+            "us": us["finetuned_generated_tokens"],
+        },
+        "our_base_answers_seconds": us["base_answers_seconds"],
+        "validation_loss": {"peer": peer["best_eval_loss"], "us": us["eval_loss"]},
+        "rouge": {
+            "peer": peer["rouge"],
+            "us": {"validation": us["rouge"], "hold_out": us["hold_out_rouge"]},
+        },
+        "load_average": {"before": load_before, "after": load_after, "cores": os.cpu_count()},
+        "peer_figures": peer,
+        "us_figures": us,
+    }
+
+
+def _value(value: float, unit: str) -> str:
+    """A figure with its unit."""
+    return f"{value:.2f} {unit}" if unit == "GB" else f"{value:.1f} {unit}"
+
+
+def table(c: dict[str, Any]) -> str:
+    """The comparison as a short text table, with the context below it."""
+    rows = [("", "peer", "us", "peer / us")]
+    rows += [
+        (
+            label,
+            _value(c["peer"][p], unit),
+            _value(c["us"][p], unit),
+            f"{c['peer_over_us'][p]:.2f}x",
+        )
+        for label, p, _, unit in FIGURES
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [  # the labels on the left, the figures on the right
+        "  ".join(
+            [row[0].ljust(widths[0])]
+            + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        )
+        for row in rows
+    ]
+    rouge, load = c["rouge"], c["load_average"]
+    answers = c["us_figures"]["finetuned_generated_answers"]
+    lines += [
+        "",
+        f"{c['model']}, {c['records']} records, {c['epochs']:g} epoch(s), batch {c['batch_size']}",
+        f"answers: {answers:.0f} on each side, {c['generated_tokens']['peer']:.0f} tokens (peer) "
+        f"vs {c['generated_tokens']['us']:.0f} (us); ours also answers with the base model "
+        f"({c['our_base_answers_seconds']:.1f} s, within our whole job)",
+        f"validation loss: {c['validation_loss']['peer']:.4f} (peer) vs "
+        f"{c['validation_loss']['us']:.4f} (us)",
+        f"ROUGE-L validation / hold-out: {rouge['peer']['validation']['rougeL']:.2f} / "
+        f"{rouge['peer']['hold_out']['rougeL']:.2f} (peer) vs "
+        f"{rouge['us']['validation']['rougeL']:.2f} / {rouge['us']['hold_out']['rougeL']:.2f} (us)",
+        f"load average (1 min) before / after: {load['before']:.2f} / {load['after']:.2f} "
+        f"on {load['cores']} cores",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of the comparison."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.compare", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny model instead of flan-t5-small's shape"
+    )
+    p.add_argument("--records", type=int, help="dataset size (default: 400, --quick: 24)")
+    p.add_argument("--epochs", type=float, default=1.0, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="longest answer (default: the target cap; --quick: 16)",
+    )
+    p.add_argument("--workdir", help="where the model, data and runs go (default: a temp dir)")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "compare.json"),
+        help="JSON file for the comparison (default: %(default)s)",
+    )
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    comparison = compare(
+        Path(args.workdir or tempfile.mkdtemp(prefix="finetune-compare-")),
+        quick=args.quick,
+        records=args.records or (24 if args.quick else 400),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens or (16 if args.quick else 0),
+    )
+    print(table(comparison))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    print(f"\nComparison written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
