@@ -468,15 +468,34 @@ def aligned(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def bench_parser(
+    prog: str, description: str, quick_records: int, quick_help: str, results: str
+) -> argparse.ArgumentParser:
+    """A bench command's parser with the flags every bench command has: --quick, --records,
+    --workdir, and --out (default: `bench/results/<results>`)."""
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument(
+        "--records", type=int, help=f"dataset size (default: 400, --quick: {quick_records})"
+    )
+    p.add_argument("--workdir", help="where the model, data and runs go (default: a temp dir)")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / results),
+        help="JSON file for the figures (default: %(default)s)",
+    )
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line of the benchmark."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.benchmark", description=__doc__.split("\n\n")[0]
+    p = bench_parser(
+        "bench.benchmark",
+        __doc__.split("\n\n")[0],
+        60,
+        "a tiny model instead of flan-t5-small's shape",
+        "latest.json",
     )
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny model instead of flan-t5-small's shape"
-    )
-    p.add_argument("--records", type=int, help="dataset size (default: 400, --quick: 60)")
     p.add_argument("--epochs", type=float, help="default: 2 (--quick: 1)")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     p.add_argument(
@@ -496,12 +515,6 @@ def main(argv: list[str] | None = None) -> int:
         "--bf16", action="store_true", help="bf16 autocast (a CUDA GPU with bf16 support)"
     )
     p.add_argument("--matmul-peak", type=float, help=argparse.SUPPRESS)  # set by --nproc
-    p.add_argument("--workdir", help="where the model, data and run go (default: a temp dir)")
-    p.add_argument(
-        "--out",
-        default=str(REPO / "bench" / "results" / "latest.json"),
-        help="JSON file for the figures (default: %(default)s)",
-    )
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.records = args.records or (60 if args.quick else 400)

@@ -20,7 +20,6 @@ less memory).
 - peak memory: each process's peak resident set.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.benchmark import REPO, prepare
+from bench.benchmark import REPO, bench_parser, prepare
 
 # what is compared: (label, the peer's figure, our figure, unit)
 FIGURES = (
@@ -168,25 +167,19 @@ def table(c: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of the comparison."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.compare", description=__doc__.split("\n\n")[0]
+    p = bench_parser(
+        "bench.compare",
+        __doc__.split("\n\n")[0],
+        24,
+        "a tiny model instead of flan-t5-small's shape",
+        "compare.json",
     )
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny model instead of flan-t5-small's shape"
-    )
-    p.add_argument("--records", type=int, help="dataset size (default: 400, --quick: 24)")
     p.add_argument("--epochs", type=float, default=1.0, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     p.add_argument(
         "--max-new-tokens",
         type=int,
         help="longest answer (default: the target cap; --quick: 16)",
-    )
-    p.add_argument("--workdir", help="where the model, data and runs go (default: a temp dir)")
-    p.add_argument(
-        "--out",
-        default=str(REPO / "bench" / "results" / "compare.json"),
-        help="JSON file for the comparison (default: %(default)s)",
     )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     comparison = compare(

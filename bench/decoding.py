@@ -43,7 +43,7 @@ import torch
 from hamilton import driver
 
 import finetune_module
-from bench.benchmark import REPO, aligned, matmul_gflops, prepare, shown
+from bench.benchmark import aligned, bench_parser, matmul_gflops, prepare, shown
 from bench.data import TOKENIZER_VOCABULARY, training_texts
 from finetune_module.engine import generation
 from finetune_module.engine.decoding import greedy_generate, transformers_model
@@ -317,11 +317,13 @@ def _table(f: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of the decoding benchmark."""
-    p = argparse.ArgumentParser(
-        prog="python -m bench.decoding", description=__doc__.split("\n\n")[0]
+    p = bench_parser(
+        "bench.decoding",
+        __doc__.split("\n\n")[0],
+        60,
+        "a tiny model, a short cap, 2 rounds",
+        "decoding.json",
     )
-    p.add_argument("--quick", action="store_true", help="a tiny model, a short cap, 2 rounds")
-    p.add_argument("--records", type=int, help="dataset size (default: 400, --quick: 60)")
     p.add_argument("--max-new-tokens", type=int, help=f"the cap (default: {CAP}, --quick: 8)")
     p.add_argument("--batch", type=int, default=32, help="default: %(default)s")
     p.add_argument(
@@ -334,12 +336,6 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         default=str(torch.get_num_threads()),
         help="comma-separated torch thread counts to measure under (default: %(default)s)",
-    )
-    p.add_argument("--workdir", help="where the model and data go (default: a temp dir)")
-    p.add_argument(
-        "--out",
-        default=str(REPO / "bench" / "results" / "decoding.json"),
-        help="JSON file for the figures (default: %(default)s)",
     )
     args = p.parse_args(argv)
     args.records = args.records or (60 if args.quick else 400)

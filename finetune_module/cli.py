@@ -469,13 +469,29 @@ def _run_flags(group: Any, command: str) -> None:
         )
 
 
-def _function_parser(command: str, description: str, *functions: Any) -> Any:
+#: The functions whose keyword parameters are the flags of `predict` and `export`, each with
+#: the parameters the command gives it otherwise.
+FUNCTION_FLAGS = {
+    "predict": ((finetune_module.predict, ("texts",)), (finetune_module.read_texts, ("path",))),
+    "export": ((finetune_module.export_merged, ()),),
+}
+
+
+def _function_flags(command: str) -> list[Flag]:
+    """The flags of `predict` or `export`: a keyword of each function it calls."""
+    return [
+        flag
+        for function, skip in FUNCTION_FLAGS[command]
+        for flag in function_inputs(function, command, skip)
+    ]
+
+
+def _function_parser(command: str, description: str) -> Any:
     """`finetune predict` and `finetune export`: a flag for each keyword of the functions they
-    call (`functions`: pairs of a function and the parameters it gets otherwise)."""
+    call (`FUNCTION_FLAGS`)."""
     parser = _new_parser(command, description)
-    for function, skip in functions:
-        for flag in function_inputs(function, command, skip):
-            add_flag(parser, flag)
+    for flag in _function_flags(command):
+        add_flag(parser, flag)
     return parser
 
 
@@ -489,8 +505,6 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
             "Answer questions with a saved fine-tune (batched, greedy by default). Prints one "
             "answer per line, in the order of the questions (those given here first, then "
             "those of --file).",
-            (finetune_module.predict, ("texts",)),
-            (finetune_module.read_texts, ("path",)),
         )
         parser.usage = f"{PROG} predict [--model_dir DIR] [QUESTION ...] [--file PATH] [flags]"
         parser.add_argument("questions", nargs="*", metavar="QUESTION", help="questions to answer")
@@ -512,7 +526,6 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
             command,
             "Merge a saved LoRA adapter into its base model and save a plain model directory "
             "(safetensors, tokenizer, finetune_settings.json) that loads without peft.",
-            (finetune_module.export_merged, ()),
         )
     if command == "dag":
         parser = _new_parser(command, "Draw the dataflow (Graphviz's dot draws the picture).")
@@ -763,19 +776,11 @@ def _function_settings(argv: Sequence[str], command: str) -> dict[str, Any]:
     }
     flags.update(given_flags(parser, argv))
     flags.pop("debug")
-    for action in parser._actions:
-        if action.option_strings and flags.get(action.dest) is None and _required(command, action):
-            raise SettingsError(f"{action.option_strings[0]} is required.")
+    for flag in _function_flags(command):
+        if flag.default is REQUIRED and flag.name not in CLI_DEFAULTS and flags[flag.name] is None:
+            option = (*ALIASES.get(flag.name, ()), f"--{flag.name}")[0]
+            raise SettingsError(f"{option} is required.")
     return flags
-
-
-def _required(command: str, action: argparse.Action) -> bool:
-    """Whether a generated flag of `predict`/`export` stands for a parameter without default."""
-    function = finetune_module.predict if command == "predict" else finetune_module.export_merged
-    parameter = inspect.signature(function).parameters.get(action.dest)
-    return (
-        parameter is not None and parameter.default is REQUIRED and action.dest not in CLI_DEFAULTS
-    )
 
 
 def run_predict(argv: Sequence[str], command: str = "predict") -> int:
