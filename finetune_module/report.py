@@ -99,6 +99,7 @@ def run_description(
     }
 
 
+@cache(behavior="disable")  # a new page each run (its date and times): not kept in the cache
 def report_html(
     training_log: pd.DataFrame,
     base_vs_finetuned_metrics: dict[str, dict[str, dict[str, float]]],

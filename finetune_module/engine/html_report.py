@@ -27,7 +27,7 @@ th, td { border: 1px solid #cbd2d9; padding: 0.35em 0.5em; text-align: left; ver
          overflow-wrap: anywhere; }
 th { background: #f0f4f8; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.glance { width: auto; }
+table.glance, table.facts, table.settings { width: auto; }
 td code { font-size: 0.95em; }
 """
 
