@@ -295,7 +295,6 @@ def test_run_info_says_what_ran(base_run: dict[str, Any], tiny_model_dir: Path) 
     assert list(stages)[:6] == in_order
     assert all(seconds > 0 for seconds in stages.values())
     assert sum(stages.values()) <= info["elapsed_seconds"]
-    assert stages["training"] == max(stages.values())
 
 
 def test_the_report_opens_with_what_ran(base_run: dict[str, Any]) -> None:
