@@ -48,6 +48,7 @@ from finetune_module import (
     pictures,
     report,
     settings,
+    timing,
     tokenization,
     training,
 )
@@ -63,6 +64,7 @@ from finetune_module.errors import (
 )
 from finetune_module.inference import export_merged, predict, read_texts
 from finetune_module.pictures import STAGE_NAMES
+from finetune_module.timing import timing_adapter
 
 #: The package's version (pyproject.toml reads it from here: the one place it is written).
 __version__ = "0.1.0"
@@ -97,7 +99,9 @@ def build_driver(
     """The dataflow's Hamilton driver for `start` ("base": fine-tune, "presaved": evaluate a
     saved fine-tune) and the other config keys (`source`, `model_type`, `use_lora`): the same as
     `driver.Builder().with_config({"start": start, **config}).with_modules(*MODULES).build()`,
-    with a clear error for an unknown start, source or config key.
+    with a clear error for an unknown start, source or config key, and with a
+    `timing_adapter()` (unless `adapters` holds one) so that the report and `run_info.json`
+    state each stage's wall time.
 
     :param cache: a directory for Hamilton's cache (`.with_cache(cache)`): a re-run with the same
         data, model and training settings re-uses the tokenized data and the trained weights.
@@ -114,12 +118,12 @@ def build_driver(
         raise SettingsError(
             f"Unknown driver config keys: {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}."
         )
+    if not any(isinstance(adapter, timing.StageTimer) for adapter in adapters):
+        adapters = [*adapters, timing_adapter()]
     builder = driver.Builder().with_config({"start": start, **config}).with_modules(*MODULES)
     if cache:
         builder = builder.with_cache(cache, log_to_file=True)
-    if adapters:
-        builder = builder.with_adapters(*adapters)
-    return builder.build()
+    return builder.with_adapters(*adapters).build()
 
 
 def draw_dag(dr: driver.Driver, path: str, stage: str | None = None) -> str:
@@ -196,4 +200,5 @@ __all__ = [
     "mask_credentials",
     "predict",
     "read_texts",
+    "timing_adapter",
 ]

@@ -19,6 +19,7 @@ from finetune_module.engine.files import (
     HOLD_OUT_PREDICTIONS_FILE,
     METRICS_FILE,
     REPORT_FILE,
+    RUN_INFO_FILE,
     SETTINGS_FILE,
     VALIDATION_PREDICTIONS_FILE,
     RunLock,
@@ -71,9 +72,12 @@ def _write_run_files(
     metrics: dict[str, Any],
     prediction_tables: dict[str, pd.DataFrame],
     report_html: str,
+    run_description: dict[str, Any],
 ) -> None:
-    """The metrics (JSON), the prediction tables (CSV) and the report (HTML) in `directory`."""
+    """The metrics (JSON), the prediction tables (CSV), the report (HTML) and what ran
+    (`run_info.json`) in `directory`."""
     write_json(os.path.join(directory, METRICS_FILE), metrics)
+    write_json(os.path.join(directory, RUN_INFO_FILE), run_description)
     for name, table in prediction_tables.items():
         table.to_csv(os.path.join(directory, name), index=False)
     with open(os.path.join(directory, REPORT_FILE), "w", encoding="utf-8") as f:
@@ -95,6 +99,7 @@ def save_best_models__base(
     prediction_tables: dict[str, pd.DataFrame],
     training_log: pd.DataFrame,
     report_html: str,
+    run_description: dict[str, Any],
     model_recipe: ModelRecipe,
     show_progress: bool,
     run_lock: RunLock,
@@ -102,9 +107,10 @@ def save_best_models__base(
 ) -> str:
     """Where the best fine-tune was saved: the LoRA adapter (safetensors) and tokenizer, with
     `metrics.json` (including base vs fine-tuned ROUGE), `validation_predictions.csv`,
-    `hold_out_predictions.csv`, `base_model_predictions.csv`, `training_log.csv`, `report.html`
-    and `finetune_settings.json` (length caps, generation settings and the prompt template, which
-    `finetune_module.predict` uses, and the recipe the model was built from).
+    `hold_out_predictions.csv`, `base_model_predictions.csv`, `training_log.csv`, `report.html`,
+    `run_info.json` (what ran: `run_description`) and `finetune_settings.json` (length caps,
+    generation settings and the prompt template, which `finetune_module.predict` uses, and the
+    recipe the model was built from).
 
     Loadable with `PeftModel.from_pretrained(base_model, path)` or `{"start": "presaved"}`.
 
@@ -124,7 +130,7 @@ def save_best_models__base(
                     "hold_out": finetuned_hold_out_metrics,
                     "base_vs_finetuned": base_vs_finetuned_metrics,
                 }
-                _write_run_files(staging, metrics, prediction_tables, report_html)
+                _write_run_files(staging, metrics, prediction_tables, report_html, run_description)
                 training_log.to_csv(os.path.join(staging, TRAINING_LOG_FILE), index=False)
                 write_json(
                     os.path.join(staging, SETTINGS_FILE),
@@ -150,13 +156,14 @@ def save_best_models__presaved(
     base_vs_finetuned_metrics: dict[str, dict[str, dict[str, float]]],
     prediction_tables: dict[str, pd.DataFrame],
     report_html: str,
+    run_description: dict[str, Any],
     run_dir: str,
     run_lock: RunLock,
 ) -> str:
     """Where the evaluation of the saved fine-tune was written: `evaluation/` in the run's
     directory, with `metrics.json` (including base vs fine-tuned ROUGE and the evaluated
-    model's directory), the prediction CSVs and `report.html`. The saved model itself is left
-    as it is."""
+    model's directory), the prediction CSVs, `report.html` and `run_info.json` (what ran). The
+    saved model itself is left as it is."""
     evaluation_dir = os.path.join(run_dir, "evaluation")
     with run_lock.released_on_failure():
         if is_main_process():
@@ -167,7 +174,7 @@ def save_best_models__presaved(
                     "hold_out": finetuned_hold_out_metrics,
                     "base_vs_finetuned": base_vs_finetuned_metrics,
                 }
-                _write_run_files(staging, metrics, prediction_tables, report_html)
+                _write_run_files(staging, metrics, prediction_tables, report_html, run_description)
         wait_for_everyone()
     run_lock.release()  # the run's last write is done: the directory is free again
     return evaluation_dir

@@ -655,10 +655,16 @@ def check_types(dr: driver.Driver, settings: dict[str, Any]) -> None:
         raise SettingsError("; ".join(wrong) + ".")
 
 
-def _print_summary(result: dict[str, Any], start: str, seconds: float) -> None:
-    """A short account of the run: metrics, a few answers, where the files went."""
+def _print_summary(
+    result: dict[str, Any], start: str, seconds: float, stage_seconds: dict[str, float]
+) -> None:
+    """A short account of the run: metrics, a few answers, where the files went, and the wall
+    time of each stage (the whole run's; the report's own stops before the report)."""
     metrics = result["training_and_validation_set_metrics"]
     print(f"\nDone in {seconds:.1f} s ({start}).")
+    if stage_seconds:
+        times = ", ".join(f"{stage} {value:.1f} s" for stage, value in stage_seconds.items())
+        print(f"  stages: {times}")
     shown = (
         "train_loss",
         "eval_loss",
@@ -731,7 +737,8 @@ def run_dataflow(argv: Sequence[str], command: str) -> int:
     config = {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS[1:] if k in settings}
     config.setdefault("source", "file")  # named in the DAG picture and MLflow params
     quiet = settings.get("quiet", False)
-    adapters = [*_adapters(cli), *progress_adapters(quiet)]
+    timer = finetune_module.timing_adapter()  # each stage's wall time
+    adapters = [*_adapters(cli), *progress_adapters(quiet), timer]
     dr = finetune_module.build_driver(start, cache=cli.get("cache"), adapters=adapters, **config)
     if cli.get("dag"):
         _draw(dr, cli["dag"], cli.get("dag_stage"), start)
@@ -758,7 +765,8 @@ def run_dataflow(argv: Sequence[str], command: str) -> int:
         release_directory(output_dir)
         del lock
     if distributed.is_main_process():
-        _print_summary(result, start, time.perf_counter() - began)
+        stage_seconds = (timer.readings or {}).get("stage_seconds", {})
+        _print_summary(result, start, time.perf_counter() - began, stage_seconds)
         if cli.get("cache"):
             _print_cache_use(dr, cli["cache"])
     distributed.end()

@@ -21,6 +21,7 @@ from hamilton.function_modifiers import cache, config, extract_fields
 
 from finetune_module.engine import records as checks
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE, TEXT
+from finetune_module.engine.run_info import records_fingerprint
 from finetune_module.engine.settings import SplitSettings
 from finetune_module.engine.sources import (
     json_kind,
@@ -125,6 +126,18 @@ def qa_table(
     table = pd.DataFrame(columns | ({"split": splits} if split_column else {}), dtype=TEXT)
     checks.warn_about_duplicates(table, data_label)
     return table
+
+
+def data_fingerprint(qa_table: pd.DataFrame) -> str:
+    """A fingerprint of the data the run read: the sha256 (hex) of every record's input and
+    output text, in the order read (and its split, when a split column is named). The same
+    records give the same fingerprint, whichever file format or database they came from; any
+    changed, added, removed or moved record changes it.
+
+    :param qa_table: the validated table.
+    """
+    splits = qa_table["split"] if "split" in qa_table.columns else None
+    return records_fingerprint(qa_table["input_text"], qa_table["output_text"], splits)
 
 
 @extract_fields(

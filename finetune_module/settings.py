@@ -20,6 +20,7 @@ from finetune_module.engine import settings as checked
 from finetune_module.engine.distributed import is_main_process, process_device
 from finetune_module.engine.files import RunLock
 from finetune_module.engine.loading import DEFAULT_MODEL_ID, resolve_model_id
+from finetune_module.engine.run_info import differing_settings
 
 DEFAULT_OUTPUT_DIR = "finetuned-model"
 
@@ -44,6 +45,7 @@ def device() -> torch.device:
         "evaluation_settings": checked.EvaluationSettings,
         "run_dir": str,
         "show_progress": bool,
+        "non_default_settings": dict,
     }
 )
 def settings(
@@ -98,7 +100,9 @@ def settings(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """The run's settings, checked, in groups: how the records are split, the length caps, the
-    model, training, evaluation, the run's directory and whether progress is shown.
+    model, training, evaluation, the run's directory, whether progress is shown, and the
+    settings that differ from their defaults (`non_default_settings`: name -> value and
+    default, credentials masked; the run's report lists them).
 
     :param device: where the model runs (mixed precision, quantization, DeepSpeed and FSDP
         need a CUDA GPU).
@@ -188,6 +192,7 @@ def settings(
     :param quiet: no progress bars (training, generation, and the libraries' own: loading
         weights, writing model shards), no training log lines and no library warnings.
     """
+    given = {name: value for name, value in locals().items() if name != "device"}  # the inputs
     mixed_precision = checked.mixed_precision(device, bf16, fp16)
     quantization = checked.quantization(device, load_in_4bit, load_in_8bit)
     deepspeed_settings = checked.json_settings(deepspeed, "deepspeed")
@@ -237,6 +242,7 @@ def settings(
         ),
         "run_dir": checked.output_directory(output_dir),
         "show_progress": not quiet,
+        "non_default_settings": differing_settings(settings, given),
     }
 
 

@@ -27,14 +27,17 @@ EXAMPLE_DATA = REPO / "example-support-dataset.json"
 TINY = {"vocab_size": 400, "d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64}
 
 
-def run_dag(start: str, *, source: str = "file", **inputs: Any) -> dict[str, Any]:
-    """Runs the dataflow the way a user's run file does, and returns the four outputs."""
-    dr = (
+def run_dag(
+    start: str, *, source: str = "file", adapters: tuple[Any, ...] = (), **inputs: Any
+) -> dict[str, Any]:
+    """Runs the dataflow the way a user's run file does (with the driver `adapters` given),
+    and returns the four outputs."""
+    builder = (
         driver.Builder()
         .with_config({"start": start, "source": source})
         .with_modules(*finetune_module.MODULES)
-        .build()
     )
+    dr = builder.with_adapters(*adapters).build() if adapters else builder.build()
     base_inputs = {"input_text_key": "question", "output_text_key": "reply"}
     return dr.execute(list(finetune_module.DEFAULT_OUTPUTS), inputs={**base_inputs, **inputs})
 
@@ -84,7 +87,8 @@ def family_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
 
 @pytest.fixture(scope="session")
 def base_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One fine-tune of the tiny model on the example data: its inputs, outputs and files."""
+    """One fine-tune of the tiny model on the example data, timed by the stage timer (the
+    adapter a user adds for the stage times in the report): its inputs, outputs and files."""
     output_dir = tmp_path_factory.mktemp("run")
     inputs = {
         "data_path": str(EXAMPLE_DATA),
@@ -93,7 +97,7 @@ def base_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "num_train_epochs": 2,
         "learning_rate": 5e-3,
     }
-    result = run_dag("base", **inputs)
+    result = run_dag("base", adapters=(finetune_module.timing_adapter(),), **inputs)
     return {"inputs": inputs, "result": result, "output_dir": output_dir}
 
 

@@ -202,6 +202,7 @@ def test_dag_draws_a_picture(tmp_path: Path) -> None:
 # what a run prints with --quiet: the summary, line by line, and nothing else
 QUIET_SUMMARY = re.compile(
     r"|Done in [\d.]+ s \(base\)\."
+    r"|  stages: \w+ [\d.]+ s(, \w+ [\d.]+ s)*"
     r"|  \w+ +-?[\d.]+(e[+-]\d+)?|nan"
     r"|Hold-out answers \(\d+\):|  [QA]: .*"
     r"|Saved to: .+|Report: .+"
@@ -241,6 +242,10 @@ def test_config_file_run_with_flag_override_then_presaved(
     # loading weights), no log lines (trainer, rouge_score, ours), no library warnings
     assert out.stderr == ""
     assert [line for line in out.stdout.splitlines() if not QUIET_SUMMARY.fullmatch(line)] == []
+    stages = re.search(r"  stages: (.*)", out.stdout)
+    assert stages and [part.split()[0] for part in stages.group(1).split(", ")] == [
+        *finetune_module.STAGE_NAMES
+    ]  # every stage's wall time, the whole run's, in execution order
     assert not [text for text in ("Loading weights", "%|", "Warning") if text in out.stdout]
     assert silent_hub.requests == []  # a local model directory never touches the network
     state = read_json(

@@ -26,6 +26,7 @@ VALIDATION_PREDICTIONS_FILE = "validation_predictions.csv"
 BASE_MODEL_PREDICTIONS_FILE = "base_model_predictions.csv"
 SETTINGS_FILE = "finetune_settings.json"  # length caps, generation settings, prompt template
 REPORT_FILE = "report.html"
+RUN_INFO_FILE = "run_info.json"  # what ran: model, data fingerprint, settings, versions, times
 
 # A directory being replaced is first renamed to `<dir>.old`; a crash between the two renames
 # leaves it there, and the next write (or a reader, see `existing_directory`) takes it back.

@@ -2,6 +2,7 @@
 (plotly.js is embedded, so the page opens from disk with no network)."""
 
 import html
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,11 +21,14 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; 
        padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; }
 p.how { color: #52606d; max-width: 60em; }
+h3 { font-size: 1.05em; margin: 1.2em 0 0.4em; }
 table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
-th, td { border: 1px solid #cbd2d9; padding: 0.35em 0.5em; text-align: left; vertical-align: top; }
+th, td { border: 1px solid #cbd2d9; padding: 0.35em 0.5em; text-align: left; vertical-align: top;
+         overflow-wrap: anywhere; }
 th { background: #f0f4f8; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.glance { width: auto; }
+table.glance, table.facts, table.settings { width: auto; }
+td code { font-size: 0.95em; }
 """
 
 
@@ -182,6 +186,74 @@ def glance_tables(
     ]
     shown = [[label, value] for label, value in figures if value is not None]
     return scores + ("<br>" + table(["", "value"], shown, "glance") if shown else "")
+
+
+def _shown_value(value: Any) -> str:
+    """A setting's value as text: JSON for lists and mappings, None as `none`."""
+    if value is None:
+        return "none"
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _stage_times(description: dict[str, Any]) -> str:
+    """The table of each stage's wall time, or the note saying they were not recorded."""
+    seconds = description.get("stage_seconds") or {}
+    if not seconds:
+        return f"<p>Stage times: {html.escape(description.get('note', 'not recorded'))}.</p>"
+    rows: list[list[Any]] = [[stage, float(value)] for stage, value in seconds.items()]
+    rows.append(["all of the above", float(sum(seconds.values()))])
+    return (
+        "<p>Wall time of each stage's nodes that finished before this report was built (the "
+        "report and artifacts stages run after it; <code>finetune</code> prints the whole "
+        "run's times at its end).</p>" + table(["stage", "seconds"], rows, "glance")
+    )
+
+
+def what_ran(description: dict[str, Any]) -> str:
+    """The "What ran" tables of a run's description (`finetune_module.report.run_description`):
+    the model, the data, the settings that differ from their defaults, the date and versions,
+    and each stage's wall time."""
+    model, data = description["model"], description["data"]
+    records = data["records"]
+    model_rows = [["model id or path", model["model_id"]], ["model type", model["model_type"]]]
+    if model.get("adapter_path"):
+        model_rows.append(["adapter", model["adapter_path"]])
+    elif model.get("lora"):
+        model_rows.append(["adapter", "a fresh LoRA adapter: " + _shown_value(model["lora"])])
+    else:
+        model_rows.append(["adapter", "none (every weight is the model's own)"])
+    data_rows = [
+        ["source", data["source"]],
+        ["fingerprint", data["fingerprint"]],
+        ["fingerprint covers", data["fingerprint_covers"]],
+        *([f"records: {name.replace('_', '-')}", count] for name, count in records.items()),
+    ]
+    changed = [
+        [name, _shown_value(entry["value"]), _shown_value(entry["default"])]
+        for name, entry in description["settings_changed"].items()
+    ]
+    settings = (
+        table(["setting", "value", "default"], changed, "settings")
+        if changed
+        else "<p>Every setting is at its default.</p>"
+    )
+    started = description.get("started_at") or "not recorded (see stage times)"
+    when_rows = [["started", started], ["described", description["described_at"]]]
+    environment = [*description["versions"].items(), *description["device"].items()]
+    return (
+        "<h3>Model</h3>"
+        + table(["", "value"], model_rows, "facts")
+        + "<h3>Data</h3>"
+        + table(["", "value"], data_rows, "facts")
+        + "<h3>Settings that differ from their defaults</h3>"
+        + settings
+        + "<h3>When, and on what</h3>"
+        + table(["", "value"], [*when_rows, *([k, str(v)] for k, v in environment)], "facts")
+        + "<h3>Wall time per stage</h3>"
+        + _stage_times(description)
+    )
 
 
 def page(title: str, sections: list[tuple[str, str, str]]) -> str:
