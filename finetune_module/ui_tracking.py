@@ -21,6 +21,7 @@ running Hamilton UI (`pip install apache-hamilton-ui && hamilton ui`) holding th
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -166,8 +167,11 @@ class FinetuneHamiltonTracker(adapters.HamiltonTracker):
         self._guarded(super().pre_node_execute, **kwargs)
 
     def post_node_execute(self, **kwargs: Any) -> None:
-        """Records a node's end: its status, time and a summary of its result."""
-        self._guarded(super().post_node_execute, **kwargs)
+        """Records a node's end: its status, time and a summary of its result (without the
+        warnings of the libraries the SDK summarizes tables with, about its own calls)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="hamilton_sdk")
+            self._guarded(super().post_node_execute, **kwargs)
 
     def post_graph_execute(self, **kwargs: Any) -> None:
         """Closes the run with its status."""
