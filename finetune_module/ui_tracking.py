@@ -135,7 +135,8 @@ class FinetuneHamiltonTracker(adapters.HamiltonTracker):
             return None
 
     def _tags(self, config: dict[str, Any], inputs: dict[str, Any] | None = None) -> None:
-        """Sets the tags sent next: the user's, then the start, source, model and version."""
+        """Sets the tags sent next: the start, source, model and version, and the user's (which
+        win over those)."""
         tags = {
             "start": str(config.get("start", "base")),
             "source": str(config.get("source", "file")),
