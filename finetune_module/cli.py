@@ -436,7 +436,8 @@ def _group_of(name: str) -> str:
 
 
 def _run_flags(group: Any, command: str) -> None:
-    """The flags of a dataflow run that are not inputs: the cache, MLflow, the picture."""
+    """The flags of a dataflow run that are not inputs: the cache, MLflow, the Hamilton UI, the
+    picture."""
     group.add_argument(
         "--cache",
         nargs="?",
@@ -455,6 +456,7 @@ def _run_flags(group: Any, command: str) -> None:
     group.add_argument(
         "--mlflow-experiment", metavar="NAME", help="MLflow experiment name (default: finetune)"
     )
+    _hamilton_ui_flags(group)
     if command == "train":
         group.add_argument(
             "--dag",
@@ -467,6 +469,40 @@ def _run_flags(group: Any, command: str) -> None:
             choices=[*finetune_module.STAGE_NAMES, "all"],
             help="with --dag: draw this stage's nodes in full (all: every node)",
         )
+
+
+def _hamilton_ui_flags(group: Any) -> None:
+    """The flags of tracking in the Hamilton UI (`finetune_module.ui_tracking`)."""
+    group.add_argument(
+        "--hamilton-ui",
+        type=int,
+        metavar="PROJECT_ID",
+        help="record the run in the Hamilton UI (`hamilton ui`), in this project (its id on the "
+        "UI's Projects page); needs --hamilton-ui-username",
+    )
+    group.add_argument(
+        "--hamilton-ui-username",
+        metavar="NAME",
+        help="with --hamilton-ui: the name (an email) you log in to the UI with",
+    )
+    group.add_argument(
+        "--hamilton-ui-url",
+        metavar="URL",
+        help="with --hamilton-ui: the server's address (default: HAMILTON_API_URL, else "
+        "http://localhost:8241)",
+    )
+    group.add_argument(
+        "--hamilton-ui-dag-name",
+        metavar="NAME",
+        help="with --hamilton-ui: the name the dataflow is listed under (default: finetune)",
+    )
+    group.add_argument(
+        "--hamilton-ui-tag",
+        action=_KeyValues,
+        metavar="KEY=VALUE",
+        help="with --hamilton-ui: a tag of the run (repeat it for more), besides start, source, "
+        "model_id and the package's version",
+    )
 
 
 #: The functions whose keyword parameters are the flags of `predict` and `export`, each with
@@ -614,17 +650,51 @@ def settings_from(argv: Sequence[str], command: str = "train") -> dict[str, Any]
 # --- running the commands -----------------------------------------------------------------------
 
 # settings of a dataflow command that are not inputs (the driver config is CONFIG_KEYS)
-CLI_ONLY = ("dag", "dag_stage", "cache", "mlflow", "mlflow_experiment")
+CLI_ONLY = (
+    "dag",
+    "dag_stage",
+    "cache",
+    "mlflow",
+    "mlflow_experiment",
+    "hamilton_ui",
+    "hamilton_ui_username",
+    "hamilton_ui_url",
+    "hamilton_ui_dag_name",
+    "hamilton_ui_tag",
+)
 
 
 def _adapters(cli: dict[str, Any]) -> list[Any]:
-    """The driver adapters the command line asks for: MLflow tracking with --mlflow."""
-    if "mlflow" not in cli:
-        return []
-    from finetune_module.tracking import DEFAULT_EXPERIMENT, mlflow_tracker
+    """The driver adapters the command line asks for: MLflow tracking with --mlflow, tracking
+    in the Hamilton UI with --hamilton-ui."""
+    adapters = []
+    if "mlflow" in cli:
+        from finetune_module.tracking import DEFAULT_EXPERIMENT, mlflow_tracker
 
-    experiment = cli.get("mlflow_experiment") or DEFAULT_EXPERIMENT
-    return [mlflow_tracker(cli["mlflow"] or None, experiment)]
+        experiment = cli.get("mlflow_experiment") or DEFAULT_EXPERIMENT
+        adapters.append(mlflow_tracker(cli["mlflow"] or None, experiment))
+    if cli.get("hamilton_ui") is not None:
+        adapters.append(_hamilton_ui_tracker(cli))
+    return adapters
+
+
+def _hamilton_ui_tracker(cli: dict[str, Any]) -> Any:
+    """The Hamilton UI tracker of the --hamilton-ui flags (the server is asked first: one that
+    does not answer stops the command before anything runs)."""
+    if not cli.get("hamilton_ui_username"):
+        raise SettingsError(
+            "--hamilton-ui needs --hamilton-ui-username: the name (an email) you log in to the "
+            "Hamilton UI with."
+        )
+    from finetune_module.ui_tracking import DEFAULT_DAG_NAME, hamilton_ui_tracker
+
+    return hamilton_ui_tracker(
+        int(cli["hamilton_ui"]),
+        cli["hamilton_ui_username"],
+        dag_name=cli.get("hamilton_ui_dag_name") or DEFAULT_DAG_NAME,
+        tags=cli.get("hamilton_ui_tag"),
+        api_url=cli.get("hamilton_ui_url"),
+    )
 
 
 def progress_adapters(quiet: bool) -> list[Any]:
