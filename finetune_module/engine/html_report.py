@@ -21,7 +21,8 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; 
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; }
 p.how { color: #52606d; max-width: 60em; }
 table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
-th, td { border: 1px solid #cbd2d9; padding: 0.35em 0.5em; text-align: left; vertical-align: top; }
+th, td { border: 1px solid #cbd2d9; padding: 0.35em 0.5em; text-align: left; vertical-align: top;
+         overflow-wrap: anywhere; }
 th { background: #f0f4f8; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.glance { width: auto; }
