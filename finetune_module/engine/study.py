@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,11 +120,7 @@ def open_study(
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///") :]) or ".", exist_ok=True)
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except Exception as e:  # the driver's own errors: no server, refused, bad URL
-        reason = " ".join(str(getattr(e, "orig", None) or e).split())
-        raise SettingsError(f"storage {mask_credentials(url)}: cannot open it ({reason}).") from e
+    storage = _storage(optuna, url, engine_kwargs)
     pruner = make_pruner(pruner)
     try:
         return optuna.create_study(
@@ -148,6 +145,28 @@ def open_study(
             f"{direction}: give another study_name or the study's own objective."
         )
     return study
+
+
+def _storage(optuna: Any, url: str, engine_kwargs: dict[str, Any] | None, tries: int = 5) -> Any:
+    """Optuna's storage at `url`, its tables created when the database has none yet. Workers
+    that start together on a new database race to create the tables; the ones that lose find
+    them made, on a second try."""
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except Exception as e:  # the driver's own errors: no server, refused, bad URL
+            reason = " ".join(str(getattr(e, "orig", None) or e).split())
+            racing = (
+                "already exists" in reason
+                or "UniqueViolation" in type(getattr(e, "orig", None)).__name__
+            )
+            if racing and attempt < tries - 1:
+                time.sleep(0.5 + random.random())
+                continue
+            raise SettingsError(
+                f"storage {mask_credentials(url)}: cannot open it ({reason})."
+            ) from e
+    raise AssertionError("unreachable")
 
 
 def _joining_seed(seed: int | None) -> int | None:
