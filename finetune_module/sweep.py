@@ -109,7 +109,8 @@ logger = logging.getLogger(__name__)
 class SweepResult:
     """What a worker's sweep leaves: the study (its name and store, password masked), how many
     trials this worker ran and how they ended, the study's best trial (number, objective,
-    settings), the promoted best model's directory and the report's path."""
+    settings as Optuna stores them: a list choice as its items joined by commas), the promoted
+    best model's directory and the report's path."""
 
     study_name: str
     storage: str
