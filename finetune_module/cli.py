@@ -7,12 +7,14 @@
     finetune predict --model-dir finetuned-model "How do I reset my password?"
     finetune export --model-dir finetuned-model --to merged-model
     finetune dag dag.png --stage training                        # draw the dataflow
+    finetune sweep --config sweep.yaml --n-trials 6              # try settings with Optuna
 
-The flags of `train` and `evaluate` are generated from the dataflow: every external input of
-the driver (over each of its configs) is a flag named after the input (`--num_train_epochs`,
-also spelt `--num-train-epochs`), with the input's type, its default and the text of its
-`:param:` line. A YAML file given with `--config` uses the same names. Only a few short names
-are added by hand (`ALIASES`). The flags of `predict` and `export` are generated the same way
+The flags of `train`, `evaluate` and `sweep` are generated from the dataflow: every external
+input of the driver (over each of its configs) is a flag named after the input
+(`--num_train_epochs`, also spelt `--num-train-epochs`), with the input's type, its default and
+the text of its `:param:` line. A YAML file given with `--config` uses the same names (a
+sweep's file also holds its `search_space:`). Only a few short names are added by hand
+(`ALIASES`). The flags of `predict` and `export` are generated the same way
 from `finetune_module.predict` and `finetune_module.export_merged`.
 
 Exit status: 0 on success, 2 on bad data or settings, 3 when the disk or its permissions refuse
@@ -56,6 +58,7 @@ COMMANDS = {
     "predict": "answer questions with a saved fine-tune",
     "export": "merge a saved LoRA adapter into its base model (loads without peft)",
     "dag": "draw the dataflow as a picture",
+    "sweep": "fine-tune with many settings drawn by Optuna from a search space; keep the best",
 }
 
 #: Short names of inputs, kept from the first command line (the generated names work too).
@@ -388,7 +391,8 @@ def _config_flags(parser: Any, start: bool) -> None:
 
 
 def _dataflow_parser(command: str) -> Any:
-    """`finetune train` and `finetune evaluate`: a flag for every input of the dataflow."""
+    """`finetune train`, `finetune evaluate` and `finetune sweep`: a flag for every input of
+    the dataflow (and the sweep's own flags)."""
     commands = "\n".join(f"  {name:9s} {text}" for name, text in COMMANDS.items())
     parser = _new_parser(
         command,
@@ -396,11 +400,11 @@ def _dataflow_parser(command: str) -> Any:
         f"commands:\n{commands}\n\n{PROG} COMMAND --help shows a command's flags.\n\n"
         + __doc__.split("\n\n", 1)[1],
     )
-    parser.usage = (
-        f"{PROG} [{'|'.join(COMMANDS)}] [flags]"
-        if command == "train"
-        else f"{PROG} evaluate [MODEL] --data PATH [flags]"
-    )
+    parser.usage = {
+        "train": f"{PROG} [{'|'.join(COMMANDS)}] [flags]",
+        "evaluate": f"{PROG} evaluate [MODEL] --data PATH [flags]",
+        "sweep": f"{PROG} sweep --config PATH [--n-trials N] [--storage URL] [flags]",
+    }[command]
     parser.add_argument("--config", metavar="PATH", help="a YAML file of inputs (flags win)")
     if command == "evaluate":
         parser.add_argument(
@@ -427,7 +431,74 @@ def _dataflow_parser(command: str) -> Any:
         help="the same as --no-use_lora: train every weight and save a full model",
     )
     _run_flags(parser.add_argument_group("caching, tracking and the picture"), command)
+    if command == "sweep":
+        _sweep_flags(parser.add_argument_group("the sweep (also keys of --config)"))
     return parser
+
+
+def _yaml_mapping(text: str) -> Any:
+    """A mapping typed on the command line as YAML (or JSON)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a mapping {{name: range or list}}, got {text!r}"
+        )
+    return value
+
+
+def _sweep_flags(group: Any) -> None:
+    """The flags of `finetune sweep` that are not inputs of the dataflow (`SWEEP_OPTIONS`)."""
+    from finetune_module.engine import study
+    from finetune_module.sweep import DEFAULT_STUDY_NAME
+
+    group.add_argument(
+        "--search-space",
+        "--search_space",
+        dest="search_space",
+        type=_yaml_mapping,
+        metavar="YAML",
+        help="the settings that vary and over what, e.g. '{learning_rate: {low: 1.0e-4, high: "
+        "1.0e-2, log: true}, r: [4, 8, 16]}' (default: search_space in --config)",
+    )
+    group.add_argument(
+        "--n-trials",
+        "--n_trials",
+        dest="n_trials",
+        type=int,
+        metavar="N",
+        help="trials this worker runs (default: 10)",
+    )
+    group.add_argument(
+        "--storage",
+        metavar="URL",
+        help="where the study lives: sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DB, "
+        "shared by every worker given the same --study-name (default: sweep.db in output_dir)",
+    )
+    group.add_argument(
+        "--study-name",
+        "--study_name",
+        dest="study_name",
+        metavar="NAME",
+        help=f"the study's name in the store (default: {DEFAULT_STUDY_NAME})",
+    )
+    group.add_argument(
+        "--objective",
+        choices=list(study.OBJECTIVES),
+        help="what the sweep optimizes: eval_loss, the best checkpoint's validation loss, "
+        "minimized (default), or a validation score, maximized",
+    )
+    group.add_argument(
+        "--sampler", choices=study.SAMPLERS, help="how trials are drawn (default: tpe)"
+    )
+    group.add_argument(
+        "--pruner",
+        choices=study.PRUNERS,
+        help="median (default): stop a trial whose validation loss after an epoch is worse than "
+        "the median of earlier trials'; none: run every trial to the end",
+    )
 
 
 def _group_of(name: str) -> str:
@@ -533,7 +604,7 @@ def _function_parser(command: str, description: str) -> Any:
 
 def build_parser(command: str = "train") -> argparse.ArgumentParser:
     """The parser of one of the `COMMANDS`."""
-    if command in ("train", "evaluate"):
+    if command in ("train", "evaluate", "sweep"):
         return _dataflow_parser(command)
     if command == "predict":
         parser = _function_parser(
@@ -661,6 +732,16 @@ CLI_ONLY = (
     "hamilton_ui_url",
     "hamilton_ui_dag_name",
     "hamilton_ui_tag",
+)
+# settings of `finetune sweep` that are the sweep's own (keywords of `finetune_module.sweep.sweep`)
+SWEEP_OPTIONS = (
+    "search_space",
+    "n_trials",
+    "storage",
+    "study_name",
+    "objective",
+    "sampler",
+    "pruner",
 )
 
 
@@ -843,6 +924,49 @@ def run_dataflow(argv: Sequence[str], command: str) -> int:
     return 0
 
 
+def run_sweep(argv: Sequence[str], command: str = "sweep") -> int:
+    """`finetune sweep`: runs the trials of a sweep (`finetune_module.sweep.sweep`) with the
+    settings given, the search space from --config or --search-space."""
+    from finetune_module.sweep import sweep
+
+    settings = settings_from(argv, command)
+    cli = {name: settings.pop(name) for name in CLI_ONLY if name in settings}
+    options = {name: settings.pop(name) for name in SWEEP_OPTIONS if name in settings}
+    if settings.pop("start", "base") != "base":
+        raise SettingsError("A sweep fine-tunes: start must be base.")
+    if "search_space" not in options:
+        raise SettingsError(
+            "A sweep needs a search space: search_space in --config, or --search-space."
+        )
+    config = {k: settings.pop(k) for k in finetune_module.CONFIG_KEYS[1:] if k in settings}
+    config.setdefault("source", "file")
+    if "data_path" not in settings:
+        raise SettingsError("--data (or data_path in --config) is required.")
+    for name in ("input_text_key", "output_text_key"):
+        settings.setdefault(name, CLI_DEFAULTS[name])
+    check_types(finetune_module.build_driver("base", **config), settings)
+    quiet = settings.get("quiet", False)
+    adapters = [*_adapters(cli), *progress_adapters(quiet)]
+    began = time.perf_counter()
+    with _quiet_output(quiet):
+        result = sweep(
+            settings,
+            options.pop("search_space"),
+            **options,
+            config=config,
+            cache=cli.get("cache"),
+            adapters=adapters,
+        )
+    states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(result.states.items()))
+    print(f"\nRan {result.trials_run} trials in {time.perf_counter() - began:.1f} s ({states}).")
+    print(f"Study {result.study_name!r} in {result.storage}")
+    if result.best_trial is not None:
+        print(f"Best trial: {result.best_trial} ({result.best_value:.4f}) {result.best_params}")
+    print(f"Best model: {result.best_model_dir}")
+    print(f"Report: {result.report_path}")
+    return 0
+
+
 def _function_settings(argv: Sequence[str], command: str) -> dict[str, Any]:
     """The flags given to `predict` or `export`, with the command line's defaults; a missing
     required one is refused."""
@@ -907,6 +1031,7 @@ RUNNERS = {
     "predict": run_predict,
     "export": run_export,
     "dag": run_dag,
+    "sweep": run_sweep,
 }
 
 

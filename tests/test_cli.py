@@ -65,7 +65,9 @@ def test_help_documents_every_flag_and_lists_the_commands() -> None:
         "--dag",
     ):
         assert flag in out.stdout
-    assert out.stdout.startswith("usage: finetune [train|evaluate|predict|export|dag] [flags]")
+    assert out.stdout.startswith(
+        "usage: finetune [train|evaluate|predict|export|dag|sweep] [flags]"
+    )
     for command, text in cli.COMMANDS.items():
         assert f"  {command:9s} {text}" in out.stdout
     for command in cli.COMMANDS:

@@ -27,7 +27,7 @@ PROJECT = canonicalize_name(PYPROJECT["project"]["name"])
 #: Each lock file -> the groups of pyproject ranges it pins ("dependencies" or an extra's name).
 LOCKS = {
     "requirements.txt": ("dependencies",),
-    "requirements-extras.txt": ("sql", "parquet", "datasets", "mlflow", "ui"),
+    "requirements-extras.txt": ("sql", "parquet", "datasets", "mlflow", "ui", "sweep"),
     "requirements-gpu.txt": ("gpu",),
     "requirements-dev.txt": ("dev", "docs"),
 }

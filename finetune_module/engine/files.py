@@ -2,6 +2,7 @@
 directories at once, so that an interrupted write leaves the previous complete directory (or
 none), never half of one, with the permissions the process's umask gives every other file."""
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -359,3 +360,41 @@ def saved_settings(model_dir: str) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+@contextmanager
+def waiting_lock(path: str) -> Iterator[None]:
+    """A block that one process at a time runs (the others wait their turn): an exclusive
+    `flock` on the file `path` (created with its directory), released when the block ends or
+    the process dies. A sweep's workers promote their best model and write its report under
+    one."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        lock_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open while held
+    except OSError as e:
+        raise storage_error(e, "the lock file", path) or e from e
+    with lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """`text` in the file `path`, written beside it and renamed into place: a reader sees the
+    old file or the new one, never half of one."""
+    directory, name = os.path.split(os.path.abspath(path))
+    handle, staging = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(staging, 0o666 & ~process_umask())
+        os.replace(staging, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        refused = storage_error(e, "the file", path)
+        if refused is not None:
+            raise refused from e
+        raise

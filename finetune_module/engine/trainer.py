@@ -10,6 +10,8 @@ without its logits where the speed layer applies (`speedups`), evaluates each ep
 the checkpoint with the lowest validation loss back at the end.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -19,7 +21,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +69,24 @@ TRAINING_LOG_COLUMNS = (
 )
 
 logger = logging.getLogger(__name__)
+
+# the callbacks that trainers built by `fit` in this context get too (see `trainer_callbacks`)
+_EXTRA_CALLBACKS: contextvars.ContextVar[tuple[TrainerCallback, ...]] = contextvars.ContextVar(
+    "finetune_trainer_callbacks", default=()
+)
+
+
+@contextlib.contextmanager
+def trainer_callbacks(callbacks: Sequence[TrainerCallback]) -> Iterator[None]:
+    """A block in which every trainer that `fit` builds also gets `callbacks` (Hugging Face
+    `TrainerCallback`s), e.g. a sweep's pruning callback, without the dataflow having an input
+    for them. The callbacks are this context's own (a `contextvars` variable): other threads,
+    and the code after the block, do not see them."""
+    token = _EXTRA_CALLBACKS.set((*_EXTRA_CALLBACKS.get(), *callbacks))
+    try:
+        yield
+    finally:
+        _EXTRA_CALLBACKS.reset(token)
 
 
 def is_complete_checkpoint(path: str) -> bool:
@@ -467,7 +487,8 @@ def fit(
     back at the end) and returns its trained weights, gathered and shared with every process.
     Unless every layer recomputes its activations already (gradient_checkpointing), a batch
     keeps at most about `activation_memory_gb` of them (None: no limit). Each checkpoint holds
-    `checkpoint_settings` (length caps, prompt template) as its finetune_settings.json."""
+    `checkpoint_settings` (length caps, prompt template) as its finetune_settings.json. The
+    trainer also gets the callbacks of an enclosing `trainer_callbacks` block."""
     trainer = FinetuneTrainer(
         model=model,
         args=training_arguments,
@@ -475,7 +496,7 @@ def fit(
         train_dataset=tokenized_train,
         eval_dataset=tokenized_validation,
         processing_class=tokenizer,
-        callbacks=[TrainingClock()],
+        callbacks=[TrainingClock(), *_EXTRA_CALLBACKS.get()],
     )
     # Seq2seq models (T5, BART) average their loss over their own batch and ignore the
     # Trainer's token count, so the Trainer must average over accumulation steps and processes
