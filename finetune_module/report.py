@@ -59,8 +59,9 @@ def run_description(
     """What ran, as JSON-ready data: the model (its recipe: model id or path, the adapter),
     the data (its source, fingerprint and the records per set), the settings that differ from
     their defaults (name -> value and default, credentials masked), the library versions and
-    the device, when the run started and each stage's wall time up to this point (the report
-    and artifacts stages come after). Heads the report; saved as `run_info.json`.
+    the device, what the run is part of (a sweep's study and trial: `run_info.labelled_run`),
+    when the run started and each stage's wall time up to this point (the report and artifacts
+    stages come after). Heads the report; saved as `run_info.json`.
 
     :param split_column: the data's split column (listed when named).
     :param prompt_template: the prompt (listed when not the default).
@@ -94,6 +95,7 @@ def run_description(
             "hamilton": ".".join(map(str, hamilton_version.VERSION)),
         },
         "device": run_info.device_description(device),
+        "part_of": run_info.run_labels(),
         **run_timings,
         "described_at": run_info.now_iso(),
     }

@@ -41,6 +41,7 @@ from finetune_module.engine.files import (
     waiting_lock,
     write_text_atomically,
 )
+from finetune_module.engine.run_info import labelled_run
 from finetune_module.engine.search_space import Dimension, parse_search_space
 from finetune_module.engine.study import (
     OBJECTIVES,
@@ -201,7 +202,10 @@ class _Trials:
         logger.info("Trial %d: %s", trial.number, settings)
         began = time.perf_counter()
         try:
-            with trainer_callbacks([PruningCallback(trial, self.maximize)]):
+            with (
+                trainer_callbacks([PruningCallback(trial, self.maximize)]),
+                labelled_run(sweep=trial.study.study_name, trial=trial.number),
+            ):
                 result = self.dr.execute(
                     list(finetune_module.DEFAULT_OUTPUTS),
                     inputs={**self.inputs, **settings, "output_dir": directory},

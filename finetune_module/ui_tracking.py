@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import finetune_module
+from finetune_module.engine import run_info
 from finetune_module.engine.loading import DEFAULT_MODEL_ID
 from finetune_module.errors import SettingsError, import_optional, mask_credentials
 
@@ -135,8 +136,8 @@ class FinetuneHamiltonTracker(adapters.HamiltonTracker):
             return None
 
     def _tags(self, config: dict[str, Any], inputs: dict[str, Any] | None = None) -> None:
-        """Sets the tags sent next: the start, source, model and version, and the user's (which
-        win over those)."""
+        """Sets the tags sent next: the start, source, model and version, what the run is part
+        of (a sweep's `sweep` and `trial`), and the user's (which win over those)."""
         tags = {
             "start": str(config.get("start", "base")),
             "source": str(config.get("source", "file")),
@@ -147,6 +148,7 @@ class FinetuneHamiltonTracker(adapters.HamiltonTracker):
                 tags["model_id"] = str(inputs.get("model_id") or DEFAULT_MODEL_ID)
             if inputs.get("presaved_model_path"):
                 tags["presaved_model_path"] = str(inputs["presaved_model_path"])
+            tags.update(run_info.run_labels())  # a sweep's study and trial
         self.base_tags = {**tags, **self.user_tags}
 
     def post_graph_construct(self, *, graph: Any, **kwargs: Any) -> None:

@@ -53,8 +53,7 @@ def _api(path: str, *, method: str = "GET", **query: Any) -> Any:
     return response.json()
 
 
-@pytest.fixture(scope="module")
-def project_id() -> int:
+def _new_project() -> int:
     """A new project on the server, writable by `USER` (as the UI's Projects page makes one)."""
     visibility = {
         "user_ids_visible": [],
@@ -67,6 +66,12 @@ def project_id() -> int:
         "projects", method="POST", name=name, description="tests", tags={}, visibility=visibility
     )
     return int(created["id"])
+
+
+@pytest.fixture(scope="module")
+def project_id() -> int:
+    """A project of this module's own."""
+    return _new_project()
 
 
 @needs_server
@@ -104,6 +109,36 @@ def test_a_run_and_its_nodes_are_read_back_from_the_server(
     for name in ("qa_table", "tokenized_train", "fitted_weights", "save_best_models"):
         assert statuses[name] == "SUCCESS", name
     assert set(statuses.values()) == {"SUCCESS"}
+
+
+@needs_server
+def test_a_sweeps_runs_are_tracked_each_tagged_with_its_trial(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("optuna", reason="optuna is an optional extra ([sweep])")
+    project = _new_project()
+    argv = [
+        "sweep", "--data", str(EXAMPLE_DATA), "--model-id", str(tiny_model_dir), "--quiet",
+        "--output-dir", str(tmp_path / "sweep"), "--max_steps", str(QUICK["max_steps"]),
+        "--max-new-tokens", str(QUICK["max_new_tokens"]), "--n-trials", "2",
+        "--search-space", "{learning_rate: [0.001, 0.005]}", "--study-name", "tracked",
+        "--hamilton-ui", str(project), "--hamilton-ui-url", str(UI_URL),
+        "--hamilton-ui-username", USER,
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+
+    runs = _api("dag_runs/latest/", project_id=project)
+    assert {run["run_status"] for run in runs} == {"SUCCESS"}
+    # the data and tokenization, run once, then each trial's fine-tune, tagged with its trial
+    trials = sorted(run["tags"].get("trial", "") for run in runs)
+    assert trials == ["", "0", "1"]
+    for run in runs:
+        if run["tags"].get("trial"):
+            assert run["tags"]["sweep"] == "tracked"
+            assert run["inputs"]["learning_rate"] in (0.001, 0.005)
+            (details,) = _api(f"dag_runs/{run['id']}")
+            statuses = {node["node_name"]: node["status"] for node in details["node_runs"]}
+            assert statuses["fitted_weights"] == statuses["save_best_models"] == "SUCCESS"
 
 
 @needs_server

@@ -15,6 +15,7 @@ import pytest
 from hamilton import driver
 
 import finetune_module
+from finetune_module.engine import run_info
 from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.engine.run_info import differing_settings, records_fingerprint
 from finetune_module.engine.trainer import TRAINING_LOG_COLUMNS, log_table
@@ -309,6 +310,15 @@ def test_the_report_opens_with_what_ran(base_run: dict[str, Any]) -> None:
     assert "<td>learning_rate</td><td>0.005</td><td>0.001</td>" in what_ran
     assert "<td>records: hold-out</td>" in what_ran and "<td>training</td>" in what_ran
     assert f"<td>{info['started_at']}</td>" in what_ran
+    assert info["part_of"] == {} and "part of:" not in what_ran  # a plain run, not a sweep's
+
+
+def test_a_labelled_run_states_what_it_is_part_of() -> None:
+    with run_info.labelled_run(sweep="s1", trial=3):
+        with run_info.labelled_run(trial=4):  # the inner label wins; the outer ones stay
+            assert run_info.run_labels() == {"sweep": "s1", "trial": "4"}
+        assert run_info.run_labels() == {"sweep": "s1", "trial": "3"}
+    assert run_info.run_labels() == {}
 
 
 def test_data_fingerprint_is_the_same_for_the_same_data_only(tmp_path: Path) -> None:

@@ -145,6 +145,10 @@ def test_six_trials_each_in_its_own_directory(six_trials: dict[str, Any]) -> Non
         assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
         for name in ("adapter_model.safetensors", "report.html", "hold_out_predictions.csv"):
             assert (best_model / name).is_file()
+        # the trial's own report says which sweep and trial it was, and its drawn settings
+        ran = read_json(best_model / "run_info.json")
+        assert ran["part_of"] == {"sweep": result.study_name, "trial": str(trial.number)}
+        assert ran["settings_changed"]["learning_rate"]["value"] == trial.params["learning_rate"]
         settings = read_json(best_model / "adapter_config.json")
         assert settings["r"] == trial.params["r"]
         assert sorted(settings["target_modules"]) == sorted(

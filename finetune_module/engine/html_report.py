@@ -241,6 +241,8 @@ def what_ran(description: dict[str, Any]) -> str:
     )
     started = description.get("started_at") or "not recorded (see stage times)"
     when_rows = [["started", started], ["described", description["described_at"]]]
+    part_of = description.get("part_of", {}).items()
+    when_rows += [[f"part of: {key}", value] for key, value in part_of]
     environment = [*description["versions"].items(), *description["device"].items()]
     return (
         "<h3>Model</h3>"

@@ -8,15 +8,19 @@ defaults, the library versions and the device, and a clock of each stage's wall 
 - `library_versions()`, `device_description(device)`: what the run ran on.
 - `StageClock`: when the run started and the wall time of each stage's nodes, as they finish
   (`finetune_module.timing.StageTimer` feeds it from Hamilton's node hooks).
+- `labelled_run(**labels)`, `run_labels()`: what a run is part of (a sweep's study and trial),
+  stated in its report and sent as tags to the Hamilton UI.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import datetime
 import hashlib
 import inspect
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import Any
 
@@ -147,3 +151,26 @@ class StageClock:
             "stage_seconds": dict(self.stage_seconds),
             "elapsed_seconds": time.perf_counter() - self._start,
         }
+
+
+_LABELS: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "run_labels", default=()
+)
+
+
+@contextlib.contextmanager
+def labelled_run(**labels: Any) -> Iterator[None]:
+    """Labels the runs inside the `with` block (e.g. a sweep's `sweep` and `trial`): their
+    reports state them and the Hamilton UI tracker tags them with them. The labels are this
+    context's own (a `contextvars` variable), as the runs of the default driver are."""
+    merged = {**dict(_LABELS.get()), **{str(k): str(v) for k, v in labels.items()}}
+    token = _LABELS.set(tuple(merged.items()))
+    try:
+        yield
+    finally:
+        _LABELS.reset(token)
+
+
+def run_labels() -> dict[str, str]:
+    """The labels of the run in progress (`labelled_run`): empty for a plain run."""
+    return dict(_LABELS.get())
