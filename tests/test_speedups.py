@@ -330,7 +330,11 @@ def test_each_piece_gives_the_stock_loss_and_gradients_where_it_is_proven(
         torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
         assert len(grads) == len(stock_grads) > 0
         for grad, stock_grad in zip(grads, stock_grads, strict=True):
-            torch.testing.assert_close(grad, stock_grad, rtol=1e-4, atol=1e-6)
+            # float32 rounding scales with the largest terms summed, not with each result: a
+            # value near 0 in a gradient whose largest is ~2 may differ by ~1e-6 (T5 on AMD
+            # EPYC's MKL kernels, recomputed layers). A wrong gradient is off by far more.
+            scale = max(1.0, stock_grad.abs().max().item())
+            torch.testing.assert_close(grad, stock_grad, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_the_layer_applies_only_where_proven_on_the_proven_release(
