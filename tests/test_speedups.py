@@ -136,6 +136,49 @@ def test_attention_drops_out_weights_and_its_gradients_follow_the_mask(causal: b
         torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("trained_bias", [False, True], ids=["lora", "full"])
+def test_t5_masks_its_position_bias_once_per_stack_when_the_bias_is_frozen(
+    trained_bias: bool, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With LoRA (a frozen bias) the masked bias is made once for the encoder's self-attention,
+    the decoder's and its cross-attention, and reused by every later layer; a trained bias
+    (a full fine-tune) is masked in each layer, as transformers does. Either way the step's loss
+    and gradients are those of a mask made in every layer."""
+    made: list[tuple[int, ...]] = []
+    stock = speedups.create_position_bias_mask
+
+    def counted(*args: Any) -> torch.Tensor:
+        made.append(tuple(args[0].shape))
+        return stock(*args)
+
+    model = _tiny_t5(tiny_model_dir)
+    if not trained_bias:
+        config = LoraConfig(r=4, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+        model = get_peft_model(model, config)
+    speedups.apply_to_model(model, ("attention_dropout",), training=True)
+    model.train()
+    batch = _batch(model)
+
+    def loss_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    biased_mask = speedups._biased_mask
+    monkeypatch.setattr(speedups, "_biased_mask", stock)  # transformers' mask, in every layer
+    every_layer = loss_and_gradients()
+    monkeypatch.setattr(speedups, "_biased_mask", biased_mask)
+    monkeypatch.setattr(speedups, "create_position_bias_mask", counted)
+    reused = loss_and_gradients()
+    layers = model.config.num_layers + 2 * model.config.num_decoder_layers
+    assert len(made) == (layers if trained_bias else 3)
+    torch.testing.assert_close(reused[0], every_layer[0])
+    for grad, expected in zip(reused[1], every_layer[1], strict=True):
+        torch.testing.assert_close(grad, expected)
+
+
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_models_attend_as_with_sdpa(arch: str, tmp_path: Path) -> None:
     """A model in training mode gives the same outputs and gradients with its attention on the
