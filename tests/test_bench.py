@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 from bench.benchmark import forward_flops
 from bench.data import TOKENIZER_VOCABULARY, build_dataset, training_texts
 from bench.peer import tokenized_sets
+from bench.step_profile import MATMULS
 from finetune_module import MODULES
 from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.tiny_model import train_tokenizer
@@ -147,3 +148,24 @@ def test_quick_decoding_benchmark_runs_and_writes_its_figures(
     measured = figures["by_threads"]["1"]
     assert measured["speedup"] > 0 and set(measured["seconds_per_step"]) == {"stock", "lean"}
     assert "stock / lean" in done.stdout
+
+
+def test_quick_step_profile_splits_a_steps_time_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.step_profile", "--quick", "--threads", "1",
+         "--warmup", "1", "--steps", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["threads"] == 1 and figures["steps"] == 2
+    assert figures["step_seconds"] > 0 and figures["matmul_seconds"] > 0
+    # T5's matmuls do real work at a real rate, and take part (not all) of the step
+    assert figures["matmul_gflop"] > 0 and 0 < figures["matmul_gflops"] < 10_000
+    assert 0 < figures["matmul_time_share"] < 1
+    assert figures["step_seconds_matmuls_only"] < figures["step_seconds"]
+    assert any(op.startswith("aten::") for op in figures["other_ops"])
+    assert {row["op"].split()[0] for row in figures["matmul_shapes"]} <= MATMULS
+    assert not MATMULS & set(figures["other_ops"])
+    assert "matmul share of CPU time" in done.stdout
