@@ -104,8 +104,8 @@ def _kept(
     x: torch.Tensor, keep: torch.Tensor, scale: float = 1.0, *, in_place: bool = False
 ) -> torch.Tensor:
     """`x` times `keep` (a boolean mask) times `scale`, as torch's dropout computes it (0 where
-    `keep` is False), in two passes over `x` at most (one when `scale` is 1); `in_place`: into
-    `x` itself.
+    `keep` is False): one multiplication by the mask (torch converts its bytes to floats on
+    the way) and one by `scale` unless it is 1; `in_place`: into `x` itself.
 
     The mask multiplies as bytes (its `uint8` view): torch's CPU kernels for boolean operands
     (`torch.where`, `x * keep`) are not vectorised and take 1.7x as long on the benchmark's
