@@ -114,68 +114,72 @@ class _Attending(nn.Module):
     """A stand-in for an attention layer: only its training flag is read."""
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20], ids=["a-row-a-chunk", "one-chunk"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_drops_out_weights_and_its_gradients_follow_the_mask(causal: bool) -> None:
+def test_attention_drops_out_weights_and_its_gradients_follow_the_mask(
+    causal: bool, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attention, its dropout and the gradients of query, key, value and a trained position
+    bias are those of the plain formula with the same mask, however the batch is chunked."""
+    monkeypatch.setattr(speedups, "_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(2)
-    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
-    bias = torch.randn(1, 3, 7, 7)
+    q, k, v = (torch.randn(3, 3, 7, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 7, 7, requires_grad=True)
+    padding = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    padding[1, ..., 5:] = False  # the second row's last two keys are padding
+    mask = None if causal else padding.expand(3, 1, 7, 7)
     module = _Attending().train()
     module.is_causal = causal
     torch.manual_seed(3)
-    out, _ = speedups.attention(module, q, k, v, None, dropout=0.3, scaling=0.5, position_bias=bias)
+    out, _ = speedups.attention(module, q, k, v, mask, dropout=0.3, scaling=0.5, position_bias=bias)
     torch.manual_seed(3)  # the same mask, drawn again
-    keep = speedups._keep_mask(torch.Size((2, 3, 7, 7)), 0.3, q.device)
+    keep = speedups._keep_mask(torch.Size((3, 3, 7, 7)), 0.3, q.device)
     scores = q @ k.transpose(-1, -2) * 0.5 + bias
-    if causal:
-        scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril() if causal else padding
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     expected = ((scores.softmax(-1) * keep / 0.7) @ v).transpose(1, 2)
     torch.testing.assert_close(out, expected)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    inputs = (q, k, v, bias)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
 
 
 @pytest.mark.parametrize("trained_bias", [False, True], ids=["lora", "full"])
-def test_t5_masks_its_position_bias_once_per_stack_when_the_bias_is_frozen(
+def test_t5_makes_each_additive_mask_once_per_stack_and_attends_as_sdpa(
     trained_bias: bool, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With LoRA (a frozen bias) the masked bias is made once for the encoder's self-attention,
-    the decoder's and its cross-attention, and reused by every later layer; a trained bias
-    (a full fine-tune) is masked in each layer, as transformers does. Either way the step's loss
-    and gradients are those of a mask made in every layer."""
+    """The encoder's self-attention, the decoder's and its cross-attention each turn their
+    boolean mask into an additive one once, for every layer of the stack; the step's loss and
+    gradients (the position bias's too, when it trains) are those of SDPA."""
     made: list[tuple[int, ...]] = []
-    stock = speedups.create_position_bias_mask
+    stock = speedups._made_additive
 
-    def counted(*args: Any) -> torch.Tensor:
-        made.append(tuple(args[0].shape))
-        return stock(*args)
+    def counted(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        made.append(tuple(mask.shape))
+        return stock(mask, dtype)
 
-    model = _tiny_t5(tiny_model_dir)
+    monkeypatch.setattr(speedups, "_made_additive", counted)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model_dir, dropout_rate=1e-9)
     if not trained_bias:
         config = LoraConfig(r=4, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
         model = get_peft_model(model, config)
-    speedups.apply_to_model(model, ("attention_dropout",), training=True)
     model.train()
     batch = _batch(model)
 
     def loss_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
-        torch.manual_seed(7)  # the same dropout masks in both runs
         loss = model(**batch).loss
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    biased_mask = speedups._biased_mask
-    monkeypatch.setattr(speedups, "_biased_mask", stock)  # transformers' mask, in every layer
-    every_layer = loss_and_gradients()
-    monkeypatch.setattr(speedups, "_biased_mask", biased_mask)
-    monkeypatch.setattr(speedups, "create_position_bias_mask", counted)
-    reused = loss_and_gradients()
-    layers = model.config.num_layers + 2 * model.config.num_decoder_layers
-    assert len(made) == (layers if trained_bias else 3)
-    torch.testing.assert_close(reused[0], every_layer[0])
-    for grad, expected in zip(reused[1], every_layer[1], strict=True):
+    with_sdpa = loss_and_gradients()
+    speedups.apply_to_model(model, ("attention_dropout",), training=True)
+    chunked = loss_and_gradients()
+    assert len(made) == 3
+    torch.testing.assert_close(chunked[0], with_sdpa[0])
+    for grad, expected in zip(chunked[1], with_sdpa[1], strict=True):
         torch.testing.assert_close(grad, expected)
 
 

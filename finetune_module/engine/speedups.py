@@ -34,10 +34,7 @@ import transformers
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.activations import GELUTanh, NewGELUActivation
-from transformers.integrations.sdpa_attention import (
-    create_position_bias_mask,
-    sdpa_attention_forward,
-)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from finetune_module.engine.tokens import IGNORE_INDEX
@@ -167,88 +164,136 @@ def cheaper_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+# the attention scores of one chunk of batch rows are kept to about this size, so that the
+# passes over them (mask, softmax, dropout and their gradients) stay within the CPU's caches
+_CHUNK_BYTES = 4 << 20
+
+
 class _DroppedOutAttention(torch.autograd.Function):
-    """`dropout(weights, p) @ value` that keeps the attention weights and a one-byte mask for the
-    backward pass (5 bytes per attention score; SDPA's own dropout keeps about 12) and draws
-    the mask as `FastDropout` does (16 random bits per score, not 32).
+    """`dropout(softmax(query @ key.T * scaling + bias + mask), p) @ value`, computed a few
+    batch rows at a time so that each row's scores are made, masked, normalised, dropped out
+    and multiplied while they are in the CPU's caches (on the benchmark's longest texts the
+    whole batch's scores are 56 MB, more than the caches hold: every pass over them went to
+    memory). Only the attention weights and a one-byte mask are kept for the backward pass
+    (5 bytes per attention score; SDPA's own dropout keeps about 12), and the mask is drawn as
+    `FastDropout` draws it (16 random bits per score, not 32), for the whole batch at once
+    (the same random stream whatever the chunks).
 
     Dropout's scale 1 / (1 - p) multiplies the value (and, backwards, the incoming gradient)
-    instead of the scores: the product is the same, and a head's value (a row per key, 64-odd
-    columns) is smaller than its scores (a row per query, a column per key) once a text has
-    more tokens than a head has columns. One pass over the scores fewer forwards, two
-    backwards."""
+    instead of the scores: the product is the same, and a head's value is smaller than its
+    scores once a text has more tokens than a head has columns. `bias` (T5's position bias,
+    shared by the batch) gets a gradient when it is trained; `mask` is additive (0 or the
+    lowest float, see `_additive_mask`)."""
 
     @staticmethod
-    def forward(ctx: Any, weights: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
-        keep = _keep_mask(weights.shape, p, weights.device)
-        ctx.save_for_backward(weights, keep, value)
-        ctx.scale = 1.0 / (1.0 - p)
-        return _kept(weights, keep) @ (value * ctx.scale)
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        p: float,
+        scaling: float,
+    ) -> torch.Tensor:
+        batch, heads, queries, _ = query.shape
+        keys = key.shape[2]
+        keep = _keep_mask(torch.Size((batch, heads, queries, keys)), p, query.device)
+        weights = query.new_empty(batch, heads, queries, keys)
+        output = query.new_empty(batch, heads, queries, value.shape[-1])
+        scale = 1.0 / (1.0 - p)
+        scaled_value = value * scale
+        rows = max(1, _CHUNK_BYTES // max(1, heads * queries * keys * query.element_size()))
+        for start in range(0, batch, rows):
+            chunk = slice(start, start + rows)
+            scores = query[chunk] @ key[chunk].transpose(-1, -2)
+            if scaling != 1.0:
+                scores.mul_(scaling)
+            for added in (bias, mask):
+                if added is not None:
+                    scores.add_(added if added.shape[0] == 1 else added[chunk])
+            torch.ops.aten._softmax.out(scores, -1, False, out=weights[chunk])
+            dropped = _kept(weights[chunk], keep[chunk])
+            torch.matmul(dropped, scaled_value[chunk], out=output[chunk])
+        ctx.save_for_backward(query, key, value, weights, keep)
+        ctx.scale, ctx.scaling, ctx.rows = scale, scaling, rows
+        ctx.bias_shape = bias.shape if bias is not None and bias.requires_grad else None
+        return output
 
     @staticmethod
-    def backward(
-        ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        weights, keep, value = ctx.saved_tensors
-        grad_weights = grad_value = None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query, key, value, weights, keep = ctx.saved_tensors
+        needs_query, needs_key, needs_value, needs_bias = ctx.needs_input_grad[:4]
+        grad_query = torch.empty_like(query) if needs_query else None
+        grad_key = torch.empty_like(key) if needs_key else None
+        grad_value = torch.empty_like(value) if needs_value else None
+        grad_bias = None
+        if needs_bias and ctx.bias_shape is not None:
+            grad_bias = weights.new_zeros(ctx.bias_shape)
         scaled_grad = grad * ctx.scale
-        if ctx.needs_input_grad[1]:
-            grad_value = _kept(weights, keep).transpose(-1, -2) @ scaled_grad
-        if ctx.needs_input_grad[0]:
-            grad_weights = _kept(scaled_grad @ value.transpose(-1, -2), keep, in_place=True)
-        return grad_weights, grad_value, None
+        for start in range(0, query.shape[0], ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            chunk_weights, chunk_keep = weights[chunk], keep[chunk]
+            if grad_value is not None:
+                dropped = _kept(chunk_weights, chunk_keep)
+                torch.matmul(dropped.transpose(-1, -2), scaled_grad[chunk], out=grad_value[chunk])
+            if grad_query is None and grad_key is None and grad_bias is None:
+                continue
+            grad_dropped = _kept(
+                scaled_grad[chunk] @ value[chunk].transpose(-1, -2), chunk_keep, in_place=True
+            )
+            grad_scores = torch.empty_like(grad_dropped)
+            torch.ops.aten._softmax_backward_data.out(
+                grad_dropped, chunk_weights, -1, chunk_weights.dtype, grad_input=grad_scores
+            )
+            if grad_bias is not None:  # summed over what the bias is broadcast across
+                target = grad_bias if grad_bias.shape[0] == 1 else grad_bias[chunk]
+                target += grad_scores.sum_to_size(target.shape)
+            if ctx.scaling != 1.0:
+                grad_scores.mul_(ctx.scaling)
+            if grad_query is not None:
+                torch.matmul(grad_scores, key[chunk], out=grad_query[chunk])
+            if grad_key is not None:
+                torch.matmul(grad_scores.transpose(-1, -2), query[chunk], out=grad_key[chunk])
+        return grad_query, grad_key, grad_value, grad_bias, None, None, None
+
+
+# the attribute of a boolean attention mask that holds the additive mask made from it
+_ADDITIVE = "_finetune_additive_mask"
 
 
 def _additive_mask(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    is_causal: bool,
-    position_bias: torch.Tensor | None,
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor | None:
-    """What SDPA adds to the attention scores: the position bias (T5) and the mask, as floats
-    (see `_biased_mask`)."""
-    if position_bias is not None:
-        return _biased_mask(position_bias, attention_mask, is_causal, query, key)
-    if is_causal:
+    """What the attention adds to its scores besides a position bias: 0 where a query may
+    attend to a key and the lowest float where it may not, from a boolean mask (or causality
+    when there is no mask); a float mask is already additive.
+
+    A stack of layers hands the same boolean mask to each of its layers (and to their
+    recomputation), so the additive mask is kept on the boolean mask itself and made once per
+    stack. The lowest float plus any score or position bias is the lowest float again (their
+    size is far below its rounding step), so adding bias and mask gives exactly the scores of
+    transformers' `create_position_bias_mask`, which puts the lowest float in place of the
+    bias."""
+    if attention_mask is None:
+        if not is_causal:
+            return None
         rows = torch.arange(query.shape[2], device=query.device)[:, None]
         attention_mask = rows >= torch.arange(key.shape[2], device=key.device)[None, :]
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        lowest = torch.finfo(query.dtype).min
-        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
-            ~attention_mask, lowest
-        )
-    return attention_mask
+    if attention_mask.dtype != torch.bool:
+        return attention_mask
+    made = getattr(attention_mask, _ADDITIVE, None)
+    if made is None or made.dtype != query.dtype:
+        made = _made_additive(attention_mask, query.dtype)
+        setattr(attention_mask, _ADDITIVE, made)
+    return made
 
 
-# the attribute of a position bias that holds the mask last made from it (see `_biased_mask`)
-_BIASED_MASK = "_finetune_biased_mask"
-
-
-def _biased_mask(
-    position_bias: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    is_causal: bool,
-    query: torch.Tensor,
-    key: torch.Tensor,
-) -> torch.Tensor:
-    """The position bias with the mask applied (transformers' `create_position_bias_mask`),
-    made once per stack of layers instead of once per layer.
-
-    T5's first layer makes the position bias and hands that same tensor, with the same mask,
-    to every later layer of its stack (and to their recomputation), so the masked bias (a
-    value per batch row, head, query and key) is kept on the bias tensor itself and lives as
-    long as it does. Only a bias without gradient (a frozen one: LoRA's) keeps it; a trained
-    bias gets a new one per layer, as in transformers."""
-    if position_bias.requires_grad:
-        return create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
-    made = getattr(position_bias, _BIASED_MASK, None)
-    shape = (query.shape[2], key.shape[2])
-    if made is not None and made[0] is attention_mask and made[1:3] == (is_causal, shape):
-        return made[3]
-    mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
-    setattr(position_bias, _BIASED_MASK, (attention_mask, is_causal, shape, mask))
-    return mask
+def _made_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a boolean attention mask: 0 where it is True, the lowest float of
+    `dtype` where it is False."""
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def attention(
@@ -282,16 +327,12 @@ def attention(
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = query.shape[2] > 1 and attention_mask is None and causal
-    scores = query @ key.transpose(-1, -2)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if scaling != 1.0:
-        scores.mul_(scaling)
-    added = _additive_mask(query, key, attention_mask, causal, position_bias)
-    if added is not None:
-        scores.add_(added)
-    weights = torch.softmax(scores, dim=-1)
-    output = _DroppedOutAttention.apply(weights, value, dropout)
+    mask = _additive_mask(query, key, attention_mask, causal)
+    while mask is not None and mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    output = _DroppedOutAttention.apply(query, key, value, position_bias, mask, dropout, scaling)
     return output.transpose(1, 2).contiguous(), None
 
 
