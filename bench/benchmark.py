@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from hamilton import driver
 from hamilton.lifecycle import api
-from transformers import PretrainedConfig, Seq2SeqTrainer
+from transformers import PretrainedConfig, Seq2SeqTrainer, TrainerCallback
 from transformers.generation.utils import GenerationMixin
 
 import finetune_module
@@ -43,7 +43,7 @@ from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, traini
 from finetune_module.engine import distributed, generation, speedups
 from finetune_module.engine.decoding import transformers_model
 from finetune_module.engine.metrics import ROUGE_KEYS
-from finetune_module.engine.trainer import FinetuneTrainer
+from finetune_module.engine.trainer import FinetuneTrainer, trainer_callbacks
 from finetune_module.tiny_model import build_t5
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,6 +214,69 @@ def forward_flops(config: PretrainedConfig, source_length: int, target_length: i
     return 2.0 * (encoder + decoder + t * d * config.vocab_size)
 
 
+# the upper ends of the bands of padded input length that the steps are grouped by
+STEP_BANDS = (128, 256, 384)
+
+
+class StepClock(TrainerCallback):
+    """The wall time of every training step and the padded shape of its batch: (rows, input
+    tokens, target tokens), seen by a hook on the model's forward pass while it trains."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[tuple[int, int, int], float]] = []
+        self._shape: tuple[int, int, int] | None = None
+        self._started = 0.0
+        self._hook: Any = None
+
+    def _seen(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        targets = kwargs.get("decoder_input_ids", kwargs.get("labels"))
+        if module.training and self._shape is None and ids is not None:
+            self._shape = (*ids.shape, 0 if targets is None else targets.shape[1])
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Hooks the model's forward pass."""
+        self._hook = kwargs["model"].register_forward_pre_hook(self._seen, with_kwargs=True)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Starts the step's clock."""
+        self._shape, self._started = None, time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Records the step's shape and seconds."""
+        if self._shape is not None:
+            self.steps.append((self._shape, time.perf_counter() - self._started))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Removes the hook."""
+        if self._hook is not None:
+            self._hook.remove()
+
+
+def step_bands(
+    steps: list[tuple[tuple[int, int, int], float]], config: PretrainedConfig
+) -> list[dict[str, Any]]:
+    """The steps grouped by their batch's padded input length (`STEP_BANDS`): how many, their
+    seconds, and the GFLOP/s they ran at counting every padded token (a step's work as the
+    benchmark counts useful work, but on its padded shape)."""
+    bands: list[dict[str, Any]] = []
+    lower = 0
+    for upper in (*STEP_BANDS, None):
+        inside = [(shape, sec) for shape, sec in steps if lower < shape[1] <= (upper or shape[1])]
+        seconds = sum(sec for _, sec in inside)
+        flops = sum(2 * rows * forward_flops(config, s, t) for (rows, s, t), _ in inside)
+        bands.append(
+            {
+                "input_tokens": f"{lower + 1}-{upper}" if upper else f">{lower}",
+                "steps": len(inside),
+                "seconds": seconds,
+                "padded_gflops": flops / seconds / 1e9 if seconds else 0.0,
+            }
+        )
+        lower = upper or lower
+    return bands
+
+
 def _summed_over_processes(values: dict[str, float]) -> dict[str, float]:
     """Each value summed over the processes of a data-parallel run (times: the slowest's)."""
     if distributed.world_size() == 1:
@@ -326,7 +389,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "finetuned_hold_out_metrics",
     ]
     started = time.perf_counter()
-    with _counting_generation(by_node, timer):
+    clock = StepClock()
+    with _counting_generation(by_node, timer), trainer_callbacks([clock]):
         result = dr.execute(outputs, inputs=inputs, overrides=overrides)
     dag_seconds = time.perf_counter() - started
 
@@ -375,6 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "useful_train_gflops": achieved,
         "matmul_peak_gflops": peak_gflops,
         "matmul_share": achieved / peak_gflops,
+        "steps_by_input_length": step_bands(clock.steps, config),
         "generated_answers": counts["answers"],
         "generated_tokens": counts["tokens"],
         "generation_seconds": counts["seconds"],
@@ -429,6 +494,15 @@ def _table(f: dict[str, Any]) -> str:
             "useful train GFLOP/s",
             f"{f['useful_train_gflops']:.1f}  of matmul peak "
             f"{f['matmul_peak_gflops']:.1f}  = {100 * f['matmul_share']:.0f}%",
+        ),
+        *(
+            (
+                f"  steps, {band['input_tokens']} tokens in",
+                f"{band['steps']} in {band['seconds']:.1f} s, "
+                f"{band['padded_gflops']:.0f} GFLOP/s (padded)",
+            )
+            for band in f["steps_by_input_length"]
+            if band["steps"]
         ),
         (
             "generated answers",

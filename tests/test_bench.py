@@ -69,6 +69,10 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
     # 1 validation and 1 hold-out question, each answered by the fine-tune and by the base model
     assert figures["generated_answers"] == 4 and figures["generated_tokens"] > 0
     assert 0 < figures["matmul_share"] < 1.5 and figures["peak_rss_gb"] > 0
+    bands = figures["steps_by_input_length"]
+    assert sum(band["steps"] for band in bands) == figures["steps"]
+    assert all(band["padded_gflops"] > 0 for band in bands if band["steps"])
+    assert sum(band["seconds"] for band in bands) <= figures["train_seconds"]
     assert {"training", "evaluation", "tokenization"} <= set(figures["stage_seconds"])
     assert "train samples/s" in done.stdout
 
