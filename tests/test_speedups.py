@@ -244,6 +244,17 @@ def test_linear_cross_entropy_equals_cross_entropy_and_its_gradient(
     torch.testing.assert_close(hidden.grad, 2 * expected_grad)
 
 
+def test_linear_cross_entropy_of_a_batch_without_labels_is_zero_with_zero_gradient() -> None:
+    """Only labelled rows get logits: a batch whose targets are all padding has nothing to
+    learn from (loss 0 and no gradient), where cross_entropy's mean over no tokens is NaN."""
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    loss = speedups.linear_cross_entropy(hidden, torch.randn(50, 16), labels)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert hidden.grad is not None and not hidden.grad.any()
+
+
 @cpu_path_only
 def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
