@@ -9,6 +9,7 @@ MARKER is created when the pause begins. Only the test process patches these fun
 product code has no test hooks.
 """
 
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,10 @@ def _pausing_after(function: Callable[..., Any], marker: str) -> Callable[..., A
 
 
 def main() -> int:
+    # Ctrl-C as in a terminal, whatever the test runner was started from: a runner started in
+    # the background of a non-interactive shell (`cmd &`) hands its children SIGINT ignored, and
+    # a run that ignores it would sleep through the test's signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     pause_at, marker, *argv = sys.argv[1:]
     if pause_at == "checkpoint":
         from transformers import Trainer

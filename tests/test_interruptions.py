@@ -55,6 +55,17 @@ def _wait_for(marker: Path, process: subprocess.Popen[str], timeout: float = 500
         time.sleep(0.2)
 
 
+def _ended(process: subprocess.Popen[str], timeout: float = 120) -> str:
+    """The paused run's standard error once it has ended; fails, with its last lines, if it
+    does not end within `timeout` seconds."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stderr = process.communicate()[1]
+        pytest.fail(f"the run did not end within {timeout:g} s of its signal:\n{stderr[-3000:]}")
+
+
 def _digests(directory: Path) -> dict[str, str]:
     """SHA-256 of every file in a directory, by name."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
@@ -118,7 +129,7 @@ def test_same_seed_run_killed_in_training_resumes_to_the_same_losses_and_answers
     )
     _wait_for(marker, process)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stderr = _ended(process)
     assert process.returncode == 130
     assert "error: interrupted" in stderr and "Traceback" not in stderr
     assert not (output_dir / "best_model").exists()
