@@ -99,7 +99,7 @@ def test_run_killed_mid_save_leaves_the_previous_best_model_whole(
     assert {"adapter_model.safetensors", "metrics.json"} <= set(os.listdir(staging))
     assert "finetune_settings.json" not in os.listdir(staging)
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    _ended(process, timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert _digests(best) == previous  # byte for byte the previous complete model
     assert not (output_dir / "best_model.old").exists()
