@@ -153,9 +153,11 @@ def counted(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
     def reads_prompts(kwargs: dict[str, Any]) -> bool:
         return not net.config.is_encoder_decoder and not kwargs["past_key_values"].get_seq_length()
 
+    new_batch = [False]  # questions were read since the last decode step
+
     def input_started(*_: Any) -> None:
         started.append(time.perf_counter())
-        counts["batch_steps"].append(0)
+        new_batch[0] = True
 
     def input_done(*_: Any) -> None:
         counts["input_seconds"] += time.perf_counter() - started.pop()
@@ -163,9 +165,12 @@ def counted(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
     def decoder_called(_: Any, args: Any, kwargs: dict[str, Any]) -> None:
         if reads_prompts(kwargs):
             input_started()
-        else:
-            counts["steps"] += 1
-            counts["batch_steps"][-1] += 1
+            return
+        if new_batch[0]:  # the first step of a batch (an encoder may read it in groups)
+            counts["batch_steps"].append(0)
+            new_batch[0] = False
+        counts["steps"] += 1
+        counts["batch_steps"][-1] += 1
 
     def decoder_done(_: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if started:

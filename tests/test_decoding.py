@@ -4,6 +4,7 @@ length cap and to early ends; under the generation-config rules it implements; a
 every other config to `generate`. Broken variants of the loop are caught by the same checks."""
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -352,7 +353,7 @@ def test_generation_answers_the_same_with_and_without_the_lean_loop(
     settings = {"max_new_tokens": 10, "num_beams": 1, "batch_size": 5}
     calls = []
     monkeypatch.setattr(
-        generation, "greedy_generate", lambda *a: calls.append(1) or greedy_generate(*a)
+        generation, "greedy_generate", lambda *a, **k: calls.append(1) or greedy_generate(*a, **k)
     )
     lean = generation.generate(t.model, t.tokenizer, examples, **settings)
     assert len(calls) == 3  # 12 questions in batches of 5
@@ -362,3 +363,113 @@ def test_generation_answers_the_same_with_and_without_the_lean_loop(
         base = generation.generate(t.model, t.tokenizer, examples, **settings)
         assert generation.generate(t.model, t.tokenizer, examples, **settings, lean=False) == base
     assert base != lean
+
+
+SEQ2SEQ = [family for family, made in FAMILIES.items() if made.kind == "seq2seq"]
+
+
+def _split_cost(lengths: list[int], groups: list[list[int]], group_cost: int) -> int:
+    """The tokens an encoder reads for `groups` of rows, each padded to its longest, plus
+    `group_cost` for each group."""
+    return sum(len(rows) * max(lengths[row] for row in rows) + group_cost for rows in groups)
+
+
+def test_length_groups_read_the_fewest_tokens() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        count = 1 + trial % 9
+        lengths = torch.randint(1, 300, (count,), generator=generator).tolist()
+        group_cost = [0, 16, 64, 500][trial % 4]
+        groups = decoding.length_groups(lengths, group_cost)
+        assert sorted(row for rows in groups for row in rows) == list(range(count))
+        in_order = [lengths[row] for rows in groups for row in rows]
+        assert in_order == sorted(lengths)
+        # every split of the rows in order of length into consecutive groups
+        order = sorted(range(count), key=lambda row: lengths[row])
+        best = min(
+            _split_cost(
+                lengths,
+                [order[a:b] for a, b in zip((0, *cuts), (*cuts, count), strict=True)],
+                group_cost,
+            )
+            for size in range(count)
+            for cuts in itertools.combinations(range(1, count), size)
+        )
+        assert _split_cost(lengths, groups, group_cost) == best, (lengths, group_cost)
+    assert decoding.length_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]
+    assert len(decoding.length_groups([3, 500, 4, 480], group_cost=64)) == 2
+
+
+def test_question_lengths_are_read_from_right_padding_only() -> None:
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert decoding.question_lengths(right) == [2, 4, 1]
+    assert decoding.question_lengths(right.flip(1)) is None  # left padding
+    assert decoding.question_lengths(torch.tensor([[1, 0, 1, 0]])) is None  # a hole
+
+
+def _questions_of_unlike_lengths(t: Tiny) -> dict[str, torch.Tensor]:
+    """A right-padded batch of the questions and a long one: the encoder reads it in groups."""
+    long = " ".join(QUESTIONS * 6)
+    questions = t.tokenizer([*QUESTIONS, long])["input_ids"]
+    return t.tokenizer.pad({"input_ids": questions}, return_tensors="pt")
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_the_encoder_reads_questions_in_length_groups(
+    family: str, tiny: Callable[[str], Tiny]
+) -> None:
+    t = tiny(family)
+    batch = _questions_of_unlike_lengths(t)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    encoder = t.model.get_base_model().get_encoder()
+    reads: list[int] = []
+    hook = encoder.register_forward_pre_hook(
+        lambda _, args, kwargs: reads.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.inference_mode():
+            grouped = decoding.read_in_length_groups(t.model, **batch).last_hidden_state
+            whole = encoder(**batch).last_hidden_state
+            alone = [
+                encoder(input_ids=batch["input_ids"][row : row + 1, :n]).last_hidden_state
+                for row, n in enumerate(lengths)
+            ]
+    finally:
+        hook.remove()
+    groups = decoding.length_groups(lengths)
+    assert len(groups) > 1 and groups[-1] == [len(lengths) - 1]  # the long question alone
+    assert reads[: len(groups)] == [max(lengths[row] for row in rows) for rows in groups]
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(grouped[row, :n], alone[row][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grouped[row, :n], whole[row, :n], rtol=1e-4, atol=1e-5)
+    assert not grouped[:-1, max(lengths[:-1]) :].any()  # past the short questions' groups
+    assert not torch.allclose(grouped[0, 0], grouped[1, 0]), "rows keep their own states"
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_answers_from_length_groups_are_the_whole_batchs(
+    family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tiny(family)
+    batch = _questions_of_unlike_lengths(t)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    rows = batch["input_ids"].tolist()
+    examples = [{"input_ids": row[:n]} for row, n in zip(rows, lengths, strict=True)]
+    settings = {"max_new_tokens": 10, "num_beams": 1, "batch_size": 8}
+    answers = {}
+    for path in ("lean", "generate"):
+        answers[path] = generation.generate(
+            t.model, t.tokenizer, examples, **settings, lean=path == "lean"
+        )
+    grouped = []
+    monkeypatch.setattr(
+        generation,
+        "read_in_length_groups",
+        lambda *a: grouped.append(1) or decoding.read_in_length_groups(*a),
+    )
+    assert generation.generate(t.model, t.tokenizer, examples, **settings) == answers["lean"]
+    assert grouped == [1]
+    monkeypatch.setattr(generation, "read_in_length_groups", lambda *a: None)
+    whole = generation.generate(t.model, t.tokenizer, examples, **settings)
+    assert answers["lean"] == answers["generate"] == whole
+    assert len(set(whole)) > 1

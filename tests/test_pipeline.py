@@ -112,9 +112,9 @@ def test_each_model_answers_both_sets_in_one_pass(
         batches.append(kwargs["input_ids"].shape[0])
         return generate(self, *args, **kwargs)
 
-    def lean_counting(model: Any, input_ids: torch.Tensor, *args: Any) -> Any:
+    def lean_counting(model: Any, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         batches.append(input_ids.shape[0])
-        return lean(model, input_ids, *args)
+        return lean(model, input_ids, *args, **kwargs)
 
     # the batches answered by Hugging Face generate and by the lean decoding loop
     monkeypatch.setattr(GenerationMixin, "generate", counting)

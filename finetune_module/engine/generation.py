@@ -2,9 +2,12 @@
 
 Questions are sorted by length so that each batch pads little, then the answers are put back
 in order. Greedy answers come from the lean decoding loop (`engine.decoding`) where it is
-proven to give `generate`'s answers, from Hugging Face `generate` everywhere else. With several
-processes each answers its share of the batches and the answers are gathered, so every process
-ends with the answers of a single-process run.
+proven to give `generate`'s answers, from Hugging Face `generate` everywhere else. Where the
+loop is proven for an encoder-decoder model, its encoder reads each batch's questions in
+smaller groups of similar length (`decoding.read_in_length_groups`) and the decoder answers the
+whole batch at once; both paths get the same encoder states. With several processes each
+answers its share of the batches and the answers are gathered, so every process ends with the
+answers of a single-process run.
 """
 
 import numpy as np
@@ -12,7 +15,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from finetune_module.engine.decoding import greedy_generate, lean_decoding_applies
+from finetune_module.engine.decoding import (
+    greedy_generate,
+    lean_decoding_applies,
+    read_in_length_groups,
+)
 from finetune_module.engine.distributed import (
     gathered,
     is_main_process,
@@ -59,7 +66,9 @@ def generate(
     on how many processes there are. A decoder-only model's prompts are padded on the left, so
     that its answer follows on. A progress bar named `desc` counts the answers (the main
     process's share) unless `quiet`. With `lean`, greedy answers come from the lean decoding
-    loop where `uses_lean_decoding` (the same answers, with less work per token).
+    loop where `uses_lean_decoding` (the same answers, with less work per token); where it is
+    proven for the model (`lean` or not), an encoder-decoder model's encoder reads each batch in
+    length groups.
     """
     lengths = input_lengths(examples)
     order = np.argsort(lengths, kind="stable").tolist()
@@ -69,7 +78,8 @@ def generate(
     decoder_only = not model.config.is_encoder_decoder
     share = this_process_share(batches, model)
     longest = int(lengths.max(initial=0)) + max_new_tokens
-    lean = lean and uses_lean_decoding(model, num_beams, longest)
+    proven = uses_lean_decoding(model, num_beams, longest)
+    lean = lean and proven
     progress = tqdm(
         total=sum(map(len, share)),
         desc=desc,
@@ -83,6 +93,9 @@ def generate(
                 padding_side="left" if decoder_only else None,
                 return_tensors="pt",
             ).to(device)
+            read = None
+            if proven and not decoder_only:
+                read = read_in_length_groups(model, batch["input_ids"], batch["attention_mask"])
             if lean:
                 generated = greedy_generate(
                     model,
@@ -90,6 +103,7 @@ def generate(
                     batch["attention_mask"],
                     max_new_tokens,
                     tokenizer.pad_token_id,
+                    encoder_outputs=read,
                 )
             else:
                 generated = model.generate(
@@ -101,6 +115,7 @@ def generate(
                     use_cache=True,
                     synced_gpus=sharded,  # sharded weights: every process runs every step
                     pad_token_id=tokenizer.pad_token_id,
+                    **({} if read is None else {"encoder_outputs": read}),
                 )
             if decoder_only:  # the output starts with the prompt
                 generated = generated[:, batch["input_ids"].shape[1] :]
