@@ -473,3 +473,27 @@ def test_answers_from_length_groups_are_the_whole_batchs(
     whole = generation.generate(t.model, t.tokenizer, examples, **settings)
     assert answers["lean"] == answers["generate"] == whole
     assert len(set(whole)) > 1
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "llama"])
+def test_a_validation_loss_reads_questions_in_length_groups(
+    family: str, tiny: Callable[[str], Tiny]
+) -> None:
+    t = tiny(family)
+    if t.model.config.is_encoder_decoder:
+        batch = dict(_questions_of_unlike_lengths(t))
+    else:
+        batch = dict(t.batch)
+    labels = t.tokenizer(["an answer", "another, longer answer", "a", "yes", "no"])["input_ids"]
+    padded = t.tokenizer.pad({"input_ids": labels[: len(batch["input_ids"])]}, return_tensors="pt")
+    batch["labels"] = padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)
+    if not t.model.config.is_encoder_decoder:  # one sequence: labels as long as the inputs
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        grouped = generation.questions_read_in_groups(t.model, batch)
+        stock = t.model(**batch).loss
+        loss = t.model(**grouped).loss
+    assert ("encoder_outputs" in grouped) == t.model.config.is_encoder_decoder
+    torch.testing.assert_close(loss, stock, rtol=1e-5, atol=1e-6)
+    # with gradients (training) the batch is left as it is
+    assert "encoder_outputs" not in generation.questions_read_in_groups(t.model, batch)

@@ -10,6 +10,9 @@ answers its share of the batches and the answers are gathered, so every process 
 answers of a single-process run.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -46,6 +49,25 @@ def uses_lean_decoding(model: torch.nn.Module, num_beams: int, longest: int = 0)
         and model_device(model).type == "cpu"
         and lean_decoding_applies(model, num_beams, longest)
     )
+
+
+def questions_read_in_groups(model: torch.nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs of a forward pass without gradients (a validation loss) with the encoder's
+    states read in length groups (`decoding.read_in_length_groups`, as `generate` reads its
+    questions): for an encoder-decoder model the lean loop is proven for here
+    (`uses_lean_decoding`), a batch holding `input_ids` and `attention_mask`. The same loss up
+    to float rounding, with less padding read: a validation batch of 8 pads every question to
+    its longest. Anything else: the inputs as they are."""
+    if (
+        torch.is_grad_enabled()
+        or not model.config.is_encoder_decoder
+        or "encoder_outputs" in inputs
+        or not {"input_ids", "attention_mask"} <= inputs.keys()
+        or not uses_lean_decoding(model, num_beams=1)
+    ):
+        return dict(inputs)
+    read = read_in_length_groups(model, inputs["input_ids"], inputs["attention_mask"])
+    return dict(inputs) if read is None else {**inputs, "encoder_outputs": read}
 
 
 def generate(

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as _confusion_counts
 
 from finetune_module.engine.distributed import gathered, this_process_share
-from finetune_module.engine.generation import model_device
+from finetune_module.engine.generation import model_device, questions_read_in_groups
 from finetune_module.engine.tokens import IGNORE_INDEX, TokenizedSet
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -95,8 +95,10 @@ def mean_token_loss(
 ) -> float:
     """The validation loss as the Hugging Face Trainer measures it: the examples in order, in
     batches of `batch_size` made by `collator`; each batch's mean cross-entropy per target
-    token, averaged over the examples (a batch counts as many times as it has examples). The
-    same model and data give the Trainer's `eval_loss`. With several processes, each scores its
+    token, averaged over the examples (a batch counts as many times as it has examples), an
+    encoder-decoder model's questions read as the Trainer reads them
+    (`generation.questions_read_in_groups`). The same model and data give the Trainer's
+    `eval_loss`. With several processes, each scores its
     share of the batches and the sums are gathered."""
     device = model_device(model)
     batches = [
@@ -106,7 +108,7 @@ def mean_token_loss(
     with torch.inference_mode():
         for rows in this_process_share(batches, model):
             batch = {key: value.to(device) for key, value in collator(rows).items()}
-            logits = model(**batch).logits
+            logits = model(**questions_read_in_groups(model, batch)).logits
             labels = batch["labels"]
             if not model.config.is_encoder_decoder:  # each position predicts the next
                 logits, labels = logits[:, :-1], labels[:, 1:]

@@ -50,6 +50,7 @@ from finetune_module.engine import speedups
 from finetune_module.engine.batching import LengthGroupedBatches
 from finetune_module.engine.distributed import world_size
 from finetune_module.engine.files import SETTINGS_FILE, storage_error, take_umask, write_json
+from finetune_module.engine.generation import questions_read_in_groups
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.settings import TrainingSettings
 from finetune_module.engine.tokens import IGNORE_INDEX, TokenizedSet
@@ -383,7 +384,10 @@ class FinetuneTrainer(Seq2SeqTrainer):
         frozen output layer without a bias of its own (BART's separate logits bias is fine), in
         fp32, computed without keeping its logits
         (`speedups.linear_cross_entropy`: the same mean cross-entropy); anything else as the
-        Trainer computes it."""
+        Trainer computes it. Without gradients (evaluation), an encoder-decoder model reads the
+        batch's questions in length groups (`generation.questions_read_in_groups`)."""
+        if not model.training:
+            inputs = questions_read_in_groups(self.accelerator.unwrap_model(model), inputs)
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if isinstance(base, PeftModel) else base
         head = base.get_output_embeddings() if isinstance(base, PreTrainedModel) else None
