@@ -14,6 +14,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from finetune_module.engine import decoding, generation
 from finetune_module.engine.decoding import greedy_generate, lean_decoding_applies
@@ -446,7 +447,7 @@ def test_the_encoder_reads_questions_in_length_groups(
     assert not torch.allclose(grouped[0, 0], grouped[1, 0]), "rows keep their own states"
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", SEQ2SEQ)
 def test_answers_from_length_groups_are_the_whole_batchs(
     family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -461,18 +462,81 @@ def test_answers_from_length_groups_are_the_whole_batchs(
         answers[path] = generation.generate(
             t.model, t.tokenizer, examples, **settings, lean=path == "lean"
         )
-    grouped = []
+    grouped, attended = [], []
     monkeypatch.setattr(
         generation,
         "read_in_length_groups",
         lambda *a: grouped.append(1) or decoding.read_in_length_groups(*a),
     )
+    monkeypatch.setattr(
+        decoding,
+        "sdpa_attention_forward",
+        lambda *a, **k: attended.append(a[2].shape) or sdpa_attention_forward(*a, **k),
+    )
     assert generation.generate(t.model, t.tokenizer, examples, **settings) == answers["lean"]
     assert grouped == [1]
+    # the decode steps' attention to the questions: each group to its own longest question
+    longest = [max(lengths[row] for row in rows) for rows in decoding.length_groups(lengths)]
+    assert {shape[2] for shape in attended if shape[2] in longest} == set(longest)
+    net = t.model.get_base_model()
+    assert net.config._attn_implementation == "sdpa"  # set back after answering
+    assert net.get_encoder().config._attn_implementation == "sdpa"
     monkeypatch.setattr(generation, "read_in_length_groups", lambda *a: None)
+    monkeypatch.setattr(generation, "keys_read_in_groups", lambda _: nullcontext())
     whole = generation.generate(t.model, t.tokenizer, examples, **settings)
     assert answers["lean"] == answers["generate"] == whole
-    assert len(set(whole)) > 1
+    if family in ("t5", "bart"):  # (the tiny mBART's answers decode to empty texts)
+        assert len(set(whole)) > 1
+
+
+def _attention_inputs(
+    lengths: list[int], bias: bool, heads: int = 3, width: int = 8
+) -> tuple[torch.Tensor, ...]:
+    """A decode step's query, the questions' keys and values, their right-padding mask
+    (batch x 1 x 1 x keys, boolean) and a T5-like position bias (1 x heads x 1 x keys) or
+    None."""
+    generator = torch.Generator().manual_seed(4)
+    batch, keys = len(lengths), max(lengths)
+    query = torch.randn(batch, heads, 1, width, generator=generator)
+    key, value = (torch.randn(batch, heads, keys, width, generator=generator) for _ in "kv")
+    mask = torch.arange(keys)[None, :] < torch.tensor(lengths)[:, None]
+    position_bias = torch.randn(1, heads, 1, keys, generator=generator) if bias else None
+    return query, key, value, mask[:, None, None, :], position_bias
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "t5-bias"])
+def test_grouped_key_attention_is_the_padded_batchs(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = torch.nn.Module().eval()
+    calls: list[int] = []
+    monkeypatch.setattr(
+        decoding,
+        "sdpa_attention_forward",
+        lambda *a, **k: calls.append(a[2].shape[2]) or sdpa_attention_forward(*a, **k),
+    )
+    cases = (
+        ([3, 4, 40, 41, 300], [4, 41, 300]),
+        ([300, 3, 4], [4, 300]),
+        ([300, 3, 301, 4], [301]),
+    )
+    for lengths, groups in cases:
+        query, key, value, mask, position_bias = _attention_inputs(lengths, bias)
+        calls.clear()
+        out, _ = decoding.grouped_key_attention(
+            module, query, key, value, mask, scaling=0.5, position_bias=position_bias
+        )
+        assert calls == groups  # groups of rows apart from each other: the batch as one
+        stock, _ = sdpa_attention_forward(
+            module, query, key, value, mask, scaling=0.5, position_bias=position_bias
+        )
+        torch.testing.assert_close(out, stock, rtol=1e-5, atol=1e-6)
+    # several queries a row (a prompt, the encoder), or a module in training: as one
+    query, key, value, mask, _ = _attention_inputs([3, 40, 300], bias=False)
+    calls.clear()
+    decoding.grouped_key_attention(module, query.expand(-1, -1, 2, -1), key, value, mask)
+    decoding.grouped_key_attention(module.train(), query, key, value, mask)
+    assert calls == [300, 300]
 
 
 @pytest.mark.parametrize("family", ["t5", "bart", "llama"])

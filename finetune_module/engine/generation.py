@@ -5,11 +5,13 @@ in order. Greedy answers come from the lean decoding loop (`engine.decoding`) wh
 proven to give `generate`'s answers, from Hugging Face `generate` everywhere else. Where the
 loop is proven for an encoder-decoder model, its encoder reads each batch's questions in
 smaller groups of similar length (`decoding.read_in_length_groups`) and the decoder answers the
-whole batch at once; both paths get the same encoder states. With several processes each
-answers its share of the batches and the answers are gathered, so every process ends with the
-answers of a single-process run.
+whole batch at once, each group attending only to its own questions' length
+(`decoding.keys_read_in_groups`); both paths get the same states and the same attention. With
+several processes each answers its share of the batches and the answers are gathered, so every
+process ends with the answers of a single-process run.
 """
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune_module.engine.decoding import (
     greedy_generate,
+    keys_read_in_groups,
     lean_decoding_applies,
     read_in_length_groups,
 )
@@ -108,7 +111,8 @@ def generate(
         unit="answer",
         disable=quiet or not is_main_process(),
     )
-    with torch.inference_mode(), progress:
+    grouped_keys = keys_read_in_groups(model) if proven else contextlib.nullcontext()
+    with torch.inference_mode(), progress, grouped_keys:
         for indices in share:
             batch = tokenizer.pad(
                 {"input_ids": [examples[i]["input_ids"] for i in indices]},
