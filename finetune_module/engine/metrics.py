@@ -98,8 +98,8 @@ def mean_token_loss(
     token, averaged over the examples (a batch counts as many times as it has examples), an
     encoder-decoder model's questions read as the Trainer reads them
     (`generation.questions_read_in_groups`). The same model and data give the Trainer's
-    `eval_loss`. With several processes, each scores its
-    share of the batches and the sums are gathered."""
+    `eval_loss`. With several processes, each scores its share of the batches and the sums are
+    gathered."""
     device = model_device(model)
     batches = [
         examples[start : start + batch_size] for start in range(0, len(examples), batch_size)
