@@ -219,20 +219,22 @@ STEP_BANDS = (128, 256, 384)
 
 
 class StepClock(TrainerCallback):
-    """The wall time of every training step and the padded shape of its batch: (rows, input
-    tokens, target tokens), seen by a hook on the model's forward pass while it trains."""
+    """The wall time of every training step and the padded shape of each forward pass it ran:
+    (rows, input tokens, target tokens), seen by a hook on the model's forward pass while it
+    trains. A batch over the activation budget goes forward in parts, each padded to its own
+    longest example (`memory.ActivationBudget.parts`): one shape per part."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[tuple[int, int, int], float]] = []
-        self._shape: tuple[int, int, int] | None = None
+        self.steps: list[tuple[list[tuple[int, int, int]], float]] = []
+        self._shapes: list[tuple[int, int, int]] = []
         self._started = 0.0
         self._hook: Any = None
 
     def _seen(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids")
         targets = kwargs.get("decoder_input_ids", kwargs.get("labels"))
-        if module.training and self._shape is None and ids is not None:
-            self._shape = (*ids.shape, 0 if targets is None else targets.shape[1])
+        if module.training and ids is not None:
+            self._shapes.append((*ids.shape, 0 if targets is None else targets.shape[1]))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Hooks the model's forward pass."""
@@ -240,12 +242,12 @@ class StepClock(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Starts the step's clock."""
-        self._shape, self._started = None, time.perf_counter()
+        self._shapes, self._started = [], time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Records the step's shape and seconds."""
-        if self._shape is not None:
-            self.steps.append((self._shape, time.perf_counter() - self._started))
+        """Records the step's shapes and seconds."""
+        if self._shapes:
+            self.steps.append((self._shapes, time.perf_counter() - self._started))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Removes the hook."""
@@ -254,21 +256,28 @@ class StepClock(TrainerCallback):
 
 
 def step_bands(
-    steps: list[tuple[tuple[int, int, int], float]], config: PretrainedConfig
+    steps: list[tuple[list[tuple[int, int, int]], float]], config: PretrainedConfig
 ) -> list[dict[str, Any]]:
-    """The steps grouped by their batch's padded input length (`STEP_BANDS`): how many, their
-    seconds, and the GFLOP/s they ran at counting every padded token (a step's work as the
-    benchmark counts useful work, but on its padded shape)."""
+    """The steps grouped by their batch's padded input length (`STEP_BANDS`; a batch that went
+    in parts: its longest part's): how many, their seconds, and the GFLOP/s they ran at
+    counting every padded token of the passes they ran (a step's work as the benchmark counts
+    useful work, but on its padded shapes)."""
     bands: list[dict[str, Any]] = []
+    longest = [max(source for _, source, _ in shapes) for shapes, _ in steps]
     lower = 0
     for upper in (*STEP_BANDS, None):
-        inside = [(shape, sec) for shape, sec in steps if lower < shape[1] <= (upper or shape[1])]
+        inside = [
+            step for step, top in zip(steps, longest, strict=True) if lower < top <= (upper or top)
+        ]
         seconds = sum(sec for _, sec in inside)
-        flops = sum(2 * rows * forward_flops(config, s, t) for (rows, s, t), _ in inside)
+        flops = sum(
+            2 * rows * forward_flops(config, s, t) for shapes, _ in inside for rows, s, t in shapes
+        )
         bands.append(
             {
                 "input_tokens": f"{lower + 1}-{upper}" if upper else f">{lower}",
                 "steps": len(inside),
+                "parts": sum(len(shapes) for shapes, _ in inside),
                 "seconds": seconds,
                 "padded_gflops": flops / seconds / 1e9 if seconds else 0.0,
             }
@@ -498,7 +507,9 @@ def _table(f: dict[str, Any]) -> str:
         *(
             (
                 f"  steps, {band['input_tokens']} tokens in",
-                f"{band['steps']} in {band['seconds']:.1f} s, "
+                f"{band['steps']} in {band['seconds']:.1f} s"
+                + (f" ({band['parts']} parts)" if band["parts"] > band["steps"] else "")
+                + ", "
                 f"{band['padded_gflops']:.0f} GFLOP/s (padded)",
             )
             for band in f["steps_by_input_length"]

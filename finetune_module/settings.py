@@ -176,9 +176,10 @@ def settings(
     :param fsdp_config: a JSON file of FSDP settings (or its contents), e.g.
         {"version": 2, "reshard_after_forward": true}.
     :param activation_memory_gb: about how much memory (GB) a training batch may keep for its
-        backward pass; a longer batch recomputes just enough layers' activations to stay within
-        it. "auto" (default): 4 times the size of the model's weights; None: no limit (fastest,
-        most memory). Part of the CPU speed layer.
+        backward pass; a longer batch goes forward and backward in parts that stay within it
+        (the same gradients; dropout draws its masks part by part), and where one example alone
+        does not fit, recomputes just enough layers' activations. "auto" (default): 4 times the
+        size of the model's weights; None: no limit (most memory). Part of the CPU speed layer.
     :param report_to: where the Trainer logs its training and evaluation metrics: "none"
         (default), "all" (every integration installed), or the name of one or a list of them,
         e.g. "tensorboard" (logs under `<output_dir>/checkpoints/runs`), "wandb" or "mlflow"

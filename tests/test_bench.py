@@ -13,7 +13,7 @@ from hamilton import driver
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from bench.benchmark import forward_flops
+from bench.benchmark import forward_flops, step_bands
 from bench.data import TOKENIZER_VOCABULARY, build_dataset, training_texts
 from bench.peer import tokenized_sets
 from bench.step_profile import MATMULS
@@ -73,8 +73,22 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
     assert sum(band["steps"] for band in bands) == figures["steps"]
     assert all(band["padded_gflops"] > 0 for band in bands if band["steps"])
     assert sum(band["seconds"] for band in bands) <= figures["train_seconds"]
+    assert all(band["parts"] >= band["steps"] for band in bands)
     assert {"training", "evaluation", "tokenization"} <= set(figures["stage_seconds"])
     assert "train samples/s" in done.stdout
+
+
+def test_a_step_in_parts_is_banded_by_its_longest_part_and_counts_every_parts_work() -> None:
+    config = T5Config(d_model=8, d_kv=4, num_heads=2, d_ff=16, num_layers=1, vocab_size=10)
+    steps = [([(4, 100, 9)], 1.0), ([(2, 300, 9), (2, 500, 7)], 3.0), ([(8, 20, 5)], 0.5)]
+    bands = {band["input_tokens"]: band for band in step_bands(steps, config)}
+    assert [band["steps"] for band in bands.values()] == [2, 0, 0, 1]
+    assert [band["parts"] for band in bands.values()] == [2, 0, 0, 2]
+    assert bands[">384"]["seconds"] == 3.0
+    work = 2 * 2 * (forward_flops(config, 300, 9) + forward_flops(config, 500, 7))
+    assert bands[">384"]["padded_gflops"] == pytest.approx(work / 3.0 / 1e9)
+    work = 2 * (4 * forward_flops(config, 100, 9) + 8 * forward_flops(config, 20, 5))
+    assert bands["1-128"]["padded_gflops"] == pytest.approx(work / 1.5 / 1e9)
 
 
 def test_peer_trains_and_answers_on_the_dataflows_sets(

@@ -1,21 +1,23 @@
-"""Training memory to a budget: gradient checkpointing only for the batches and layers that
-need it.
+"""Training memory to a budget: a long batch goes in parts, and gradient checkpointing only
+where even one row does not fit.
 
 A training batch keeps each layer's activations for the backward pass; for a long batch (the
 95th-percentile input length times the batch size) that is gigabytes, while most batches need
 a fraction of it. Before each step the activations each layer would keep are estimated from
-the batch's padded shape; if they add up to more than the budget, just enough layers (the
-costliest first) recompute theirs in the backward pass instead of keeping them. Short batches
-run at full speed; the longest pay about one extra forward pass of the layers they recompute.
+the batch's padded shape. A batch over the budget goes forward and backward in the fewest
+parts that fit (`ActivationBudget.parts`: its rows in order of length, each part padded to its
+own longest), and the Trainer adds up their gradients, each part's loss scaled by its share of
+the batch's; that costs next to nothing. Only where one row alone does not fit do just enough
+layers (the costliest first) recompute theirs in the backward pass, at about one extra forward
+pass of those layers.
 
 The budget scales with the model: by default ("auto") a batch may keep activations of up to
 `AUTO_BUDGET_WEIGHTS` times the memory of the model's own weights, so the peak stays a fixed
 multiple of the model's size however long the data's longest batch is. For the benchmark's model
-of flan-t5-small's shape (61M distinct weights in fp32, 0.24 GB) that is 0.98 GB, the
-trade-off the fixed default of 1.0 GB struck before: 20 of its 96 training batches recompute
-some layers (~3% more compute), and the peak stays near 2.6 GB instead of 4.4 GB without a
-budget (2.4 GB and 3.4 GB over one epoch since the attention works a few batch rows at a time;
-the recomputed layers cost 6.5 s of its 91 s of steps).
+of flan-t5-small's shape (61M distinct weights in fp32, 0.24 GB) that is 0.98 GB: over one
+epoch, 9 of its 48 batches go in two or three parts, and the peak stays near 2.3 GB instead
+of 3.4 GB without a budget. Before batches went in parts, those batches recomputed some
+layers instead, which cost 6.5 s of the 91 s of steps (95 -> 86 s of training with parts).
 """
 
 from typing import Any
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from finetune_module.engine.tokens import IGNORE_INDEX
 
 FLOAT_BYTES = 4
 # Per token a layer keeps about 9 x hidden size + 4 x feed-forward size floats (inputs of its
@@ -33,6 +37,10 @@ FLOAT_BYTES = 4
 TOKEN_FLOATS = (9, 4)  # x hidden size, x feed-forward size
 SCORE_BYTES = 5
 AUTO_BUDGET_WEIGHTS = 4  # "auto": activations up to this many times the weights' own bytes
+# the keys of a batch that `ActivationBudget.parts` cuts into parts: a model's inputs, and a
+# sequence-to-sequence model's targets (a decoder-only model's labels run along its inputs)
+SOURCE_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
+TARGET_KEYS = frozenset({"labels", "decoder_input_ids", "decoder_attention_mask"})
 
 
 def _sizes(config: Any) -> tuple[int, int, int]:
@@ -110,12 +118,87 @@ class ActivationBudget:
             excess -= sizes[index][0] - sizes[index][1]
         return flags
 
+    def shape(self, inputs: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        """The padded shape of the batch `inputs` (as the collator made it): rows, input length
+        and target length (0 for a decoder-only model, whose collator joined prompt and answer
+        into input_ids)."""
+        ids, labels = inputs["input_ids"], inputs.get("labels")
+        seq2seq = self.config.is_encoder_decoder and labels is not None
+        return ids.shape[0], ids.shape[1], labels.shape[1] if seq2seq else 0
+
+    def fits(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Whether the batch `inputs` keeps its activations within the budget with no layer
+        recomputing them."""
+        return not any(self.plan(*self.shape(inputs)))
+
     def before_step(self, inputs: dict[str, torch.Tensor]) -> None:
         """Sets the layers' checkpointing for the batch `inputs` (as the collator made it)."""
-        ids, labels = inputs["input_ids"], inputs.get("labels")
-        # a decoder-only model's collator joined prompt and answer into input_ids
-        seq2seq = self.config.is_encoder_decoder and labels is not None
-        self.set(self.plan(ids.shape[0], ids.shape[1], labels.shape[1] if seq2seq else 0))
+        self.set(self.plan(*self.shape(inputs)))
+
+    def parts(self, inputs: dict[str, torch.Tensor]) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """The batch `inputs` as the fewest parts that each fit the budget with no layer
+        recomputing its activations, each with its share of the batch's loss; the batch alone
+        (share 1) when it fits as it is, or cannot be split (one row, no labels, keys other than
+        a model's inputs and targets).
+
+        The rows go to the parts in order of length, and each part is padded only to its own
+        longest input and target. A share is the part's count of tokens in the loss over the
+        batch's, so the shares of the parts' mean token losses add up to the batch's mean token
+        loss: one step over the parts, each backward pass scaled by its share, gives the
+        batch's gradients (up to float rounding; dropout draws its masks part by part). Where
+        even one row at a time does not fit, the parts are single rows, and `before_step`
+        chooses the layers each recomputes. A part with no token in the loss is left out."""
+        labels = inputs.get("labels")
+        rows = inputs["input_ids"].shape[0]
+        if (
+            rows < 2
+            or labels is None
+            or not set(inputs) <= SOURCE_KEYS | TARGET_KEYS
+            or any(not isinstance(v, torch.Tensor) or v.dim() != 2 for v in inputs.values())
+            or self.fits(inputs)
+        ):
+            return [(inputs, 1.0)]
+        seq2seq = self.config.is_encoder_decoder
+        # a decoder-only model's loss predicts each token from the one before: the first of
+        # its labels is never predicted
+        tokens = ((labels != IGNORE_INDEX) if seq2seq else (labels[:, 1:] != IGNORE_INDEX)).sum(1)
+        total = int(tokens.sum())
+        if total == 0:
+            return [(inputs, 1.0)]
+        mask = inputs.get("attention_mask")
+        source = _lengths(mask) if mask is not None else [inputs["input_ids"].shape[1]] * rows
+        target = _lengths(labels != IGNORE_INDEX) if seq2seq else source  # labels: along inputs
+        order = sorted(range(rows), key=lambda row: (source[row], target[row]))
+        for count in range(2, rows + 1):
+            groups = [order[i * rows // count : (i + 1) * rows // count] for i in range(count)]
+            cut = [
+                _rows(inputs, group, max(source[r] for r in group), max(target[r] for r in group))
+                for group in groups
+            ]
+            if all(self.fits(part) for part in cut):
+                break
+        shares = [int(tokens[group].sum()) / total for group in groups]
+        return [(part, share) for part, share in zip(cut, shares, strict=True) if share > 0]
+
+
+def _lengths(mask: torch.Tensor) -> list[int]:
+    """Each row's length up to its last set (non-zero or True) position: what is left of it
+    when its right padding is cut off."""
+    positions = torch.arange(1, mask.shape[1] + 1) * (mask != 0)
+    return positions.max(dim=1).values.tolist()
+
+
+def _rows(
+    inputs: dict[str, torch.Tensor], rows: list[int], source: int, target: int
+) -> dict[str, torch.Tensor]:
+    """The batch's `rows`, each key cut to the part's longest input (`source`) or, for a
+    sequence-to-sequence model's targets, its longest target (`target`); cut at the right
+    only, where the collator pads."""
+    index = torch.tensor(rows)
+    return {
+        key: value.index_select(0, index)[:, : max(1, target if key in TARGET_KEYS else source)]
+        for key, value in inputs.items()
+    }
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

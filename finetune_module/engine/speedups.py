@@ -10,7 +10,8 @@ The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
   score instead of SDPA's ~12 (`attention`);
 - `logit_free_loss`: a sequence-to-sequence training loss that never holds the logits
   (`linear_cross_entropy`);
-- `activation_budget`: long batches recompute some layers' activations (`memory`).
+- `activation_budget`: a long batch goes forward and backward in parts within a memory budget,
+  recomputing layers only where one example alone exceeds it (`memory`).
 
 Each is the same function as the one it replaces (dropout keeps each value with probability
 1 - p and scales it by 1 / (1 - p); GELU is the same tanh approximation); only the work, the

@@ -329,6 +329,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
     run_identity: dict[str, Any] | None = None  # written into each checkpoint (RUN_RECORD_FILE)
     checkpoint_settings: dict[str, Any] | None = None  # and these, as SETTINGS_FILE
     earlier_loss_sum: float = 0.0  # the training loss summed over the steps before a resume
+    loss_share: float = 1.0  # of the step's loss, for the part of a batch going forward now
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """A checkpoint, with the record of this run (`RUN_RECORD_FILE`: what a resume must
@@ -368,12 +369,45 @@ class FinetuneTrainer(Seq2SeqTrainer):
         inputs: dict[str, Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """One step; first, the layers that recompute their activations for this batch."""
-        if self.activation_budget is not None:
-            self.activation_budget.before_step(inputs)
-        return super().training_step(model, inputs, num_items_in_batch)
+        """One step. Under an activation budget, a batch that does not fit it goes forward and
+        backward in parts that do (`ActivationBudget.parts`: each part's loss scaled by its
+        share of the batch's, the gradients added up, synchronised between processes after the
+        last part only), and each part first sets the layers that recompute their activations
+        (none, unless one row does not fit). Splitting a batch costs next to nothing where
+        recomputing a layer costs its forward pass again."""
+        budget = self.activation_budget
+        if budget is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            if budget is not None:
+                budget.before_step(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+        parts = budget.parts(inputs)
+        losses = []
+        for index, (part, share) in enumerate(parts):
+            budget.before_step(part)
+            last = index == len(parts) - 1
+            self.loss_share = share
+            try:
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    losses.append(super().training_step(model, part, num_items_in_batch))
+            finally:
+                self.loss_share = 1.0
+        return torch.stack(losses).sum() if len(losses) > 1 else losses[0]
 
     def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """The loss of the batch `inputs` (see `_batch_loss`); in training, times
+        `loss_share`: the batch's share of the step's loss when the step goes in parts."""
+        loss = self._batch_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.loss_share == 1.0 or not model.training:
+            return loss
+        return (loss[0] * self.loss_share, loss[1]) if return_outputs else loss * self.loss_share
+
+    def _batch_loss(
         self,
         model: torch.nn.Module,
         inputs: dict[str, Any],
