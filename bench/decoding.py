@@ -248,6 +248,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = {"max_new_tokens": args.max_new_tokens, "num_beams": 1, "batch_size": args.batch}
     if not generation.uses_lean_decoding(model, num_beams=1):
         raise SystemExit("The lean loop does not apply to this model.")
+    if args.padding_ends:  # answers that end at different steps (see --padding-ends)
+        config = transformers_model(model).generation_config
+        ends = (
+            config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        )
+        config.eos_token_id = [*ends, work["tokenizer"].pad_token_id]
 
     bandwidth, peak_gflops = memory_bandwidth(), matmul_gflops()
     weights = weight_bytes_per_step(model, torch.tensor([work["examples"][0]["input_ids"]]))
@@ -263,6 +269,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     flops = 2 * weights / 4 * rows / first["steps"]  # float32 weights, mean rows a step
     return {
         "model": args.family or ("tiny" if args.quick else "flan-t5-small shape"),
+        "padding_ends": args.padding_ends,
         "answers": len(work["examples"]),
         **settings,
         "decode_steps": first["steps"],
@@ -292,7 +299,7 @@ def _table(f: dict[str, Any]) -> str:
     """The figures as a short text table."""
     bound = f["bound_seconds_per_step"]
     rows = [
-        ("model", f["model"]),
+        ("model", f["model"] + (", padding ends answers" if f["padding_ends"] else "")),
         ("answers x cap, batch", f"{f['answers']} x {f['max_new_tokens']}, {f['batch_size']}"),
         ("decode steps", f"{f['decode_steps']}"),
         ("memory bandwidth", f"{f['memory_bandwidth_gb_s']:.1f} GB/s"),
@@ -337,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a decoder-only model of this family, of flan-t5-small's width, instead",
     )
     p.add_argument("--rounds", type=int, help="passes of each path (default: 4, --quick: 2)")
+    p.add_argument(
+        "--padding-ends",
+        action="store_true",
+        help="the padding token ends an answer too: the benchmark model (random weights) "
+        "answers most questions with padding alone, so its answers then end at different "
+        "steps, as a trained model's do",
+    )
     p.add_argument(
         "--threads",
         default=str(torch.get_num_threads()),

@@ -147,7 +147,11 @@ def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> N
     assert "peer / us" in done.stdout and "whole job" in done.stdout
 
 
-@pytest.mark.parametrize("family", [[], ["--family", "llama"]], ids=["t5", "llama"])
+@pytest.mark.parametrize(
+    "family",
+    [[], ["--family", "llama"], ["--padding-ends"]],
+    ids=["t5", "llama", "t5-padding-ends"],
+)
 def test_quick_decoding_benchmark_runs_and_writes_its_figures(
     family: list[str], tmp_path: Path
 ) -> None:
@@ -166,6 +170,7 @@ def test_quick_decoding_benchmark_runs_and_writes_its_figures(
     measured = figures["by_threads"]["1"]
     assert measured["speedup"] > 0 and set(measured["seconds_per_step"]) == {"stock", "lean"}
     assert "stock / lean" in done.stdout
+    assert figures["padding_ends"] == ("--padding-ends" in family)
 
 
 def test_quick_step_profile_splits_a_steps_time_and_writes_its_figures(tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ every other config to `generate`. Broken variants of the loop are caught by the 
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -167,6 +168,62 @@ def test_lean_answers_are_generates_on_every_family(
         with t.adapter(on):
             answers[on] = t.same(10, f"adapter {'on' if on else 'off'}, ending early")
     assert (t.new_tokens(answers[True])[0, 2:] == t.tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ended_answers_leave_the_batch_and_the_answers_stay_generates(
+    family: str, family_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = Tiny(family_model(family), family)
+    while True:
+        to_the_cap = t.new_tokens(t.same(10)).tolist()
+        # an end token at which some answers end before others (and before the cap)
+        candidates = (x for row in to_the_cap for x in row)
+        token = next(
+            (x for x in candidates if len(set(_ends(to_the_cap, [x, *t.config_ends]))) > 1), None
+        )
+        if token is not None:
+            break
+        # a tiny model may answer every question alike: a stronger adapter tells them apart
+        lora_b = [w for name, w in t.model.named_parameters() if "lora_B" in name]
+        assert lora_b[0].abs().max() < 100, f"every answer alike: {to_the_cap}"
+        for weight in lora_b:
+            weight.data *= 4
+    end = _ends(to_the_cap, [token, *t.config_ends])
+    _set(monkeypatch, t, eos_token_id=[token, *t.config_ends])
+    with _rows_per_step(t.model) as rows:
+        sequences = t.same(10, "answers ending at different steps")
+    # each step's rows: generate's, then the lean loop's, which leaves a row out once it has
+    # ended (of 4 rows, one ended is enough: `decoding.RETIRE_SHARE`); after the last row has
+    # ended, no more steps
+    steps = t.new_tokens(sequences).shape[1]
+    assert steps == min(10, max(end) + 1)
+    assert rows == [4] * steps + [sum(e >= i for e in end) for i in range(steps)]
+    assert min(rows) < 4
+
+
+def _ends(answers: list[list[int]], tokens: list[int]) -> list[int]:
+    """Where each answer (its tokens) would end if `tokens` ended answers: the position of
+    the first of them in it, or its length if none."""
+    return [next((i for i, x in enumerate(row) if x in tokens), len(row)) for row in answers]
+
+
+@contextmanager
+def _rows_per_step(model: torch.nn.Module) -> Iterator[list[int]]:
+    """The rows of each decode step of the model's (its decoder's input) while in the block;
+    an encoder-decoder model's encoder, run apart, is not counted."""
+    rows: list[int] = []
+
+    def seen(_: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
+        rows.append(ids.shape[0])
+
+    net = decoding.transformers_model(model)
+    hook = net.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("family", ["gemma3", "mistral"])
@@ -487,6 +544,57 @@ def test_answers_from_length_groups_are_the_whole_batchs(
     assert answers["lean"] == answers["generate"] == whole
     if family in ("t5", "bart"):  # (the tiny mBART's answers decode to empty texts)
         assert len(set(whole)) > 1
+
+
+def test_a_linear_layer_multiplies_a_few_rows_weight_first_with_the_same_result() -> None:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(48, 300), torch.nn.Linear(48, 300, bias=False)]
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(5, 1, 48)
+    long = torch.randn(decoding.WEIGHT_FIRST_ROWS + 1, 48)
+    stock = [layer(x) for layer in layers]
+    products: list[tuple[int, ...]] = []
+    mm = torch.mm
+    with (
+        decoding.weights_first(model),
+        mock.patch.object(
+            torch, "mm", side_effect=lambda a, b: products.append(a.shape) or mm(a, b)
+        ),
+    ):
+        for layer, expected in zip(layers, stock, strict=True):
+            out = layer(x)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            assert out.is_contiguous() and out.shape == (5, 1, 300)
+        torch.testing.assert_close(layers[0](long), torch.nn.functional.linear(
+            long, layers[0].weight, layers[0].bias), rtol=0, atol=0)  # fmt: skip
+    assert products == [(300, 48)]  # the layer without a bias, weight first (with: addmm)
+    assert all("forward" not in vars(layer) for layer in layers)  # set back after
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_answers_with_weights_first_are_the_stock_products(
+    family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On every family, `generation.generate` (both paths) multiplies its decode steps' rows
+    weight first, and answers as with the stock products."""
+    t = tiny(family)
+    examples = [{"input_ids": ids} for ids in t.tokenizer(QUESTIONS)["input_ids"]]
+    settings = {"max_new_tokens": 10, "num_beams": 1, "batch_size": 8}
+    calls: list[int] = []
+    weight_first = decoding._weight_first
+    monkeypatch.setattr(
+        decoding, "_weight_first", lambda layer, x: calls.append(1) or weight_first(layer, x)
+    )
+    answers = {
+        path: generation.generate(t.model, t.tokenizer, examples, **settings, lean=path == "lean")
+        for path in ("lean", "generate")
+    }
+    assert len(calls) > 20  # every decode step's layers
+    linears = [m for m in t.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all("forward" not in vars(m) for m in linears)  # set back after
+    monkeypatch.setattr(generation, "weights_first", lambda _: nullcontext())
+    stock = generation.generate(t.model, t.tokenizer, examples, **settings)
+    assert answers["lean"] == answers["generate"] == stock
 
 
 def _attention_inputs(

@@ -25,6 +25,7 @@ from finetune_module.engine.decoding import (
     keys_read_in_groups,
     lean_decoding_applies,
     read_in_length_groups,
+    weights_first,
 )
 from finetune_module.engine.distributed import (
     gathered,
@@ -93,7 +94,8 @@ def generate(
     process's share) unless `quiet`. With `lean`, greedy answers come from the lean decoding
     loop where `uses_lean_decoding` (the same answers, with less work per token); where it is
     proven for the model (`lean` or not), an encoder-decoder model's encoder reads each batch in
-    length groups.
+    length groups, its decoder attends to them in the same groups, and a decode step's linear
+    layers multiply weight first (`weights_first`).
     """
     lengths = input_lengths(examples)
     order = np.argsort(lengths, kind="stable").tolist()
@@ -111,8 +113,10 @@ def generate(
         unit="answer",
         disable=quiet or not is_main_process(),
     )
-    grouped_keys = keys_read_in_groups(model) if proven else contextlib.nullcontext()
-    with torch.inference_mode(), progress, grouped_keys:
+    with torch.inference_mode(), progress, contextlib.ExitStack() as proven_only:
+        if proven:
+            proven_only.enter_context(keys_read_in_groups(model))
+            proven_only.enter_context(weights_first(model))
         for indices in share:
             batch = tokenizer.pad(
                 {"input_ids": [examples[i]["input_ids"] for i in indices]},
