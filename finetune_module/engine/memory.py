@@ -12,12 +12,13 @@ layers (the costliest first) recompute theirs in the backward pass, at about one
 pass of those layers.
 
 The budget scales with the model: by default ("auto") a batch may keep activations of up to
-`AUTO_BUDGET_WEIGHTS` times the memory of the model's own weights, so the peak stays a fixed
-multiple of the model's size however long the data's longest batch is. For the benchmark's model
-of flan-t5-small's shape (61M distinct weights in fp32, 0.24 GB) that is 0.98 GB: over one
-epoch, 9 of its 48 batches go in two or three parts, and the peak stays near 2.3 GB instead
-of 3.4 GB without a budget. Before batches went in parts, those batches recomputed some
-layers instead, which cost 6.5 s of the 91 s of steps (95 -> 86 s of training with parts).
+`AUTO_BUDGET_WEIGHTS` times the memory of the model's own weights (at least
+`AUTO_BUDGET_FLOOR_GB`), so the peak stays a fixed multiple of the model's size however long the
+data's longest batch is. For the benchmark's model of flan-t5-small's shape (61M distinct
+weights in fp32, 0.24 GB) that is 0.98 GB: over one epoch, 9 of its 48 batches go in two or
+three parts, and the peak stays near 2.3 GB instead of 3.4 GB without a budget. Before batches
+went in parts, those batches recomputed some layers instead, which cost 6.5 s of the 91 s of
+steps (95 -> 86 s of training with parts).
 """
 
 from typing import Any
@@ -37,6 +38,9 @@ FLOAT_BYTES = 4
 TOKEN_FLOATS = (9, 4)  # x hidden size, x feed-forward size
 SCORE_BYTES = 5
 AUTO_BUDGET_WEIGHTS = 4  # "auto": activations up to this many times the weights' own bytes
+# ... and at least this many GB: less is not what limits any machine that trains, and a small
+# model's batches would go one row at a time (a tiny test model's budget would be 0.6 MB)
+AUTO_BUDGET_FLOOR_GB = 0.25
 # the keys of a batch that `ActivationBudget.parts` cuts into parts: a model's inputs, and a
 # sequence-to-sequence model's targets (a decoder-only model's labels run along its inputs)
 SOURCE_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
@@ -208,9 +212,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def budget_gb(activation_memory_gb: float | str | None, model: torch.nn.Module) -> float | None:
     """The activation budget in GB for `model`: the number given, `AUTO_BUDGET_WEIGHTS` times
-    its weights' bytes for "auto", or None (no limit)."""
+    its weights' bytes (at least `AUTO_BUDGET_FLOOR_GB`) for "auto", or None (no limit)."""
     if activation_memory_gb is None:
         return None
     if activation_memory_gb == "auto":
-        return AUTO_BUDGET_WEIGHTS * weight_bytes(model) / 1e9
+        return max(AUTO_BUDGET_FLOOR_GB, AUTO_BUDGET_WEIGHTS * weight_bytes(model) / 1e9)
     return float(activation_memory_gb)
