@@ -15,8 +15,8 @@ The budget scales with the model: by default ("auto") a batch may keep activatio
 `AUTO_BUDGET_WEIGHTS` times the memory of the model's own weights (at least
 `AUTO_BUDGET_FLOOR_GB`), so the peak stays a fixed multiple of the model's size however long the
 data's longest batch is. For the benchmark's model of flan-t5-small's shape (61M distinct
-weights in fp32, 0.24 GB) that is 0.98 GB: over one epoch, 9 of its 48 batches go in two or
-three parts, and the peak stays near 2.3 GB instead of 3.4 GB without a budget. Before batches
+weights in fp32, 0.24 GB) that is 0.98 GB: over one epoch, 9-10 of its 48 batches go in two
+or three parts, and the peak stays near 2.3 GB instead of 3.4 GB without a budget. Before batches
 went in parts, those batches recomputed some layers instead, which cost 6.5 s of the 91 s of
 steps (95 -> 86 s of training with parts).
 """
