@@ -295,7 +295,8 @@ def test_run_info_says_what_ran(base_run: dict[str, Any], tiny_model_dir: Path) 
     in_order = ["settings", "data", "tokenization", "model", "training", "evaluation"]
     assert list(stages)[:6] == in_order
     assert all(seconds > 0 for seconds in stages.values())
-    assert sum(stages.values()) <= info["elapsed_seconds"]
+    # each figure is rounded to milliseconds: the stages' sum may pass the elapsed time by that
+    assert sum(stages.values()) <= info["elapsed_seconds"] + 0.0005 * (len(stages) + 1)
 
 
 def test_the_report_opens_with_what_ran(base_run: dict[str, Any]) -> None:
