@@ -46,7 +46,7 @@ import finetune_module
 from bench.benchmark import aligned, bench_parser, matmul_gflops, prepare, shown
 from bench.data import TOKENIZER_VOCABULARY, training_texts
 from finetune_module.engine import generation
-from finetune_module.engine.decoding import greedy_generate, transformers_model
+from finetune_module.engine.decoding import greedy_generate, greedy_rules, transformers_model
 from finetune_module.engine.models import build_model
 from finetune_module.tiny_model import FAMILIES, Sizes, build
 
@@ -250,9 +250,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("The lean loop does not apply to this model.")
     if args.padding_ends:  # answers that end at different steps (see --padding-ends)
         config = transformers_model(model).generation_config
-        ends = (
-            config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        )
+        ends = greedy_rules(config, None).eos_token_ids
         config.eos_token_id = [*ends, work["tokenizer"].pad_token_id]
 
     bandwidth, peak_gflops = memory_bandwidth(), matmul_gflops()
