@@ -17,7 +17,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from finetune_module.engine import decoding, generation
+from finetune_module.engine import decoding, generation, packing
 from finetune_module.engine.decoding import greedy_generate, lean_decoding_applies
 from finetune_module.engine.models import lora_config
 from finetune_module.engine.settings import LoraSettings
@@ -546,44 +546,61 @@ def test_answers_from_length_groups_are_the_whole_batchs(
         assert len(set(whole)) > 1
 
 
-def test_a_linear_layer_multiplies_a_few_rows_weight_first_with_the_same_result() -> None:
+def test_a_linear_layer_multiplies_on_packed_weights_with_the_same_result() -> None:
+    """Within `packed_weights`, linear layers (with and without a bias, any row count) give
+    `linear`'s products, on weights packed once per layer; a layer whose product needs a
+    gradient multiplies as before; the layers are set back after."""
+    assert packing.available()
     torch.manual_seed(0)
     layers = [torch.nn.Linear(48, 300), torch.nn.Linear(48, 300, bias=False)]
     model = torch.nn.Sequential(*layers)
-    x = torch.randn(5, 1, 48)
-    long = torch.randn(decoding.WEIGHT_FIRST_ROWS + 1, 48)
-    stock = [layer(x) for layer in layers]
+    inputs = [torch.randn(5, 1, 48), torch.randn(3, 70, 48), torch.randn(1, 48)]
+    stock = [[layer(x) for x in inputs] for layer in layers]
+    packs: list[tuple[int, ...]] = []
     products: list[tuple[int, ...]] = []
-    mm = torch.mm
+    reorder, product = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
     with (
-        decoding.weights_first(model),
         mock.patch.object(
-            torch, "mm", side_effect=lambda a, b: products.append(a.shape) or mm(a, b)
+            torch.ops.mkldnn,
+            "_reorder_linear_weight",
+            side_effect=lambda w, rows: packs.append(tuple(w.shape)) or reorder(w, rows),
         ),
+        mock.patch.object(
+            torch.ops.mkldnn,
+            "_linear_pointwise",
+            side_effect=lambda x, *a: products.append(tuple(x.shape)) or product(x, *a),
+        ),
+        torch.inference_mode(),
+        decoding.packed_weights(model),
     ):
         for layer, expected in zip(layers, stock, strict=True):
-            out = layer(x)
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-            assert out.is_contiguous() and out.shape == (5, 1, 300)
-        torch.testing.assert_close(layers[0](long), torch.nn.functional.linear(
-            long, layers[0].weight, layers[0].bias), rtol=0, atol=0)  # fmt: skip
-    assert products == [(300, 48)]  # the layer without a bias, weight first (with: addmm)
+            for x, want in zip(inputs, expected, strict=True):
+                out = layer(x)
+                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+                assert out.is_contiguous() and out.shape == want.shape
+    assert packs == [(300, 48), (300, 48)]  # once a layer
+    assert products == [(5, 48), (224, 48), (1, 48)] * 2  # every product, rows flattened
+    with decoding.packed_weights(model):  # with gradients: `linear`, and a gradient
+        out = layers[0](inputs[0])
+        assert torch.equal(out, stock[0][0]) and out.requires_grad
     assert all("forward" not in vars(layer) for layer in layers)  # set back after
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_answers_with_weights_first_are_the_stock_products(
+def test_answers_on_packed_weights_are_the_stock_products(
     family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On every family, `generation.generate` (both paths) multiplies its decode steps' rows
-    weight first, and answers as with the stock products."""
+    """On every family, `generation.generate` (both paths) multiplies by packed weights, and
+    answers as with the stock products."""
     t = tiny(family)
     examples = [{"input_ids": ids} for ids in t.tokenizer(QUESTIONS)["input_ids"]]
     settings = {"max_new_tokens": 10, "num_beams": 1, "batch_size": 8}
     calls: list[int] = []
-    weight_first = decoding._weight_first
+    product = decoding._packed_product
     monkeypatch.setattr(
-        decoding, "_weight_first", lambda layer, x: calls.append(1) or weight_first(layer, x)
+        decoding,
+        "_packed_product",
+        lambda packed, layer, x: calls.append(1) or product(packed, layer, x),
     )
     answers = {
         path: generation.generate(t.model, t.tokenizer, examples, **settings, lean=path == "lean")
@@ -592,7 +609,7 @@ def test_answers_with_weights_first_are_the_stock_products(
     assert len(calls) > 20  # every decode step's layers
     linears = [m for m in t.model.modules() if type(m) is torch.nn.Linear]
     assert linears and all("forward" not in vars(m) for m in linears)  # set back after
-    monkeypatch.setattr(generation, "weights_first", lambda _: nullcontext())
+    monkeypatch.setattr(generation, "packed_weights", lambda _: nullcontext())
     stock = generation.generate(t.model, t.tokenizer, examples, **settings)
     assert answers["lean"] == answers["generate"] == stock
 

@@ -46,6 +46,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutput
 
+from finetune_module.engine import packing
 from finetune_module.engine.speedups import CHEAP_DROPOUT_ATTENTION
 
 #: The model families (config.model_type) whose greedy answers `tests/test_decoding.py` proves
@@ -413,46 +414,47 @@ def grouped_key_attention(
 GROUPED_KEY_ATTENTION = "sdpa_grouped_question_keys"
 
 
-#: A product of a linear layer's weights with at most this many rows of inputs (a decode
-#: step's, one row a sequence) goes weight first in `weights_first` (measured faster for
-#: every row count up to 128 on this project's machine).
-WEIGHT_FIRST_ROWS = 128
-
-
-def _weight_first(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`torch.nn.Linear.forward`, as `weight @ x.T` (transposed back) for a few rows."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if x.dim() < 2 or rows > WEIGHT_FIRST_ROWS:
+def _packed_product(
+    packed: dict[torch.nn.Linear, torch.Tensor], self: torch.nn.Linear, x: torch.Tensor
+) -> torch.Tensor:
+    """`torch.nn.Linear.forward`, on the weights packed for oneDNN (once, into `packed`);
+    where a gradient is wanted, or for inputs of another type or shape, as before."""
+    wanted = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+    if wanted or x.dim() < 2 or x.dtype != torch.float32 or not x.numel():
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    flat = x.reshape(rows, x.shape[-1]).T
-    if self.bias is None:
-        out = torch.mm(self.weight, flat)
-    else:
-        out = torch.addmm(self.bias[:, None], self.weight, flat)
-    return out.T.contiguous().reshape(*x.shape[:-1], self.out_features)
+    if self not in packed:
+        packed[self] = packing.pack(self.weight)
+    out = packing.product(x.reshape(-1, x.shape[-1]), packed[self], self.bias)
+    return out.reshape(*x.shape[:-1], self.out_features)
 
 
 @contextlib.contextmanager
-def weights_first(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, each of the model's linear layers (`torch.nn.Linear` itself, on the
-    CPU, with no forward of its own already) multiplies a few rows of inputs as `weight @
-    x.T`: the same product, summed in another order. MKL runs a decode step's products of a
-    few rows by a large weight matrix far below the memory bandwidth the other way round
-    (`x @ weight.T`): T5's output layer (32128 x 512) at 2 rows takes 13.6 ms as `linear`
-    and 2.5 ms weight first, at 20 rows 13.7 and 10.1 ms; a decode step of flan-t5-small's
-    shape at 2 rows 33 -> 13 ms, at 20 rows 52 -> 46 ms. Layers are set back after."""
+def packed_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, each of the model's linear layers (`torch.nn.Linear` itself, float32
+    on the CPU, with no forward of its own already) multiplies by its weights packed for
+    oneDNN's matmul kernels: the same product, summed in another order. MKL runs a decode
+    step's products (a few rows, one a sequence, by a large weight matrix) far below the
+    memory bandwidth; oneDNN, on weights packed in the blocks its kernels read, close to it:
+    T5's output layer (32128 x 512) at 20 rows takes 13.2 ms as `linear` and 4.0 ms packed, a
+    1024 x 512 layer 0.36 and 0.15 ms (streamed from memory, as in a decode step). The
+    encoder's products (many rows) gain too, less. A layer's weights are packed the first time
+    it runs within the block (T5's output layer: ~30 ms), and dropped after it, when the
+    layers are set back. Where this torch lacks the operations (`packing.available`), or a
+    gradient is wanted, the layers multiply as before."""
     linears = [
         module
         for module in model.modules()
         if type(module) is torch.nn.Linear
-        and module.weight.device.type == "cpu"
+        and packing.packs(module.weight)
         and "forward" not in vars(module)
     ]
+    packed: dict[torch.nn.Linear, torch.Tensor] = {}
     for module in linears:
-        module.forward = types.MethodType(_weight_first, module)
+        module.forward = types.MethodType(functools.partial(_packed_product, packed), module)
     try:
         yield
     finally:
+        packed.clear()
         for module in linears:
             vars(module).pop("forward", None)
 

@@ -24,8 +24,8 @@ from finetune_module.engine.decoding import (
     greedy_generate,
     keys_read_in_groups,
     lean_decoding_applies,
+    packed_weights,
     read_in_length_groups,
-    weights_first,
 )
 from finetune_module.engine.distributed import (
     gathered,
@@ -95,7 +95,7 @@ def generate(
     loop where `uses_lean_decoding` (the same answers, with less work per token); where it is
     proven for the model (`lean` or not), an encoder-decoder model's encoder reads each batch in
     length groups, its decoder attends to them in the same groups, and a decode step's linear
-    layers multiply weight first (`weights_first`).
+    layers multiply by their weights packed for oneDNN (`packed_weights`).
     """
     lengths = input_lengths(examples)
     order = np.argsort(lengths, kind="stable").tolist()
@@ -116,7 +116,7 @@ def generate(
     with torch.inference_mode(), progress, contextlib.ExitStack() as proven_only:
         if proven:
             proven_only.enter_context(keys_read_in_groups(model))
-            proven_only.enter_context(weights_first(model))
+            proven_only.enter_context(packed_weights(model))
         for indices in share:
             batch = tokenizer.pad(
                 {"input_ids": [examples[i]["input_ids"] for i in indices]},
