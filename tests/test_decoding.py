@@ -548,13 +548,13 @@ def test_answers_from_length_groups_are_the_whole_batchs(
 
 def test_a_linear_layer_multiplies_on_packed_weights_with_the_same_result() -> None:
     """Within `packed_weights`, linear layers (with and without a bias, any row count) give
-    `linear`'s products, on weights packed once per layer; a layer whose product needs a
-    gradient multiplies as before; the layers are set back after."""
+    `linear`'s products, on weights packed once per layer (two rows weight first); a layer
+    whose product needs a gradient multiplies as before; the layers are set back after."""
     assert packing.available()
     torch.manual_seed(0)
     layers = [torch.nn.Linear(48, 300), torch.nn.Linear(48, 300, bias=False)]
     model = torch.nn.Sequential(*layers)
-    inputs = [torch.randn(5, 1, 48), torch.randn(3, 70, 48), torch.randn(1, 48)]
+    inputs = [torch.randn(5, 1, 48), torch.randn(3, 70, 48), torch.randn(1, 48), torch.randn(2, 48)]
     stock = [[layer(x) for x in inputs] for layer in layers]
     packs: list[tuple[int, ...]] = []
     products: list[tuple[int, ...]] = []
@@ -579,7 +579,8 @@ def test_a_linear_layer_multiplies_on_packed_weights_with_the_same_result() -> N
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
                 assert out.is_contiguous() and out.shape == want.shape
     assert packs == [(300, 48), (300, 48)]  # once a layer
-    assert products == [(5, 48), (224, 48), (1, 48)] * 2  # every product, rows flattened
+    # every product, rows flattened, but for two rows (weight first)
+    assert products == [(5, 48), (224, 48), (1, 48)] * 2
     with decoding.packed_weights(model):  # with gradients: `linear`, and a gradient
         out = layers[0](inputs[0])
         assert torch.equal(out, stock[0][0]) and out.requires_grad
