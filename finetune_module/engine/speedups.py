@@ -394,9 +394,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     output layer's weight must be frozen (it gets no gradient). Where `packing` applies, the
     logits come from the weight packed for oneDNN (once, kept across steps in `_OUTPUT_PACKS`:
     66 MB for T5's output layer): on rows of the benchmark's batch sizes the loss and its
-    gradient take ~19% less time (28.5 -> 23.1 s over 120 batches of 100-900 targets). The
-    gradient's product stays torch's: packing the transposed weight too gained another 8%
-    for another 66 MB and more of oneDNN's working memory, at the training's peak."""
+    gradient take ~19% less time (28.5 -> 23.1 s over 120 batches of 100-900 targets; in the
+    benchmark's first 24 steps 4.7-4.9 -> 4.3 s). The gradient's product stays torch's:
+    packing the transposed weight too gained another 8% for another 66 MB and more of
+    oneDNN's working memory, at the training's peak."""
 
     @staticmethod
     def forward(
