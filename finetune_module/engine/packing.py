@@ -65,8 +65,7 @@ def product(
 class FrozenPacks:
     """Packed copies of weights that stay frozen across calls (the output layer under LoRA),
     packed the first time they are asked for and again only if the weight changes (another
-    storage or an in-place change). A copy lives as long as its weight (`clear` drops them
-    all)."""
+    storage or an in-place change). A copy lives as long as its weight."""
 
     def __init__(self) -> None:
         # id(weight) -> (a reference to the weight, its stamp, the packed copy)
@@ -80,7 +79,3 @@ class FrozenPacks:
         if found is None or found[0]() is not weight or found[1] != stamp:
             found = self._packs[id(weight)] = (weakref.ref(weight), stamp, pack(weight))
         return found[2]
-
-    def clear(self) -> None:
-        """Drops every packed copy."""
-        self._packs.clear()

@@ -412,11 +412,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         labelled, targets = hidden.index_select(0, positions), labels.index_select(0, positions)
         total = hidden.new_zeros(())
         grad_labelled = torch.empty_like(labelled) if hidden.requires_grad else None
-        packed = packing.packs(weight) and not weight.requires_grad
+        packed = None
+        if packing.packs(weight) and not weight.requires_grad:
+            packed = _OUTPUT_PACKS.weight(weight)
         for start in range(0, labelled.shape[0], _LOSS_ROWS):
             rows = slice(start, start + _LOSS_ROWS)
-            if packed:
-                logits = packing.product(labelled[rows], _OUTPUT_PACKS.weight(weight), bias)
+            if packed is not None:
+                logits = packing.product(labelled[rows], packed, bias)
             else:
                 logits = labelled[rows] @ weight.T
                 if bias is not None:
