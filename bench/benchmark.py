@@ -40,7 +40,7 @@ from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
-from finetune_module.engine import distributed, generation, speedups
+from finetune_module.engine import batching, distributed, generation, speedups
 from finetune_module.engine.decoding import transformers_model
 from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.engine.trainer import FinetuneTrainer, trainer_callbacks
@@ -86,6 +86,7 @@ ABLATIONS = {
     "system-malloc": "glibc's default allocator settings (big blocks mapped and unmapped)",
     "eval-logits": "the trainer's evaluations keep every logit (prediction_loss_only off)",
     "input-grouping": "Hugging Face's group_by_length batches (input length only)",
+    "no-swaps": "batches as the windows sorted them, no examples swapped between them",
     "stock-loss": "the model's own loss (keeps the 32k-wide logits and their log-softmax)",
     "no-memory-budget": "no activation-memory budget (activation_memory_gb None)",
 }
@@ -347,6 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(1)
     if args.ablate == "input-grouping":
         FinetuneTrainer._get_train_sampler = Seq2SeqTrainer._get_train_sampler
+    if args.ablate == "no-swaps":
+        batching.fewer_padded_tokens = lambda batches, sources, targets: batches
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
     data_path, model_dir = prepare(work, args.quick, args.records)
     # under --nproc the launcher measured the peak with every core before starting the ranks
