@@ -9,7 +9,7 @@ examples are then swapped between the mega-batch's batches wherever that leaves 
 tokens (`fewer_padded_tokens`), and the batches are shuffled; lengths are jittered by up to 10%
 each epoch so that batches change from epoch to epoch (the swaps count the true lengths). On the
 benchmark's data the windows alone compute 13% more FLOPs than the real tokens need, and 9% with
-the swaps (Hugging Face's grouping: about 30% more).
+the swaps (Hugging Face's grouping: 25% more).
 """
 
 from collections.abc import Iterator, Sequence
