@@ -14,6 +14,7 @@ from unittest import mock
 import pytest
 import torch
 from peft import get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -587,12 +588,52 @@ def test_a_linear_layer_multiplies_on_packed_weights_with_the_same_result() -> N
     assert all("forward" not in vars(layer) for layer in layers)  # set back after
 
 
+def test_a_lora_layer_multiplies_once_on_its_weight_with_the_update_added(
+    tiny: Callable[[str], Tiny],
+) -> None:
+    """Within `packed_weights`, a LoRA layer with its adapter on gives peft's result in one
+    product, on its merged weight packed once; switched off, its frozen layer's; for two rows
+    (weight first) and with a gradient, peft's own forward; the layer is set back after."""
+    t = tiny("t5")
+    layer = next(m for m in t.model.modules() if type(m) is LoraLinear)
+    torch.manual_seed(3)
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.inference_mode():
+        adapted = layer(x)
+        with t.model.disable_adapter():
+            frozen = layer(x)
+    assert not torch.allclose(adapted, frozen, atol=1e-3)  # the adapter counts
+    packs: list[tuple[int, ...]] = []
+    pack = packing.pack
+    with (
+        mock.patch.object(
+            decoding.packing, "pack", side_effect=lambda w: packs.append(tuple(w.shape)) or pack(w)
+        ),
+        torch.inference_mode(),
+        decoding.packed_weights(t.model),
+    ):
+        assert "forward" in vars(layer)
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+        assert len(packs) == 1  # the merged weight, once; the adapter's layers never ran
+        torch.testing.assert_close(layer(x[:2, 0]), adapted[:2, 0], rtol=1e-5, atol=1e-5)
+        with t.model.disable_adapter():
+            torch.testing.assert_close(layer(x), frozen, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(layer)
+    with decoding.packed_weights(t.model):  # a gradient: peft's forward, and a gradient
+        lora_b = layer.lora_B["default"].weight
+        lora_b.requires_grad_(True)
+        out = layer(x)
+        assert out.requires_grad
+        torch.testing.assert_close(out.detach(), adapted, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_answers_on_packed_weights_are_the_stock_products(
     family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On every family, `generation.generate` (both paths) multiplies by packed weights, and
-    answers as with the stock products."""
+    """On every family, `generation.generate` (both paths) multiplies by packed weights (the
+    LoRA layers by their merged ones), and answers as with the stock products."""
     t = tiny(family)
     examples = [{"input_ids": ids} for ids in t.tokenizer(QUESTIONS)["input_ids"]]
     settings = {"max_new_tokens": 10, "num_beams": 1, "batch_size": 8}
@@ -608,7 +649,7 @@ def test_answers_on_packed_weights_are_the_stock_products(
         for path in ("lean", "generate")
     }
     assert len(calls) > 20  # every decode step's layers
-    linears = [m for m in t.model.modules() if type(m) is torch.nn.Linear]
+    linears = [m for m in t.model.modules() if type(m) in (torch.nn.Linear, LoraLinear)]
     assert linears and all("forward" not in vars(m) for m in linears)  # set back after
     monkeypatch.setattr(generation, "packed_weights", lambda _: nullcontext())
     stock = generation.generate(t.model, t.tokenizer, examples, **settings)
