@@ -104,9 +104,13 @@ class LengthGroupedBatches(Sampler[int]):
     def __init__(
         self, source_lengths: Sequence[int], target_lengths: Sequence[int], batch_size: int
     ) -> None:
-        # Python ints (from a list or an array), as the sorting below reads them one by one
-        self.source_lengths: list[int] = np.asarray(source_lengths, dtype=np.int64).tolist()
-        self.target_lengths: list[int] = np.asarray(target_lengths, dtype=np.int64).tolist()
+        # as arrays for the swaps, and as Python ints for the sorting, which reads them one by one
+        self._arrays = (
+            np.asarray(source_lengths, dtype=np.int64),
+            np.asarray(target_lengths, dtype=np.int64),
+        )
+        self.source_lengths: list[int] = self._arrays[0].tolist()
+        self.target_lengths: list[int] = self._arrays[1].tolist()
         self.batch_size = batch_size
 
     def __len__(self) -> int:
@@ -118,7 +122,6 @@ class LengthGroupedBatches(Sampler[int]):
         jitter = (1 + JITTER * (2 * torch.rand(2, count) - 1)).tolist()
         source = [n * j for n, j in zip(self.source_lengths, jitter[0], strict=True)]
         target = [n * j for n, j in zip(self.target_lengths, jitter[1], strict=True)]
-        sources, targets = np.array(self.source_lengths), np.array(self.target_lengths)
         batches: list[list[int]] = []
         for megabatch in _chunks(torch.randperm(count).tolist(), MEGABATCH_BATCHES * size):
             megabatch.sort(key=lambda i: -source[i])
@@ -127,7 +130,7 @@ class LengthGroupedBatches(Sampler[int]):
                 window.sort(key=lambda i: -target[i])
                 grouped += _chunks(window, size)
             whole = [b for b in grouped if len(b) == size]
-            batches += fewer_padded_tokens(whole, sources, targets)
+            batches += fewer_padded_tokens(whole, *self._arrays)
             batches += [b for b in grouped if len(b) < size]
         full = [b for b in batches if len(b) == size]
         short = [b for b in batches if len(b) < size]  # at most one: the very last
