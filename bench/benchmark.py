@@ -89,6 +89,7 @@ ABLATIONS = {
     "no-swaps": "batches as the windows sorted them, no examples swapped between them",
     "stock-loss": "the model's own loss (keeps the 32k-wide logits and their log-softmax)",
     "no-memory-budget": "no activation-memory budget (activation_memory_gb None)",
+    "padded": "T5 trains on padded batches, not on their real tokens laid end to end",
 }
 # the pieces of the CPU speed layer the ablations above switch off (input `cpu_speedups`)
 _SPEEDUPS_OFF = {
@@ -97,6 +98,7 @@ _SPEEDUPS_OFF = {
     "python-gelu": ("fused_gelu",),
     "system-malloc": ("allocator",),
     "stock-loss": ("logit_free_loss",),
+    "padded": ("unpadded",),
 }
 
 

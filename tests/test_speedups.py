@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.activations import NewGELUActivation
 
-from finetune_module.engine import speedups
+from finetune_module.engine import speedups, unpadded
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.models import lora_config
 from finetune_module.engine.settings import LoraSettings, speedups_requested
@@ -267,6 +267,9 @@ def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
         return fused(*args)
 
     monkeypatch.setattr(speedups, "linear_cross_entropy", counting)
+    layouts: list[unpadded.Layout] = []  # and training on unpadded tokens, with either loss
+    laid_out = unpadded.laid_out
+    monkeypatch.setattr(unpadded, "laid_out", lambda lay: (layouts.append(lay), laid_out(lay))[1])
     common = {
         "data_path": str(EXAMPLE_DATA),
         "model_id": str(tiny_model_dir),
@@ -274,10 +277,11 @@ def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
         **QUICK,
     }
     ours = run_dag("base", output_dir=str(tmp_path / "a"), **common)
-    assert len(calls) == QUICK["max_steps"]
+    assert len(calls) == len(layouts) == QUICK["max_steps"]
     others = [name for name in speedups.SPEEDUPS if name != "logit_free_loss"]
     stock = run_dag("base", output_dir=str(tmp_path / "b"), cpu_speedups=others, **common)
     assert len(calls) == QUICK["max_steps"]  # the switch turned the fused loss off
+    assert len(layouts) == 2 * QUICK["max_steps"]
     for key in ("train_loss", "eval_loss"):
         assert ours["training_and_validation_set_metrics"][key] == pytest.approx(
             stock["training_and_validation_set_metrics"][key], rel=1e-5
@@ -318,6 +322,7 @@ def _batch(model: nn.Module) -> dict[str, torch.Tensor]:
     batch["attention_mask"][0, 7:] = 0
     if model.config.is_encoder_decoder:
         batch["labels"] = torch.randint(3, 200, (2, 5))
+        batch["labels"][1, 3:] = -100  # the second target two tokens shorter
     else:
         batch["labels"] = ids.masked_fill(batch["attention_mask"] == 0, -100)
     return batch
@@ -349,6 +354,22 @@ def _switch_on(
             return bool(calls)
 
         return used
+    if piece == "unpadded":
+        speedups.apply_to_model(model, (piece,), training=True)
+        layouts: list[unpadded.Layout] = []
+        laid_out = unpadded.laid_out
+
+        def counted(layout: unpadded.Layout) -> Any:
+            layouts.append(layout)
+            return laid_out(layout)
+
+        unpadded.laid_out = counted  # type: ignore[assignment]
+
+        def laid() -> bool:
+            unpadded.laid_out = laid_out  # type: ignore[assignment]
+            return bool(layouts)
+
+        return laid
     if piece == "activation_budget":
         budget = ActivationBudget(model, 1e-9)
         budget.before_step(batch)  # a budget of ~0 bytes: every layer recomputes

@@ -10,6 +10,8 @@ The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
   score instead of SDPA's ~12 (`attention`);
 - `logit_free_loss`: a sequence-to-sequence training loss that never holds the logits
   (`linear_cross_entropy`);
+- `unpadded`: T5 trains on each batch's real tokens, laid end to end, with attention per text
+  (`unpadded`);
 - `activation_budget`: a long batch goes forward and backward in parts within a memory budget,
   recomputing layers only where one example alone exceeds it (`memory`).
 
@@ -38,7 +40,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from finetune_module.engine import packing
+from finetune_module.engine import packing, unpadded
 from finetune_module.engine.tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -50,12 +52,13 @@ SPEEDUPS = (
     "cheap_dropout",
     "attention_dropout",
     "logit_free_loss",
+    "unpadded",
     "activation_budget",
 )
 #: The model families (config.model_type) each piece is proven equal to the stock path for
 #: (tests/test_speedups.py), where it changes something: the fused GELU where the family has
-#: the five-operation GELU, the logit-free loss for sequence-to-sequence families. The
-#: allocator concerns the process, not the model.
+#: the five-operation GELU, the logit-free loss for sequence-to-sequence families, training on
+#: unpadded tokens for T5's attention. The allocator concerns the process, not the model.
 _WITHOUT_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "activation_budget")
 _BART_LIKE = ("allocator", "cheap_dropout", "attention_dropout", "logit_free_loss",
               "activation_budget")  # fmt: skip
@@ -505,12 +508,14 @@ def applicable(requested: tuple[str, ...], config: PretrainedConfig) -> tuple[st
 def apply_to_model(model: nn.Module, pieces: tuple[str, ...], training: bool) -> nn.Module:
     """The model with the pieces among `pieces` that change its modules applied: the fused
     GELU, and for a model that trains the cheaper dropout and attention dropout (in eval mode
-    there is no dropout); returns the model."""
+    there is no dropout) and the attention that lets it train on unpadded tokens; returns the
+    model."""
     changes = [("fused_gelu", fuse_gelu)]
     if training:
         changes += [
             ("cheap_dropout", cheaper_dropout),
             ("attention_dropout", cheaper_attention_dropout),
+            ("unpadded", lambda model: unpadded.install(model) and model),
         ]
     for name, change in changes:
         if name in pieces:

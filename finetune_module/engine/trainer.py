@@ -13,6 +13,7 @@ the checkpoint with the lowest validation loss back at the end.
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -46,7 +47,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from finetune_module.engine import speedups
+from finetune_module.engine import speedups, unpadded
 from finetune_module.engine.batching import LengthGroupedBatches
 from finetune_module.engine.distributed import world_size
 from finetune_module.engine.files import SETTINGS_FILE, storage_error, take_umask, write_json
@@ -418,13 +419,23 @@ class FinetuneTrainer(Seq2SeqTrainer):
         frozen output layer without a bias of its own (BART's separate logits bias is fine), in
         fp32, computed without keeping its logits
         (`speedups.linear_cross_entropy`: the same mean cross-entropy); anything else as the
-        Trainer computes it. Without gradients (evaluation), an encoder-decoder model reads the
-        batch's questions in length groups (`generation.questions_read_in_groups`)."""
+        Trainer computes it. In training, a model with `unpadded` installed computes either
+        loss on the batch's real tokens laid end to end where the batch allows it
+        (`unpadded.laid_out_inputs`). Without gradients (evaluation), an encoder-decoder model
+        reads the batch's questions in length groups (`generation.questions_read_in_groups`)."""
         if not model.training:
             inputs = questions_read_in_groups(self.accelerator.unwrap_model(model), inputs)
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if isinstance(base, PeftModel) else base
         head = base.get_output_embeddings() if isinstance(base, PreTrainedModel) else None
+        laid = None
+        if model.training and not return_outputs and unpadded.installed(base):
+            laid = unpadded.laid_out_inputs(base, inputs)
+        if laid is not None:  # the batch's real tokens laid end to end: `unpadded`
+            inputs, layout = laid
+            within: Any = functools.partial(unpadded.laid_out, layout)
+        else:
+            within = contextlib.nullcontext
         if (
             not self.logit_free_loss
             or return_outputs
@@ -440,11 +451,13 @@ class FinetuneTrainer(Seq2SeqTrainer):
             or self.is_fsdp_enabled
             or self.is_deepspeed_enabled
         ):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with within():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         forward = {k: v for k, v in inputs.items() if k != "labels"}
-        forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
-        with speedups.output_layer_off(base) as (_, bias):
+        if laid is None:  # laid out, the decoder's inputs are shifted within each text
+            forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+        with within(), speedups.output_layer_off(base) as (_, bias):
             hidden = model(**forward).logits  # the last hidden states, as the head gets them
         return speedups.linear_cross_entropy(hidden, head.weight, labels, bias)
 

@@ -1,0 +1,242 @@
+"""T5 training on a batch's real tokens only: every layer but attention runs on the batch's
+texts laid end to end, without their padding, and attention runs per text.
+
+A padded batch of 8 texts computes every linear layer, norm, dropout and activation over its
+padding too; on the benchmark's grouped batches that is ~8% of a training step's FLOPs
+(10% more tokens than real ones). Here the encoder gets the batch's inputs as one row of their
+real tokens ([1, N]) and the decoder their targets likewise (each shifted right within its own
+text), so those layers see no padding. Attention alone needs the texts apart: it lays the
+queries, keys and values out again as [texts, heads, longest, head size] (zeros where a text is
+shorter), attends with the same masks and position bias as the padded batch (T5's relative
+position bias depends only on the distance between two tokens of a text, so it is computed
+for the longest text, as the padded batch does), and takes the real tokens' outputs back to the
+row. The loss is the same mean over the same labelled tokens, and so are the gradients, up to
+float rounding (`tests/test_unpadded.py`); dropout draws fewer random numbers, so a run's draws
+differ from the padded path's.
+
+It applies to a sequence-to-sequence T5-family model that trains with its attention through
+transformers' attention interface (`install`), to right-padded batches
+(`laid_out_inputs`), and only where no layer recomputes its activations in the backward pass (a
+recomputed layer would run after the layout is gone). Evaluation and generation are unchanged.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from finetune_module.engine.tokens import IGNORE_INDEX
+
+# what each attention module of an installed model attends with (an attribute of the module)
+_ROLE = "_finetune_unpadded_role"
+ENCODER, DECODER, CROSS = "encoder", "decoder", "cross"
+# the attention implementation names registered here: the wrapped one's name behind this prefix
+_PREFIX = "unpadded+"
+
+
+@dataclasses.dataclass(frozen=True)
+class Texts:
+    """One side (inputs or targets) of a batch of texts laid end to end: each text's length,
+    the padded width (the longest), and where each real token sits in the padded
+    [texts x width] layout (`index`, in the order the tokens are laid end to end)."""
+
+    lengths: torch.Tensor
+    width: int
+    index: torch.Tensor
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, width: int) -> "Texts":
+        """The layout of texts of these lengths in a padded batch `width` wide."""
+        present = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+        return cls(lengths, width, present.reshape(-1).nonzero().squeeze(1))
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.shape[0]
+
+    @functools.cached_property
+    def key_mask(self) -> torch.Tensor:
+        """The additive mask of a padded batch of these texts as keys ([texts, 1, 1, width]):
+        0 over each text's tokens, the lowest float over its padding."""
+        padding = torch.arange(self.width, device=self.lengths.device) >= self.lengths[:, None]
+        mask = torch.zeros(self.rows, 1, 1, self.width, device=self.lengths.device)
+        return mask.masked_fill_(padding[:, None, None, :], torch.finfo(mask.dtype).min)
+
+    def padded(self, states: torch.Tensor) -> torch.Tensor:
+        """Attention states of the texts laid end to end ([1, heads, tokens, size]) as a padded
+        batch ([texts, heads, width, size]; zeros over the padding)."""
+        _, heads, tokens, size = states.shape
+        flat = states.transpose(1, 2).reshape(tokens, heads * size)
+        out = flat.new_zeros(self.rows * self.width, heads * size).index_copy(0, self.index, flat)
+        return out.view(self.rows, self.width, heads, size).transpose(1, 2)
+
+    def unpadded(self, output: torch.Tensor) -> torch.Tensor:
+        """An attention output of the padded batch ([texts, width, heads, size], as attention
+        implementations return it) for the texts laid end to end ([1, tokens, heads, size])."""
+        _, _, heads, size = output.shape
+        flat = output.reshape(self.rows * self.width, heads * size).index_select(0, self.index)
+        return flat.view(1, -1, heads, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A batch of a sequence-to-sequence model laid end to end: its inputs and its targets."""
+
+    inputs: Texts
+    targets: Texts
+
+    @functools.cached_property
+    def causal_mask(self) -> torch.Tensor:
+        """The additive causal mask of the targets' self-attention ([1, 1, width, width]). The
+        targets are right-padded, so no real token attends to padding under it."""
+        width = self.targets.width
+        later = torch.ones(width, width, dtype=torch.bool, device=self.targets.index.device)
+        mask = torch.zeros(1, 1, width, width, device=later.device)
+        return mask.masked_fill_(later.triu(1), torch.finfo(mask.dtype).min)
+
+
+_LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar(
+    "finetune_unpadded_layout", default=None
+)
+
+
+def _attention(
+    inner: Callable[..., tuple[torch.Tensor, Any]],
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    position_bias: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """The attention implementation `inner`, on texts laid end to end when a layout is set (see
+    the module's docstring) and as it is otherwise."""
+    layout = _LAYOUT.get()
+    role = getattr(module, _ROLE, None)
+    if layout is None or role is None:
+        kwargs["position_bias"] = position_bias
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    queries = layout.inputs if role == ENCODER else layout.targets
+    keys = layout.targets if role == DECODER else layout.inputs
+    if role == DECODER:
+        mask = layout.causal_mask
+    else:  # the encoder's self-attention and the cross-attention: the inputs' padding
+        mask = keys.key_mask
+        if role == CROSS:
+            position_bias = None  # T5's cross-attention bias is zeros over the unpadded row
+    kwargs["is_causal"] = False
+    output, weights = inner(
+        module, queries.padded(query), keys.padded(key), keys.padded(value), mask,
+        position_bias=position_bias, **kwargs,
+    )  # fmt: skip
+    return queries.unpadded(output), weights
+
+
+def _relative_bias(
+    compute_bias: Callable[..., torch.Tensor],
+    is_decoder: bool,
+    query_length: int,
+    key_length: int,
+    *args: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """T5's relative position bias, for the longest text when a layout is set (not for the
+    whole row of texts laid end to end, which would be tokens x tokens)."""
+    layout = _LAYOUT.get()
+    if layout is not None:
+        query_length = key_length = (layout.targets if is_decoder else layout.inputs).width
+    return compute_bias(query_length, key_length, *args, **kwargs)
+
+
+def install(model: nn.Module) -> bool:
+    """Lets `model` (a T5-family sequence-to-sequence model, or a LoRA model of one) train on
+    texts laid end to end: marks what each attention module attends with, has its relative
+    position bias computed for the longest text, and wraps its attention implementation (see
+    `_attention`; without a layout everything runs as before). Returns whether it applied: a
+    model whose attention modules are not T5's is left as it is."""
+    roles: list[tuple[nn.Module, str]] = []
+    for module in model.modules():
+        attention = getattr(module, "EncDecAttention", None)
+        if attention is not None:
+            roles.append((attention, CROSS))
+        attention = getattr(module, "SelfAttention", None)
+        if attention is not None:
+            roles.append((attention, DECODER if attention.is_decoder else ENCODER))
+    outer = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if not roles or outer is None or not all(hasattr(a, "compute_bias") for a, _ in roles):
+        return False
+    name = outer.config._attn_implementation
+    if not name.startswith(_PREFIX):
+        inner = ALL_ATTENTION_FUNCTIONS.get(name)
+        if inner is None:  # "eager": T5's own maths, which the interface cannot call
+            return False
+        wrapped = _PREFIX + name
+        AttentionInterface.register(wrapped, functools.partial(_attention, inner))
+        AttentionMaskInterface.register(wrapped, ALL_MASK_ATTENTION_FUNCTIONS.get(name))
+        outer.set_attn_implementation(wrapped)
+    for attention, role in roles:
+        if getattr(attention, _ROLE, None) is None:
+            setattr(attention, _ROLE, role)
+            if attention.has_relative_attention_bias:
+                attention.compute_bias = functools.partial(
+                    _relative_bias, attention.compute_bias, attention.is_decoder
+                )
+    return True
+
+
+def installed(model: nn.Module) -> bool:
+    """Whether `install` applied to `model`."""
+    return any(getattr(m, _ROLE, None) is not None for m in model.modules())
+
+
+def laid_out_inputs(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], Layout] | None:
+    """A training batch of the sequence-to-sequence `model` (input ids, attention mask,
+    labels) laid end to end: the model's inputs ([1, tokens] each: input ids, decoder input
+    ids shifted right within each text, labels) and their layout; None where it does not apply
+    (other keys, no attention mask or labels, a batch not padded at the right, a layer that
+    recomputes its activations)."""
+    if set(inputs) != {"input_ids", "attention_mask", "labels"} or any(
+        getattr(m, "gradient_checkpointing", False) for m in model.modules()
+    ):
+        return None
+    mask, labels = inputs["attention_mask"], inputs["labels"]
+    if mask.dim() != 2 or labels.dim() != 2:
+        return None
+    sources = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask != 0, positions[None, :] < sources[:, None]):
+        return None
+    # a target's length runs to its last labelled token (right padding is all IGNORE_INDEX)
+    steps = torch.arange(1, labels.shape[1] + 1, device=labels.device)
+    targets = (steps * (labels != IGNORE_INDEX)).amax(dim=1)
+    layout = Layout(Texts.of(sources, mask.shape[1]), Texts.of(targets, labels.shape[1]))
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    laid = {
+        "input_ids": inputs["input_ids"].reshape(-1)[layout.inputs.index][None],
+        "decoder_input_ids": decoder_ids.reshape(-1)[layout.targets.index][None],
+        "labels": labels.reshape(-1)[layout.targets.index][None],
+    }
+    return laid, layout
+
+
+@contextlib.contextmanager
+def laid_out(layout: Layout) -> Iterator[None]:
+    """Within the block an installed model's forward pass reads its inputs as texts laid end
+    to end in `layout`."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
