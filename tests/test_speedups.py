@@ -107,7 +107,10 @@ def test_fused_gelu_gives_the_same_outputs(tiny_model_dir: Path) -> None:
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 def test_keep_freed_memory_applies_on_glibc() -> None:
+    speedups.keep_freed_memory.cache_clear()
+    assert speedups.give_back_freed_memory() is False  # nothing kept: nothing to give back
     assert speedups.keep_freed_memory() is True
+    assert speedups.give_back_freed_memory() is True
 
 
 class _Attending(nn.Module):
@@ -267,6 +270,11 @@ def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
         return fused(*args)
 
     monkeypatch.setattr(speedups, "linear_cross_entropy", counting)
+    given_back: list[int] = []  # before evaluating, and after training
+    give_back = speedups.give_back_freed_memory
+    monkeypatch.setattr(
+        speedups, "give_back_freed_memory", lambda: (given_back.append(1), give_back())[1]
+    )
     layouts: list[unpadded.Layout] = []  # and training on unpadded tokens, with either loss
     laid_out = unpadded.laid_out
     monkeypatch.setattr(unpadded, "laid_out", lambda lay: (layouts.append(lay), laid_out(lay))[1])
@@ -278,6 +286,7 @@ def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
     }
     ours = run_dag("base", output_dir=str(tmp_path / "a"), **common)
     assert len(calls) == len(layouts) == QUICK["max_steps"]
+    assert len(given_back) >= 2
     others = [name for name in speedups.SPEEDUPS if name != "logit_free_loss"]
     stock = run_dag("base", output_dir=str(tmp_path / "b"), cpu_speedups=others, **common)
     assert len(calls) == QUICK["max_steps"]  # the switch turned the fused loss off

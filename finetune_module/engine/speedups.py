@@ -366,17 +366,39 @@ def cheaper_attention_dropout(model: nn.Module) -> nn.Module:
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, if it is glibc (it has `mallopt` and `malloc_trim`)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc's, or AttributeError
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@functools.cache
 def keep_freed_memory() -> bool:
     """Tells glibc's allocator to keep freed memory for reuse instead of giving it back to the
     system and taking it again (zeroed pages, page faults) at every training step; returns
     whether it applied (glibc only). Peak memory is unchanged: what is kept is reused."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+
+
+def give_back_freed_memory() -> bool:
+    """Where `keep_freed_memory` applied, gives the memory the allocator keeps back to the
+    system (glibc's `malloc_trim`): between training steps it is reused, but evaluation and
+    generation allocate tensors of other sizes, which the training's freed blocks (scattered
+    between those still in use) may not fit, so the process would grow past the training's
+    peak. Returns whether it did."""
+    if keep_freed_memory.cache_info().currsize == 0 or not keep_freed_memory():
+        return False
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0) or True)
 
 
 _LOSS_ROWS = 256  # target tokens whose logits are computed at a time

@@ -364,6 +364,14 @@ class FinetuneTrainer(Seq2SeqTrainer):
                 shutil.rmtree(folder, ignore_errors=True)
             raise refused from e
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's evaluation, after the memory that the training steps freed and the
+        allocator kept for them is given back (`speedups.give_back_freed_memory`): evaluation
+        allocates other sizes, which would otherwise grow the process past the training's
+        peak."""
+        speedups.give_back_freed_memory()
+        return super().evaluate(*args, **kwargs)
+
     def training_step(
         self,
         model: torch.nn.Module,
@@ -571,6 +579,7 @@ def fit(
         record = check_resumable(resumed, trainer.run_identity, steps)
         trainer.earlier_loss_sum = float(record["loss_sum"])
     trainer.train(resume_from_checkpoint=resumed)
+    speedups.give_back_freed_memory()  # what comes next (answers) allocates other sizes
     if record is not None:  # the Trainer's train_loss covers the steps after the resume only
         _whole_run_loss(trainer.state, record)
     # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
