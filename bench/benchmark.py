@@ -40,7 +40,7 @@ from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
-from finetune_module.engine import batching, distributed, generation, speedups
+from finetune_module.engine import batching, distributed, generation, speedups, unpadded
 from finetune_module.engine.decoding import transformers_model
 from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.engine.trainer import FinetuneTrainer, trainer_callbacks
@@ -225,7 +225,8 @@ class StepClock(TrainerCallback):
     """The wall time of every training step and the padded shape of each forward pass it ran:
     (rows, input tokens, target tokens), seen by a hook on the model's forward pass while it
     trains. A batch over the activation budget goes forward in parts, each padded to its own
-    longest example (`memory.ActivationBudget.parts`): one shape per part."""
+    longest example (`memory.ActivationBudget.parts`): one shape per part. A part laid end to
+    end (`unpadded`) is counted by the padded shape it was laid out from."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[list[tuple[int, int, int]], float]] = []
@@ -236,7 +237,12 @@ class StepClock(TrainerCallback):
     def _seen(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids")
         targets = kwargs.get("decoder_input_ids", kwargs.get("labels"))
-        if module.training and ids is not None:
+        layout = unpadded.current_layout()
+        if not module.training or ids is None:
+            return
+        if layout is not None:
+            self._shapes.append((layout.inputs.rows, layout.inputs.width, layout.targets.width))
+        else:
             self._shapes.append((*ids.shape, 0 if targets is None else targets.shape[1]))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

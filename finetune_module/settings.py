@@ -178,9 +178,9 @@ def settings(
     :param activation_memory_gb: about how much memory (GB) a training batch may keep for its
         backward pass; a longer batch goes forward and backward in parts that stay within it
         (the same gradients; dropout draws its masks part by part), and where one example alone
-        does not fit, recomputes just enough layers' activations. "auto" (default): 4 times the
-        size of the model's weights, at least 0.25 GB; None: no limit (most memory). Part of the
-        CPU speed layer.
+        does not fit, recomputes just enough layers' activations. "auto" (default): 3.6 times
+        the size of the model's weights, at least 0.25 GB; None: no limit (most memory). Part
+        of the CPU speed layer.
     :param report_to: where the Trainer logs its training and evaluation metrics: "none"
         (default), "all" (every integration installed), or the name of one or a list of them,
         e.g. "tensorboard" (logs under `<output_dir>/checkpoints/runs`), "wandb" or "mlflow"

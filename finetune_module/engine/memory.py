@@ -15,10 +15,14 @@ The budget scales with the model: by default ("auto") a batch may keep activatio
 `AUTO_BUDGET_WEIGHTS` times the memory of the model's own weights (at least
 `AUTO_BUDGET_FLOOR_GB`), so the peak stays a fixed multiple of the model's size however long the
 data's longest batch is. For the benchmark's model of flan-t5-small's shape (61M distinct
-weights in fp32, 0.24 GB) that is 0.98 GB: over one epoch, 9-10 of its 48 batches go in two
-or three parts, and the peak stays near 2.3 GB instead of 3.4 GB without a budget. Before batches
-went in parts, those batches recomputed some layers instead, which cost 6.5 s of the 91 s of
-steps (95 -> 86 s of training with parts).
+weights in fp32, 0.24 GB) that is 0.88 GB: over one epoch, 10-12 of its 48 batches go in two
+or three parts, and the peak stays near 2.1-2.4 GB instead of 3.4 GB without a budget. Before
+batches went in parts, those batches recomputed some layers instead, which cost 6.5 s of the 91
+s of steps (95 -> 86 s of training with parts). The multiple was 4 until T5 trained on unpadded
+tokens (`unpadded`): a part of 4 x 541 inputs laid end to end keeps the same saved tensors as
+padded but peaked 80-120 MB higher, which took the benchmark's peak to 2.49-2.51 GB; at 3.6 it
+is 2.11 GB, and unpadded training in the smaller budget still took 3.4% less time than padded
+training in the larger one (measured in one process over 94 batches).
 """
 
 from typing import Any
@@ -37,7 +41,7 @@ FLOAT_BYTES = 4
 # torch's saved-tensor hooks: within 1% for batches of 8 x (60 + 109) to 8 x (520 + 109) tokens.
 TOKEN_FLOATS = (9, 4)  # x hidden size, x feed-forward size
 SCORE_BYTES = 5
-AUTO_BUDGET_WEIGHTS = 4  # "auto": activations up to this many times the weights' own bytes
+AUTO_BUDGET_WEIGHTS = 3.6  # "auto": activations up to this many times the weights' own bytes
 # ... and at least this many GB: less is not what limits any machine that trains, and a small
 # model's batches would go one row at a time (a tiny test model's budget would be 0.6 MB)
 AUTO_BUDGET_FLOOR_GB = 0.25

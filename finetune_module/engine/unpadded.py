@@ -280,6 +280,11 @@ def laid_out_inputs(
     return laid, layout
 
 
+def current_layout() -> Layout | None:
+    """The layout an installed model's forward pass reads its inputs in now (None: padded)."""
+    return _LAYOUT.get()
+
+
 @contextlib.contextmanager
 def laid_out(layout: Layout) -> Iterator[None]:
     """Within the block an installed model's forward pass reads its inputs as texts laid end
