@@ -28,9 +28,11 @@ def test_texts_go_to_the_padded_layout_and_back() -> None:
     back = texts.unpadded(padded.transpose(1, 2))  # as attention returns it: [texts, width, ...]
     torch.testing.assert_close(back, states.transpose(1, 2))
     lowest = torch.finfo(torch.float32).min
-    assert texts.key_mask[:, 0, 0].tolist() == [[0, 0, 0], [0, lowest, lowest], [0, 0, lowest]]
+    key_mask = texts.key_mask(torch.float32)
+    assert key_mask[:, 0, 0].tolist() == [[0, 0, 0], [0, lowest, lowest], [0, 0, lowest]]
+    assert texts.key_mask(torch.float16)[1, 0, 0, 1] == torch.finfo(torch.float16).min
     layout = unpadded.Layout(texts, unpadded.Texts.of(torch.tensor([2, 2, 1]), 2))
-    assert layout.causal_mask[0, 0].tolist() == [[0, lowest], [0, 0]]
+    assert layout.causal_mask(torch.float32)[0, 0].tolist() == [[0, lowest], [0, 0]]
 
 
 def _model(model_dir: Path, lora: bool) -> nn.Module:

@@ -51,6 +51,9 @@ class Texts:
     lengths: torch.Tensor
     width: int
     index: torch.Tensor
+    _masks: dict[torch.dtype, torch.Tensor] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def of(cls, lengths: torch.Tensor, width: int) -> "Texts":
@@ -62,13 +65,18 @@ class Texts:
     def rows(self) -> int:
         return self.lengths.shape[0]
 
-    @functools.cached_property
-    def key_mask(self) -> torch.Tensor:
+    def key_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask of a padded batch of these texts as keys ([texts, 1, 1, width]):
-        0 over each text's tokens, the lowest float over its padding."""
-        padding = torch.arange(self.width, device=self.lengths.device) >= self.lengths[:, None]
-        mask = torch.zeros(self.rows, 1, 1, self.width, device=self.lengths.device)
-        return mask.masked_fill_(padding[:, None, None, :], torch.finfo(mask.dtype).min)
+        0 over each text's tokens, the lowest float of `dtype` over its padding (made once per
+        dtype: every layer of a stack adds the same)."""
+        if dtype not in self._masks:
+            device = self.lengths.device
+            padding = torch.arange(self.width, device=device) >= self.lengths[:, None]
+            mask = torch.zeros(self.rows, 1, 1, self.width, dtype=dtype, device=device)
+            self._masks[dtype] = mask.masked_fill_(
+                padding[:, None, None, :], torch.finfo(dtype).min
+            )
+        return self._masks[dtype]
 
     def padded(self, states: torch.Tensor) -> torch.Tensor:
         """Attention states of the texts laid end to end ([1, heads, tokens, size]) as a padded
@@ -124,15 +132,20 @@ class Layout:
 
     inputs: Texts
     targets: Texts
+    _masks: dict[torch.dtype, torch.Tensor] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
-    @functools.cached_property
-    def causal_mask(self) -> torch.Tensor:
-        """The additive causal mask of the targets' self-attention ([1, 1, width, width]). The
-        targets are right-padded, so no real token attends to padding under it."""
-        width = self.targets.width
-        later = torch.ones(width, width, dtype=torch.bool, device=self.targets.index.device)
-        mask = torch.zeros(1, 1, width, width, device=later.device)
-        return mask.masked_fill_(later.triu(1), torch.finfo(mask.dtype).min)
+    def causal_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive causal mask of the targets' self-attention ([1, 1, width, width], in
+        `dtype`; made once per dtype). The targets are right-padded, so no real token attends to
+        padding under it."""
+        if dtype not in self._masks:
+            width = self.targets.width
+            later = torch.ones(width, width, dtype=torch.bool, device=self.targets.index.device)
+            mask = torch.zeros(1, 1, width, width, dtype=dtype, device=later.device)
+            self._masks[dtype] = mask.masked_fill_(later.triu(1), torch.finfo(dtype).min)
+        return self._masks[dtype]
 
 
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar(
@@ -161,11 +174,11 @@ def _attention(
     queries = layout.inputs if role == ENCODER else layout.targets
     keys = layout.targets if role == DECODER else layout.inputs
     if role == DECODER:
-        mask = layout.causal_mask
+        mask = layout.causal_mask(query.dtype)
     else:  # the encoder's self-attention and the cross-attention: the inputs' padding
-        mask = keys.key_mask
+        mask = keys.key_mask(query.dtype)
         if role == CROSS:
-            position_bias = None  # T5's cross-attention bias is zeros over the unpadded row
+            position_bias = None  # T5's is zeros (here `_no_cross_bias`'s placeholder)
     kwargs["is_causal"] = False
     output, weights = inner(
         module, queries.padded(query), keys.padded(key), keys.padded(value), mask,
