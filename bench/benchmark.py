@@ -237,9 +237,9 @@ class StepClock(TrainerCallback):
     def _seen(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids")
         targets = kwargs.get("decoder_input_ids", kwargs.get("labels"))
-        layout = unpadded.current_layout()
         if not module.training or ids is None:
             return
+        layout = unpadded.current_layout()
         if layout is not None:
             self._shapes.append((layout.inputs.rows, layout.inputs.width, layout.targets.width))
         else:

@@ -49,6 +49,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from finetune_module.engine import packing
 from finetune_module.engine.speedups import CHEAP_DROPOUT_ATTENTION
+from finetune_module.engine.tokens import prefix_lengths
 
 #: The model families (config.model_type) whose greedy answers `tests/test_decoding.py` proves
 #: equal to `generate`'s, with and without a LoRA adapter.
@@ -302,10 +303,8 @@ def length_groups(lengths: Sequence[int], group_cost: int = GROUP_COST_TOKENS) -
 def question_lengths(attention_mask: torch.Tensor) -> list[int] | None:
     """Each row's question length in a right-padded batch (the mask's leading ones), or None
     when some row's mask is not ones followed by zeros (left padding, or holes)."""
-    lengths = attention_mask.sum(dim=1)
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    prefix = (positions[None, :] < lengths[:, None]).to(attention_mask.dtype)
-    return lengths.tolist() if torch.equal(prefix, attention_mask) else None
+    lengths = prefix_lengths(attention_mask)
+    return None if lengths is None else lengths.tolist()
 
 
 def read_in_length_groups(

@@ -31,7 +31,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from finetune_module.engine.tokens import IGNORE_INDEX
+from finetune_module.engine.tokens import IGNORE_INDEX, right_padded_lengths
 
 FLOAT_BYTES = 4
 # Per token a layer keeps about 9 x hidden size + 4 x feed-forward size floats (inputs of its
@@ -174,8 +174,13 @@ class ActivationBudget:
         if total == 0:
             return [(inputs, 1.0)]
         mask = inputs.get("attention_mask")
-        source = _lengths(mask) if mask is not None else [inputs["input_ids"].shape[1]] * rows
-        target = _lengths(labels != IGNORE_INDEX) if seq2seq else source  # labels: along inputs
+        source = (
+            right_padded_lengths(mask).tolist()
+            if mask is not None
+            else [inputs["input_ids"].shape[1]] * rows
+        )
+        # a decoder-only model's labels run along its inputs
+        target = right_padded_lengths(labels != IGNORE_INDEX).tolist() if seq2seq else source
         order = sorted(range(rows), key=lambda row: (source[row], target[row]))
         for count in range(2, rows + 1):
             groups = [order[i * rows // count : (i + 1) * rows // count] for i in range(count)]
@@ -187,13 +192,6 @@ class ActivationBudget:
                 break
         shares = [int(tokens[group].sum()) / total for group in groups]
         return [(part, share) for part, share in zip(cut, shares, strict=True) if share > 0]
-
-
-def _lengths(mask: torch.Tensor) -> list[int]:
-    """Each row's length up to its last set (non-zero or True) position: what is left of it
-    when its right padding is cut off."""
-    positions = torch.arange(1, mask.shape[1] + 1) * (mask != 0)
-    return positions.max(dim=1).values.tolist()
 
 
 def _rows(

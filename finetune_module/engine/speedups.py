@@ -398,7 +398,10 @@ def give_back_freed_memory() -> bool:
     if keep_freed_memory.cache_info().currsize == 0 or not keep_freed_memory():
         return False
     libc = _libc()
-    return libc is not None and bool(libc.malloc_trim(0) or True)
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 _LOSS_ROWS = 256  # target tokens whose logits are computed at a time

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import overload
 
 import numpy as np
+import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the label of a position left out of the loss (padding, a prompt)
@@ -308,3 +309,19 @@ def input_limit(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) ->
     if 0 < tokenizer.model_max_length < 1_000_000:  # "no limit" is a huge placeholder
         limits.append(int(tokenizer.model_max_length))
     return min(limits, default=DEFAULT_INPUT_LIMIT)
+
+
+def right_padded_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's length up to its last set (non-zero or True) position in a batch `mask`
+    (rows x positions): what is left of it when its right padding is cut off."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device) * (mask != 0)
+    return positions.amax(dim=1)
+
+
+def prefix_lengths(mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's count of leading ones in a right-padded batch `mask` (ones, or True, then
+    zeros), or None when some row is not ones followed by zeros (left padding, or holes)."""
+    lengths = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    prefix = (positions[None, :] < lengths[:, None]).to(mask.dtype)
+    return lengths if torch.equal(prefix, mask) else None

@@ -33,7 +33,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from finetune_module.engine.tokens import IGNORE_INDEX
+from finetune_module.engine.tokens import IGNORE_INDEX, prefix_lengths, right_padded_lengths
 
 # what each attention module of an installed model attends with (an attribute of the module)
 _ROLE = "_finetune_unpadded_role"
@@ -276,13 +276,11 @@ def laid_out_inputs(
     mask, labels = inputs["attention_mask"], inputs["labels"]
     if mask.dim() != 2 or labels.dim() != 2:
         return None
-    sources = mask.sum(dim=1)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    if not torch.equal(mask != 0, positions[None, :] < sources[:, None]):
+    sources = prefix_lengths(mask)
+    if sources is None:
         return None
     # a target's length runs to its last labelled token (right padding is all IGNORE_INDEX)
-    steps = torch.arange(1, labels.shape[1] + 1, device=labels.device)
-    targets = (steps * (labels != IGNORE_INDEX)).amax(dim=1)
+    targets = right_padded_lengths(labels != IGNORE_INDEX)
     layout = Layout(Texts.of(sources, mask.shape[1]), Texts.of(targets, labels.shape[1]))
     decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
     laid = {
