@@ -178,13 +178,48 @@ def test_a_value_of_the_wrong_type_is_refused_by_the_parser(argv: list[str]) -> 
 
 
 def test_version_from_the_command_and_the_module() -> None:
+    env = {k: v for k, v in os.environ.items() if k != finetune_module.HAMILTON_AUTOLOAD}
     for command in ([str(REPO / "run.py")], ["-m", "finetune_module"]):
         out = subprocess.run(
-            [sys.executable, *command, "--version"], capture_output=True, text=True, cwd=REPO
+            [sys.executable, "-X", "importtime", *command, "--version"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"finetune {finetune_module.__version__} (Python ")
         assert "transformers 5." in out.stdout
+        # the command loads none of Hamilton's extensions (its MLflow one imports mlflow)
+        imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
+        assert "hamilton.driver" in imported and "mlflow" not in imported
+
+
+@pytest.mark.parametrize(
+    ("orig_argv", "argv0", "command"),
+    [
+        (["python", "-m", "finetune_module", "--version"], "-m", True),
+        (["python", "-X", "importtime", "-m", "finetune_module"], "-m", True),
+        (["python", "-m", "their_package"], "-m", False),
+        (["python", str(REPO / "run.py")], str(REPO / "run.py"), True),
+        (["python", "/elsewhere/run.py"], "/elsewhere/run.py", False),
+        (["python", "/venv/bin/finetune", "train"], "/venv/bin/finetune", True),
+        (["python", "-c", "import finetune_module"], "-c", False),
+        (["python"], "", False),
+    ],
+)
+def test_only_the_commands_own_process_counts_as_the_command(
+    orig_argv: list[str], argv0: str, command: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert finetune_module._the_command_runs() is command
+
+
+def test_a_program_that_imports_the_package_keeps_hamiltons_extensions() -> None:
+    # this test process imported the package as a user's program does
+    assert finetune_module.HAMILTON_AUTOLOAD not in os.environ
+    assert "hamilton.plugins.mlflow_extensions" in sys.modules
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")

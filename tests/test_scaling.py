@@ -21,7 +21,7 @@ from transformers import BitsAndBytesConfig
 
 import finetune_module
 import run
-from finetune_module.engine import models
+from finetune_module.engine import distributed, models
 from finetune_module.engine import settings as checked
 from finetune_module.engine.settings import ModelSettings, TrainingSettings
 from finetune_module.engine.trainer import scaling_arguments
@@ -305,3 +305,19 @@ def test_bad_deepspeed_and_fsdp_settings_are_refused(tmp_path: Path) -> None:
         TrainingSettings(deepspeed=deepspeed, fsdp=True)
     with pytest.raises(SettingsError, match=r"^fsdp_config is only used with fsdp"):
         TrainingSettings(fsdp_config={"version": 2})
+
+
+def test_a_model_sharded_by_fsdp_counts_as_sharded_and_a_plain_one_does_not() -> None:
+    from torch.distributed.fsdp import fully_shard  # as a user's FSDP run imports it
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert not distributed.weights_sharded(model)
+    torch.distributed.init_process_group(
+        "gloo", rank=0, world_size=1, store=torch.distributed.HashStore()
+    )
+    try:
+        fully_shard(model)
+        assert distributed.weights_sharded(model)
+        assert not distributed.weights_sharded(torch.nn.Linear(2, 2))
+    finally:
+        torch.distributed.destroy_process_group()

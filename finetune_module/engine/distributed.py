@@ -9,12 +9,12 @@ every process instead takes part in every batch. Only the main process writes fi
 the others wait for it. In a single process all of this reduces to doing the work once.
 """
 
+import sys
 from typing import TypeVar
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 T = TypeVar("T")
@@ -44,9 +44,14 @@ def is_main_process() -> bool:
 def weights_sharded(model: torch.nn.Module) -> bool:
     """Whether each process holds only a shard of the model's weights (FSDP, DeepSpeed ZeRO-3),
     so that every forward pass needs every process."""
-    return is_deepspeed_zero3_enabled() or any(
-        isinstance(module, FSDPModule | FullyShardedDataParallel) for module in model.modules()
-    )
+    if is_deepspeed_zero3_enabled():
+        return True
+    # a model can only be wrapped by FSDP once its module is imported (~0.5 s: not imported here)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return False
+    wrapped = (fsdp.FSDPModule, fsdp.FullyShardedDataParallel)
+    return any(isinstance(module, wrapped) for module in model.modules())
 
 
 def this_process_share(items: list[T], model: torch.nn.Module) -> list[T]:

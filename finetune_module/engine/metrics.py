@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import pandas as pd
 import torch
-from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as _confusion_counts
 
@@ -28,6 +27,8 @@ def _sentences_on_lines(text: str) -> str:
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE F-measures (x100) of predictions against references, with stemming."""
+    from rouge_score import rouge_scorer  # here: it imports nltk (~0.6 s of every start)
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_KEYS, 0.0)
     for prediction, reference in zip(predictions, references, strict=True):
