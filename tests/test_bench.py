@@ -149,8 +149,11 @@ def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "family",
-    [[], ["--family", "llama"], ["--padding-ends"]],
-    ids=["t5", "llama", "t5-padding-ends"],
+    [
+        pytest.param([], id="t5"),
+        pytest.param(["--family", "llama"], id="llama", marks=pytest.mark.slow),
+        pytest.param(["--padding-ends"], id="t5-padding-ends", marks=pytest.mark.slow),
+    ],
 )
 def test_quick_decoding_benchmark_runs_and_writes_its_figures(
     family: list[str], tmp_path: Path
@@ -173,6 +176,7 @@ def test_quick_decoding_benchmark_runs_and_writes_its_figures(
     assert figures["padding_ends"] == ("--padding-ends" in family)
 
 
+@pytest.mark.slow
 def test_quick_step_profile_splits_a_steps_time_and_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     done = subprocess.run(
