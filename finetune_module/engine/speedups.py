@@ -29,9 +29,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -89,41 +87,23 @@ _M_MMAP_THRESHOLD = -3
 _KEEP_BYTES = 1 << 30  # blocks up to this size come from (and go back to) the heap
 
 
-#: Values whose random bits come from one numpy stream of their own (`_keep_mask`); 2 MB of
-#: bits, which stay in a core's caches between their drawing and their comparison.
+#: Values whose random bits come from one numpy stream of their own (`_keep_mask`): 2 MB of
+#: bits, which stay in the core's caches between their drawing and their comparison.
 _BLOCK_VALUES = 1 << 20
-
-
-def _keep_blocks(keep: np.ndarray, seed: int, blocks: range, threshold: int) -> None:
-    """Fills `blocks` of `keep` (flat booleans): each value True where its 16 random bits, read
-    as a signed number, are at least `threshold`. Block i's bits come from SFC64 seeded by
-    (`seed`, i), so a block's values do not depend on which thread fills it, or when."""
-    for block in blocks:
-        start = block * _BLOCK_VALUES
-        stop = min(keep.size, start + _BLOCK_VALUES)
-        stream = np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(block,)))
-        bits = stream.random_raw((stop - start + 3) // 4).view(np.int16)[: stop - start]
-        np.greater_equal(bits, threshold, out=keep[start:stop])
-
-
-@functools.cache
-def _mask_threads(process: int, threads: int) -> ThreadPoolExecutor:
-    """The threads that fill a mask's blocks beside the calling one, for this process (a forked
-    child gets its own: its parent's threads did not come with it)."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="finetune-dropout-bits")
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A boolean mask that is True with probability 1 - p, independently for each value.
 
     On the CPU, torch draws one 32-bit random number per value for `bernoulli_` (and again for
-    `rand`), from a single-threaded Mersenne Twister, and compares in a second pass. Here each
-    value takes 16 random bits, drawn with numpy's SFC64 and compared at once, a block of
-    `_BLOCK_VALUES` at a time on every thread torch computes with (numpy lets go of the GIL for
-    both): the benchmark's middle step's 52 million values take ~18 ms instead of ~80 ms. The
-    seed is drawn from torch's default generator, so seeds and Trainer checkpoints govern the
-    mask as they govern any torch random number, and the mask is the same on any number of
-    threads. The probability is p rounded to a multiple of 1/65536 (0.1 -> 0.100006).
+    `rand`). Here each value takes 16 random bits, drawn with numpy's SFC64 and compared with
+    the threshold at once, a block of `_BLOCK_VALUES` at a time: torch's own 16 bits a value
+    (`random_`, then a second pass to compare) took twice as long for the masks of the
+    benchmark's steps. Block i's bits come from SFC64 seeded by (a number drawn from torch's
+    default generator, i), so seeds and Trainer checkpoints govern the mask as they govern any
+    torch random number, and blocks could be filled in any order or on any thread with the same
+    result (on this project's 2 cores a second thread gained nothing inside a training step).
+    The probability is p rounded to a multiple of 1/65536 (0.1 -> 0.100006).
     """
     if device.type != "cpu":
         return torch.rand(shape, device=device) >= p
@@ -131,18 +111,11 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tenso
     flat = keep.numpy().reshape(-1)
     seed = int(torch.empty((), dtype=torch.int64).random_())
     threshold = round(p * 65536) - 32768
-    blocks = -(-flat.size // _BLOCK_VALUES)
-    threads = min(blocks, torch.get_num_threads())
-    others = []
-    if threads > 1:
-        pool = _mask_threads(os.getpid(), threads - 1)
-        others = [
-            pool.submit(_keep_blocks, flat, seed, range(t, blocks, threads), threshold)
-            for t in range(1, threads)
-        ]
-    _keep_blocks(flat, seed, range(0, blocks, threads), threshold)
-    for other in others:
-        other.result()
+    for start in range(0, flat.size, _BLOCK_VALUES):
+        stop = min(flat.size, start + _BLOCK_VALUES)
+        seeds = np.random.SeedSequence(seed, spawn_key=(start // _BLOCK_VALUES,))
+        bits = np.random.SFC64(seeds).random_raw((stop - start + 3) // 4)
+        np.greater_equal(bits.view(np.int16)[: stop - start], threshold, out=flat[start:stop])
     return keep
 
 
