@@ -113,11 +113,12 @@ class ActivationBudget:
             out.append((kept, batch * tokens * hidden * FLOAT_BYTES))
         return out
 
-    def plan(self, batch: int, source: int, target: int) -> list[bool]:
+    def plan(self, batch: int, source: int, target: int, budget: float | None = None) -> list[bool]:
         """Which layers to checkpoint for a batch of this padded shape: none if it fits the
-        budget, else the fewest layers (costliest first) that bring it within."""
+        budget (`budget` bytes, if given), else the fewest layers (costliest first) that bring
+        it within."""
         sizes = self.layer_bytes(batch, source, target)
-        excess = sum(kept for kept, _ in sizes) - self.budget
+        excess = sum(kept for kept, _ in sizes) - (self.budget if budget is None else budget)
         flags = [False] * len(sizes)
         for index in sorted(range(len(sizes)), key=lambda i: -(sizes[i][0] - sizes[i][1])):
             if excess <= 0:
@@ -134,10 +135,10 @@ class ActivationBudget:
         seq2seq = self.config.is_encoder_decoder and labels is not None
         return ids.shape[0], ids.shape[1], labels.shape[1] if seq2seq else 0
 
-    def fits(self, inputs: dict[str, torch.Tensor]) -> bool:
-        """Whether the batch `inputs` keeps its activations within the budget with no layer
-        recomputing them."""
-        return not any(self.plan(*self.shape(inputs)))
+    def fits(self, inputs: dict[str, torch.Tensor], budget: float | None = None) -> bool:
+        """Whether the batch `inputs` keeps its activations within the budget (`budget` bytes,
+        if given) with no layer recomputing them."""
+        return not any(self.plan(*self.shape(inputs), budget))
 
     def before_step(self, inputs: dict[str, torch.Tensor]) -> None:
         """Sets the layers' checkpointing for the batch `inputs` (as the collator made it)."""
@@ -156,24 +157,52 @@ class ActivationBudget:
         batch's gradients (up to float rounding; dropout draws its masks part by part). Where
         even one row at a time does not fit, the parts are single rows, and `before_step`
         chooses the layers each recomputes. A part with no token in the loss is left out."""
-        labels = inputs.get("labels")
-        rows = inputs["input_ids"].shape[0]
-        if (
-            rows < 2
-            or labels is None
-            or not set(inputs) <= SOURCE_KEYS | TARGET_KEYS
-            or any(not isinstance(v, torch.Tensor) or v.dim() != 2 for v in inputs.values())
-            or self.fits(inputs)
-        ):
+        if not _splittable(inputs) or self.fits(inputs):
             return [(inputs, 1.0)]
+        lengths = self._lengths(inputs)
+        if lengths is None:
+            return [(inputs, 1.0)]
+        return self._split(inputs, list(range(inputs["input_ids"].shape[0])), lengths, self.budget)
+
+    def worker_parts(
+        self, inputs: dict[str, torch.Tensor], workers: int
+    ) -> list[list[tuple[dict[str, torch.Tensor], float]]] | None:
+        """The batch `inputs` shared between `workers` threads that train at once (`workers`):
+        for each, its parts (as `parts` makes them, within its share of the budget, each with
+        its share of the batch's loss). The rows are dealt in order of length, one to each
+        worker in turn, so that each gets a like share of the work. None where that does not
+        apply: fewer rows than workers, a batch `parts` would not split, or a row that alone
+        does not fit a worker's share of the budget (the step then runs as `parts` has it)."""
+        rows = inputs["input_ids"].shape[0]
+        if workers < 2 or rows < workers or not _splittable(inputs):
+            return None
+        lengths = self._lengths(inputs)
+        if lengths is None:
+            return None
+        source, target, _ = lengths
+        budget = self.budget / workers
+        if not all(
+            self.fits(_rows(inputs, [row], source[row], target[row]), budget) for row in range(rows)
+        ):
+            return None
+        order = sorted(range(rows), key=lambda row: (source[row], target[row]))
+        shared = [order[worker::workers] for worker in range(workers)]
+        return [self._split(inputs, sorted(own), lengths, budget) for own in shared]
+
+    def _lengths(
+        self, inputs: dict[str, torch.Tensor]
+    ) -> tuple[list[int], list[int], torch.Tensor] | None:
+        """Each row's input and target length and its count of tokens in the loss; None when
+        the batch has no token in the loss."""
+        labels = inputs["labels"]
         seq2seq = self.config.is_encoder_decoder
         # a decoder-only model's loss predicts each token from the one before: the first of
         # its labels is never predicted
         tokens = ((labels != IGNORE_INDEX) if seq2seq else (labels[:, 1:] != IGNORE_INDEX)).sum(1)
-        total = int(tokens.sum())
-        if total == 0:
-            return [(inputs, 1.0)]
+        if int(tokens.sum()) == 0:
+            return None
         mask = inputs.get("attention_mask")
+        rows = inputs["input_ids"].shape[0]
         source = (
             right_padded_lengths(mask).tolist()
             if mask is not None
@@ -181,17 +210,43 @@ class ActivationBudget:
         )
         # a decoder-only model's labels run along its inputs
         target = right_padded_lengths(labels != IGNORE_INDEX).tolist() if seq2seq else source
-        order = sorted(range(rows), key=lambda row: (source[row], target[row]))
-        for count in range(2, rows + 1):
-            groups = [order[i * rows // count : (i + 1) * rows // count] for i in range(count)]
+        return source, target, tokens
+
+    def _split(
+        self,
+        inputs: dict[str, torch.Tensor],
+        rows: list[int],
+        lengths: tuple[list[int], list[int], torch.Tensor],
+        budget: float,
+    ) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """The batch's `rows` as the fewest parts that each fit `budget` bytes (single rows
+        if none does), in order of length, each with its share of the whole batch's loss."""
+        source, target, tokens = lengths
+        total = int(tokens.sum())
+        order = sorted(rows, key=lambda row: (source[row], target[row]))
+        for count in range(1, len(order) + 1):
+            groups = [
+                order[i * len(order) // count : (i + 1) * len(order) // count] for i in range(count)
+            ]
             cut = [
                 _rows(inputs, group, max(source[r] for r in group), max(target[r] for r in group))
                 for group in groups
             ]
-            if all(self.fits(part) for part in cut):
+            if all(self.fits(part, budget) for part in cut):
                 break
         shares = [int(tokens[group].sum()) / total for group in groups]
         return [(part, share) for part, share in zip(cut, shares, strict=True) if share > 0]
+
+
+def _splittable(inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether `ActivationBudget` may cut the batch `inputs` into parts: two rows or more,
+    labels, and no keys but a model's inputs and targets, all of them 2-d tensors."""
+    return (
+        inputs["input_ids"].shape[0] >= 2
+        and inputs.get("labels") is not None
+        and set(inputs) <= SOURCE_KEYS | TARGET_KEYS
+        and all(isinstance(v, torch.Tensor) and v.dim() == 2 for v in inputs.values())
+    )
 
 
 def _rows(
@@ -199,10 +254,12 @@ def _rows(
 ) -> dict[str, torch.Tensor]:
     """The batch's `rows`, each key cut to the part's longest input (`source`) or, for a
     sequence-to-sequence model's targets, its longest target (`target`); cut at the right
-    only, where the collator pads."""
+    only, where the collator pads; contiguous, as a model's own loss views its labels."""
     index = torch.tensor(rows)
     return {
-        key: value.index_select(0, index)[:, : max(1, target if key in TARGET_KEYS else source)]
+        key: value.index_select(0, index)[
+            :, : max(1, target if key in TARGET_KEYS else source)
+        ].contiguous()
         for key, value in inputs.items()
     }
 
