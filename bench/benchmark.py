@@ -90,6 +90,7 @@ ABLATIONS = {
     "stock-loss": "the model's own loss (keeps the 32k-wide logits and their log-softmax)",
     "no-memory-budget": "no activation-memory budget (activation_memory_gb None)",
     "padded": "T5 trains on padded batches, not on their real tokens laid end to end",
+    "one-worker": "each training step on the calling thread alone, torch on every core",
 }
 # the pieces of the CPU speed layer the ablations above switch off (input `cpu_speedups`)
 _SPEEDUPS_OFF = {
@@ -99,6 +100,7 @@ _SPEEDUPS_OFF = {
     "system-malloc": ("allocator",),
     "stock-loss": ("logit_free_loss",),
     "padded": ("unpadded",),
+    "one-worker": ("worker_threads",),
 }
 
 

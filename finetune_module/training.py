@@ -154,11 +154,11 @@ def fitted_weights(
     training settings takes the weights from the cache instead of training again. Where the
     recipe has the `activation_budget` speed-up, a batch keeps at most about
     activation_memory_gb of activations; with `logit_free_loss`, a sequence-to-sequence loss
-    keeps no logits. Each checkpoint holds the length caps and prompt template with its
-    weights, so that `predict` and `export_merged` use them on a checkpoint too. (Every
-    setting is checked before this runs, as everything depends on the settings stage; the
-    data comes first among the parameters only so that a bad data file is reported before the
-    model is looked up.)
+    keeps no logits; with `worker_threads`, steps on a CPU are shared between threads. Each
+    checkpoint holds the length caps and prompt template with its weights, so that `predict`
+    and `export_merged` use them on a checkpoint too. (Every setting is checked before this
+    runs, as everything depends on the settings stage; the data comes first among the
+    parameters only so that a bad data file is reported before the model is looked up.)
 
     :param show_progress: False: the libraries print no bars or warnings of their own.
     :param prompt_template: the prompt the model is trained with (see `prompt_texts`).
@@ -185,6 +185,7 @@ def fitted_weights(
             tokenizer,
             activation_memory_gb=budget,
             logit_free_loss="logit_free_loss" in model_recipe.speedups,
+            worker_threads="worker_threads" in model_recipe.speedups,
             checkpoint_settings={
                 "source_length_cap": source_length_cap,
                 "target_length_cap": target_length_cap,

@@ -4,6 +4,7 @@ unproven families and other devices run the stock path."""
 
 import json
 import platform
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -356,10 +357,14 @@ def _batch(model: nn.Module) -> dict[str, torch.Tensor]:
 def _loss_and_gradients(
     model: nn.Module, batch: dict[str, torch.Tensor], trainer: FinetuneTrainer
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The trainer's training loss of the batch, and the adapter's gradients."""
+    """The trainer's training loss of the batch, and the adapter's gradients (a training step
+    of the trainer where threads share its steps)."""
     model.zero_grad()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
+    if trainer.worker_threads > 1:
+        loss = trainer.training_step(model, dict(batch))
+    else:
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
@@ -395,6 +400,18 @@ def _switch_on(
             return bool(layouts)
 
         return laid
+    if piece == "worker_threads":
+        trainer.activation_budget = ActivationBudget(model, 1.0)
+        trainer.worker_threads = 2
+        trainer.current_gradient_accumulation_steps = 1
+        threads: set[int] = set()
+        hook = model.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident()))
+
+        def shared() -> bool:
+            hook.remove()
+            return len(threads) == 2
+
+        return shared
     if piece == "activation_budget":
         budget = ActivationBudget(model, 1e-9)
         budget.before_step(batch)  # a budget of ~0 bytes: every layer recomputes

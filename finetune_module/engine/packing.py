@@ -13,6 +13,7 @@ not change while it is used: generation (`decoding.packed_weights`) and the froz
 layer of the logit-free training loss (`speedups.linear_cross_entropy`, `FrozenPacks`).
 """
 
+import threading
 import weakref
 
 import torch
@@ -65,17 +66,20 @@ def product(
 class FrozenPacks:
     """Packed copies of weights that stay frozen across calls (the output layer under LoRA),
     packed the first time they are asked for and again only if the weight changes (another
-    storage or an in-place change). A copy lives as long as its weight."""
+    storage or an in-place change). A copy lives as long as its weight. Threads that train at
+    once share the copies (the first to ask packs)."""
 
     def __init__(self) -> None:
         # id(weight) -> (a reference to the weight, its stamp, the packed copy)
         self._packs: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+        self._lock = threading.Lock()
 
     def weight(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` (out x in) packed, for `product(x, ...)` = `x @ weight.T`."""
-        self._packs = {k: v for k, v in self._packs.items() if v[0]() is not None}
-        stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        found = self._packs.get(id(weight))
-        if found is None or found[0]() is not weight or found[1] != stamp:
-            found = self._packs[id(weight)] = (weakref.ref(weight), stamp, pack(weight))
-        return found[2]
+        with self._lock:
+            self._packs = {k: v for k, v in self._packs.items() if v[0]() is not None}
+            stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
+            found = self._packs.get(id(weight))
+            if found is None or found[0]() is not weight or found[1] != stamp:
+                found = self._packs[id(weight)] = (weakref.ref(weight), stamp, pack(weight))
+            return found[2]

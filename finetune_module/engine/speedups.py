@@ -13,7 +13,9 @@ The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
 - `unpadded`: T5 trains on each batch's real tokens, laid end to end, with attention per text
   (`unpadded`);
 - `activation_budget`: a long batch goes forward and backward in parts within a memory budget,
-  recomputing layers only where one example alone exceeds it (`memory`).
+  recomputing layers only where one example alone exceeds it (`memory`);
+- `worker_threads`: a training step's rows go forward and backward on two threads at once,
+  each running torch on its share of the cores (`workers`), where torch has two or more.
 
 Each is the same function as the one it replaces (dropout keeps each value with probability
 1 - p and scales it by 1 / (1 - p); GELU is the same tanh approximation); only the work, the
@@ -25,10 +27,12 @@ switched off there with `--ablate`.
 """
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import functools
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,14 +59,16 @@ SPEEDUPS = (
     "logit_free_loss",
     "unpadded",
     "activation_budget",
+    "worker_threads",
 )
 #: The model families (config.model_type) each piece is proven equal to the stock path for
 #: (tests/test_speedups.py), where it changes something: the fused GELU where the family has
 #: the five-operation GELU, the logit-free loss for sequence-to-sequence families, training on
 #: unpadded tokens for T5's attention. The allocator concerns the process, not the model.
-_WITHOUT_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "activation_budget")
+_WITHOUT_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "activation_budget",
+                 "worker_threads")  # fmt: skip
 _BART_LIKE = ("allocator", "cheap_dropout", "attention_dropout", "logit_free_loss",
-              "activation_budget")  # fmt: skip
+              "activation_budget", "worker_threads")  # fmt: skip
 PROVEN: dict[str, tuple[str, ...]] = {
     "t5": SPEEDUPS,
     "mt5": SPEEDUPS,
@@ -71,7 +77,7 @@ PROVEN: dict[str, tuple[str, ...]] = {
     "marian": _BART_LIKE,
     "pegasus": _BART_LIKE,
     "m2m_100": _WITHOUT_LOSS,  # builds its decoder's inputs inside its forward pass only
-    "gpt2": ("allocator", "fused_gelu", "cheap_dropout", "attention_dropout", "activation_budget"),
+    "gpt2": ("allocator", "fused_gelu", *_WITHOUT_LOSS[1:]),
     **dict.fromkeys(
         ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gpt_neox", "opt"),
         _WITHOUT_LOSS,
@@ -91,6 +97,25 @@ _KEEP_BYTES = 1 << 30  # blocks up to this size come from (and go back to) the h
 #: bits, which stay in the core's caches between their drawing and their comparison.
 _BLOCK_VALUES = 1 << 20
 
+#: The generator the masks' seeds come from in this context (`dropout_generator`): None for
+#: torch's default one.
+_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "finetune_dropout_generator", default=None
+)
+
+
+@contextlib.contextmanager
+def dropout_generator(generator: torch.Generator | None) -> Iterator[None]:
+    """Within the block (in this context: this thread, unless the context is copied) the
+    speed layer's dropout masks are seeded from `generator` instead of torch's default one:
+    threads that train at once (`workers`) each draw from a generator of their own, seeded
+    in a fixed order, so that their masks do not depend on which thread draws first."""
+    token = _GENERATOR.set(generator)
+    try:
+        yield
+    finally:
+        _GENERATOR.reset(token)
+
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A boolean mask that is True with probability 1 - p, independently for each value.
@@ -109,7 +134,7 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tenso
         return torch.rand(shape, device=device) >= p
     keep = torch.empty(shape, dtype=torch.bool)
     flat = keep.numpy().reshape(-1)
-    seed = int(torch.empty((), dtype=torch.int64).random_())
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=_GENERATOR.get()))
     threshold = round(p * 65536) - 32768
     for start in range(0, flat.size, _BLOCK_VALUES):
         stop = min(flat.size, start + _BLOCK_VALUES)
@@ -512,22 +537,49 @@ def linear_cross_entropy(
 LOGITS_BIAS = "final_logits_bias"
 
 
+#: Guards the models' output layers while `output_layer_off` swaps them
+_OUTPUT_LAYER_LOCK = threading.Lock()
+# the attribute of a model whose output layer is off: (its output layer, its logits bias, how
+# many `output_layer_off` blocks are open on it)
+_OUTPUT_LAYER_OFF = "_finetune_output_layer_off"
+
+
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The model's output layer (`get_output_embeddings`), also while `output_layer_off` has
+    it off (on another thread that trains at once)."""
+    with _OUTPUT_LAYER_LOCK:
+        off = getattr(model, _OUTPUT_LAYER_OFF, None)
+        return off[0] if off is not None else model.get_output_embeddings()
+
+
 @contextlib.contextmanager
 def output_layer_off(model: nn.Module) -> Iterator[tuple[nn.Linear, torch.Tensor | None]]:
     """Within the block `model` returns its last hidden states (as its output layer gets them)
     in place of logits; yields the output layer and the bias the model adds to its output
-    (BART's `final_logits_bias`; None for most families), which is 0 within the block."""
-    head = model.get_output_embeddings()
-    bias = getattr(model, LOGITS_BIAS, None)
-    model.set_output_embeddings(nn.Identity())
-    if bias is not None:
-        setattr(model, LOGITS_BIAS, bias.new_zeros(()))
+    (BART's `final_logits_bias`; None for most families), which is 0 within the block. Blocks
+    may nest and overlap, also on threads that train at once (`workers`): the output layer
+    comes back when the last one ends."""
+    with _OUTPUT_LAYER_LOCK:
+        off = getattr(model, _OUTPUT_LAYER_OFF, None)
+        if off is None:
+            head = model.get_output_embeddings()
+            bias = getattr(model, LOGITS_BIAS, None)
+            model.set_output_embeddings(nn.Identity())
+            if bias is not None:
+                setattr(model, LOGITS_BIAS, bias.new_zeros(()))
+            off = [head, bias, 0]
+            setattr(model, _OUTPUT_LAYER_OFF, off)
+        off[2] += 1
     try:
-        yield head, bias
+        yield off[0], off[1]
     finally:
-        model.set_output_embeddings(head)
-        if bias is not None:
-            setattr(model, LOGITS_BIAS, bias)
+        with _OUTPUT_LAYER_LOCK:
+            off[2] -= 1
+            if off[2] == 0:
+                delattr(model, _OUTPUT_LAYER_OFF)
+                model.set_output_embeddings(off[0])
+                if off[1] is not None:
+                    setattr(model, LOGITS_BIAS, off[1])
 
 
 def applicable(requested: tuple[str, ...], config: PretrainedConfig) -> tuple[str, ...]:

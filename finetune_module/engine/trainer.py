@@ -47,7 +47,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from finetune_module.engine import speedups, unpadded
+from finetune_module.engine import speedups, unpadded, workers
 from finetune_module.engine.batching import LengthGroupedBatches
 from finetune_module.engine.distributed import world_size
 from finetune_module.engine.files import SETTINGS_FILE, storage_error, take_umask, write_json
@@ -73,6 +73,12 @@ TRAINING_LOG_COLUMNS = (
 logger = logging.getLogger(__name__)
 
 # the callbacks that trainers built by `fit` in this context get too (see `trainer_callbacks`)
+#: The share of a training step's loss that the batch going forward in this context holds (1
+#: unless the step goes in parts: `FinetuneTrainer.training_step`); a context of its own for
+#: each of the threads that share a step
+_LOSS_SHARE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "finetune_loss_share", default=1.0
+)
 _EXTRA_CALLBACKS: contextvars.ContextVar[tuple[TrainerCallback, ...]] = contextvars.ContextVar(
     "finetune_trainer_callbacks", default=()
 )
@@ -330,7 +336,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
     run_identity: dict[str, Any] | None = None  # written into each checkpoint (RUN_RECORD_FILE)
     checkpoint_settings: dict[str, Any] | None = None  # and these, as SETTINGS_FILE
     earlier_loss_sum: float = 0.0  # the training loss summed over the steps before a resume
-    loss_share: float = 1.0  # of the step's loss, for the part of a batch going forward now
+    worker_threads: int = 1  # threads that share a training step (`workers`)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """A checkpoint, with the record of this run (`RUN_RECORD_FILE`: what a resume must
@@ -383,24 +389,70 @@ class FinetuneTrainer(Seq2SeqTrainer):
         share of the batch's, the gradients added up, synchronised between processes after the
         last part only), and each part first sets the layers that recompute their activations
         (none, unless one row does not fit). Splitting a batch costs next to nothing where
-        recomputing a layer costs its forward pass again."""
+        recomputing a layer costs its forward pass again. With `worker_threads` (2), the rows
+        go forward and backward on two threads at once, each within half the budget
+        (`_step_on_workers`), unless a row alone does not fit that."""
         budget = self.activation_budget
         if budget is None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             if budget is not None:
                 budget.before_step(inputs)
             return super().training_step(model, inputs, num_items_in_batch)
+        shared = budget.worker_parts(inputs, self.worker_threads)
+        if shared is not None:
+            return self._step_on_workers(model, shared, num_items_in_batch)
         parts = budget.parts(inputs)
         losses = []
         for index, (part, share) in enumerate(parts):
             budget.before_step(part)
             last = index == len(parts) - 1
-            self.loss_share = share
+            token = _LOSS_SHARE.set(share)
             try:
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     losses.append(super().training_step(model, part, num_items_in_batch))
             finally:
-                self.loss_share = 1.0
+                _LOSS_SHARE.reset(token)
         return torch.stack(losses).sum() if len(losses) > 1 else losses[0]
+
+    def _step_on_workers(
+        self,
+        model: torch.nn.Module,
+        shared: list[list[tuple[dict[str, Any], float]]],
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        """One step whose rows go forward and backward on `worker_threads` threads at once
+        (`workers`), each over its parts of the batch (`ActivationBudget.worker_parts`: none
+        recomputes activations); each part's loss is scaled by its share of the batch's as in
+        `training_step`, and for gradient accumulation as the Trainer scales it. The workers'
+        gradients are added to the weights' in the workers' order. Returns the step's loss."""
+        model.train()
+        self.activation_budget.set([False] * len(self.activation_budget.layers))
+        weights = workers.as_parameters(model)
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # as `Trainer.training_step` decides it
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+
+        def worker(parts: list[tuple[dict[str, Any], float]]) -> Any:
+            loss_sum = None
+            grads_sum: list[torch.Tensor | None] = [None] * len(weights)
+            for part, share in parts:
+                _LOSS_SHARE.set(share)
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(
+                        model, self._prepare_inputs(part), num_items_in_batch=num_items_in_batch
+                    )
+                if not scaled:
+                    loss = loss / self.current_gradient_accumulation_steps
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                grads_sum = workers.summed_gradients([grads_sum, grads])
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            return loss_sum, grads_sum
+
+        results = workers.run_at_once([functools.partial(worker, own) for own in shared])
+        results = [(loss, grads) for loss, grads in results if loss is not None]
+        workers.add_gradients(weights, workers.summed_gradients([g for _, g in results]))
+        return torch.stack([loss for loss, _ in results]).sum()
 
     def compute_loss(
         self,
@@ -409,12 +461,13 @@ class FinetuneTrainer(Seq2SeqTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        """The loss of the batch `inputs` (see `_batch_loss`); in training, times
-        `loss_share`: the batch's share of the step's loss when the step goes in parts."""
+        """The loss of the batch `inputs` (see `_batch_loss`); in training, times the batch's
+        share of the step's loss when the step goes in parts (this context's `_LOSS_SHARE`)."""
         loss = self._batch_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.loss_share == 1.0 or not model.training:
+        share = _LOSS_SHARE.get()
+        if share == 1.0 or not model.training:
             return loss
-        return (loss[0] * self.loss_share, loss[1]) if return_outputs else loss * self.loss_share
+        return (loss[0] * share, loss[1]) if return_outputs else loss * share
 
     def _batch_loss(
         self,
@@ -435,7 +488,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             inputs = questions_read_in_groups(self.accelerator.unwrap_model(model), inputs)
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if isinstance(base, PeftModel) else base
-        head = base.get_output_embeddings() if isinstance(base, PreTrainedModel) else None
+        head = speedups.output_layer(base) if isinstance(base, PreTrainedModel) else None
         laid = None
         if model.training and not return_outputs and unpadded.installed(base):
             laid = unpadded.laid_out_inputs(base, inputs)
@@ -539,6 +592,7 @@ def fit(
     *,
     activation_memory_gb: float | None = None,
     logit_free_loss: bool = False,
+    worker_threads: bool = False,
     checkpoint_settings: dict[str, Any] | None = None,
 ) -> FittedWeights:
     """Trains the model with a `FinetuneTrainer` (continuing from
@@ -546,8 +600,10 @@ def fit(
     back at the end) and returns its trained weights, gathered and shared with every process.
     Unless every layer recomputes its activations already (gradient_checkpointing), a batch
     keeps at most about `activation_memory_gb` of them (None: no limit). Each checkpoint holds
-    `checkpoint_settings` (length caps, prompt template) as its finetune_settings.json. The
-    trainer also gets the callbacks of an enclosing `trainer_callbacks` block."""
+    `checkpoint_settings` (length caps, prompt template) as its finetune_settings.json. With
+    `worker_threads`, a budgeted fp32 run in one process on a CPU shares each step between
+    threads (`workers`). The trainer also gets the callbacks of an enclosing
+    `trainer_callbacks` block."""
     trainer = FinetuneTrainer(
         model=model,
         args=training_arguments,
@@ -568,6 +624,14 @@ def fit(
             trainer.activation_budget = ActivationBudget(model, activation_memory_gb)
         except ValueError as e:  # a model without gradient checkpointing trains unbudgeted
             logger.info("activation_memory_gb does not apply: %s", e)
+    if (
+        worker_threads
+        and trainer.activation_budget is not None
+        and world_size() == 1
+        and not (training_arguments.bf16 or training_arguments.fp16)
+        and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+    ):
+        trainer.worker_threads = workers.worker_count(training_arguments.device)
     if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead
         trainer.remove_callback(PrinterCallback)
     trainer.run_identity = run_identity(model, tokenized_train)
