@@ -30,15 +30,16 @@ def test_the_rows_are_dealt_in_turn_each_worker_within_its_share_of_the_budget(
     batch = _unlike_rows(model)  # inputs 30, 120, 60, 90; answers 5, 20, 10, 40 (75 tokens)
     shared = ActivationBudget(model, 1.0).worker_parts(batch, 2)
     assert shared is not None and len(shared) == 2
-    # in order of input length the rows are 0, 2, 3, 1: worker 0 gets 0 and 3, worker 1 2 and 1
-    rows = [[0, 3], [2, 1]]
+    # in order of input length the rows are 0, 2, 3, 1, dealt back and forth: worker 0 gets 0
+    # and 1, worker 1 gets 2 and 3
+    rows = [[0, 1], [2, 3]]
     for parts, own in zip(shared, rows, strict=True):
         ((part, _),) = parts  # each fits half the budget whole
         assert part["input_ids"].shape == (2, max([30, 120, 60, 90][r] for r in own))
         for key, value in part.items():
             assert torch.equal(value, batch[key][own, : value.shape[1]])
             assert (batch[key][own, value.shape[1] :] <= 0).all()  # only padding left out
-    assert [parts[0][1] for parts in shared] == pytest.approx([45 / 75, 30 / 75])
+    assert [parts[0][1] for parts in shared] == pytest.approx([25 / 75, 50 / 75])
 
     # a budget that a worker's two rows overrun but any one row fits: parts within half of it
     probe = ActivationBudget(model, 1.0)
