@@ -208,3 +208,13 @@ def test_the_gradients_of_the_workers_add_up_in_order() -> None:
     workers.add_gradients(weights, [a, b])
     assert torch.equal(weights[0].grad, a) and torch.equal(weights[1].grad, b + 1)
     assert workers.worker_count(torch.device("meta")) == 1
+
+
+def test_only_an_adapters_steps_are_shared(tiny_model_dir: Path) -> None:
+    """Each worker holds its own gradients: an adapter's are small, a full fine-tune's are
+    the model's size again."""
+    model = _lora_t5(tiny_model_dir)
+    assert workers.few_weights_train(model)
+    for weight in model.parameters():
+        weight.requires_grad_(True)
+    assert not workers.few_weights_train(model)

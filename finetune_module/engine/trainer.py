@@ -72,13 +72,13 @@ TRAINING_LOG_COLUMNS = (
 
 logger = logging.getLogger(__name__)
 
-# the callbacks that trainers built by `fit` in this context get too (see `trainer_callbacks`)
 #: The share of a training step's loss that the batch going forward in this context holds (1
 #: unless the step goes in parts: `FinetuneTrainer.training_step`); a context of its own for
 #: each of the threads that share a step
 _LOSS_SHARE: contextvars.ContextVar[float] = contextvars.ContextVar(
     "finetune_loss_share", default=1.0
 )
+# the callbacks that trainers built by `fit` in this context get too (see `trainer_callbacks`)
 _EXTRA_CALLBACKS: contextvars.ContextVar[tuple[TrainerCallback, ...]] = contextvars.ContextVar(
     "finetune_trainer_callbacks", default=()
 )
@@ -601,8 +601,8 @@ def fit(
     Unless every layer recomputes its activations already (gradient_checkpointing), a batch
     keeps at most about `activation_memory_gb` of them (None: no limit). Each checkpoint holds
     `checkpoint_settings` (length caps, prompt template) as its finetune_settings.json. With
-    `worker_threads`, a budgeted fp32 run in one process on a CPU shares each step between
-    threads (`workers`). The trainer also gets the callbacks of an enclosing
+    `worker_threads`, a budgeted fp32 run of an adapter in one process on a CPU shares each
+    step between threads (`workers`). The trainer also gets the callbacks of an enclosing
     `trainer_callbacks` block."""
     trainer = FinetuneTrainer(
         model=model,
@@ -630,6 +630,7 @@ def fit(
         and world_size() == 1
         and not (training_arguments.bf16 or training_arguments.fp16)
         and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+        and workers.few_weights_train(model)
     ):
         trainer.worker_threads = workers.worker_count(training_arguments.device)
     if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead

@@ -103,17 +103,30 @@ def run_at_once(jobs: Sequence[Callable[[], T]]) -> list[T]:
     return [first, *(future.result() for future in futures)]
 
 
+#: Steps are shared only where the weights that train are at most this share of the model's:
+#: each worker holds a gradient of its own for each of them (an adapter's: a few MB).
+TRAINED_SHARE = 0.125
+
+
+def few_weights_train(model: torch.nn.Module) -> bool:
+    """Whether the weights of `model` that train are few enough for each worker to hold its
+    own gradients (`TRAINED_SHARE` of the model's at most: an adapter, not a full
+    fine-tune)."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in as_parameters(model)) <= TRAINED_SHARE * total
+
+
 def summed_gradients(
     per_worker: Sequence[Sequence[torch.Tensor | None]],
 ) -> list[torch.Tensor | None]:
     """Each weight's gradients from the workers added up in the workers' order (None where
-    no worker has one)."""
+    no worker has one); the gradients given are left as they are."""
     out: list[torch.Tensor | None] = []
     for grads in zip(*per_worker, strict=True):
         present = [g for g in grads if g is not None]
         total = present[0] if present else None
-        for g in present[1:]:
-            total = total + g
+        for index, g in enumerate(present[1:]):
+            total = total + g if index == 0 else total.add_(g)
         out.append(total)
     return out
 
