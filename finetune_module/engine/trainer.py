@@ -426,7 +426,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         gradients are added to the weights' in the workers' order. Returns the step's loss."""
         model.train()
         self.activation_budget.set([False] * len(self.activation_budget.layers))
-        weights = workers.as_parameters(model)
+        weights = workers.trained_weights(model)
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:  # as `Trainer.training_step` decides it
             scaled = (

@@ -23,9 +23,10 @@ order, so that a seeded run gives the same masks, and weights, every time.
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -113,7 +114,7 @@ def few_weights_train(model: torch.nn.Module) -> bool:
     own gradients (`TRAINED_SHARE` of the model's at most: an adapter, not a full
     fine-tune)."""
     total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in as_parameters(model)) <= TRAINED_SHARE * total
+    return sum(p.numel() for p in trained_weights(model)) <= TRAINED_SHARE * total
 
 
 def summed_gradients(
@@ -124,10 +125,7 @@ def summed_gradients(
     out: list[torch.Tensor | None] = []
     for grads in zip(*per_worker, strict=True):
         present = [g for g in grads if g is not None]
-        total = present[0] if present else None
-        for index, g in enumerate(present[1:]):
-            total = total + g if index == 0 else total.add_(g)
-        out.append(total)
+        out.append(functools.reduce(torch.add, present) if present else None)
     return out
 
 
@@ -143,6 +141,6 @@ def add_gradients(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor 
             weight.grad += grad
 
 
-def as_parameters(model: torch.nn.Module) -> list[Any]:
+def trained_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The model's weights that train."""
     return [p for p in model.parameters() if p.requires_grad]
