@@ -264,6 +264,36 @@ def test_linear_cross_entropy_equals_cross_entropy_and_its_gradient(
     torch.testing.assert_close(hidden.grad, 2 * expected_grad)
 
 
+def test_linear_cross_entropy_hands_its_gradient_product_no_subnormal_float(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Logits hundreds apart make probabilities below the least normal float, and a product
+    with subnormal floats runs up to hundreds of times slower on some CPUs: every probability
+    the gradient's product gets is 0 or normal, and the gradient is still the exact one."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 300, 64, requires_grad=True)
+    weight = torch.randn(5000, 64) * 100.0
+    labels = torch.randint(0, 5000, (2, 300))
+    logits = (hidden @ weight.T).reshape(-1, 5000)
+    reference = nn.functional.cross_entropy(logits, labels.reshape(-1))
+    reference.backward()
+    expected_grad, hidden.grad = hidden.grad.clone(), None
+    tiny, seen = torch.finfo(torch.float32).tiny, []
+    matmul = torch.matmul
+
+    def watched(a: torch.Tensor, b: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if a.shape[-1] == 5000:
+            seen.append(int(((a != 0) & (a.abs() < tiny)).sum()))
+        return matmul(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", watched)
+    loss = speedups.linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert seen and seen == [0] * len(seen)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(hidden.grad, expected_grad)
+
+
 def test_linear_cross_entropy_of_a_batch_without_labels_is_zero_with_zero_gradient() -> None:
     """Only labelled rows get logits: a batch whose targets are all padding has nothing to
     learn from (loss 0 and no gradient), where cross_entropy's mean over no tokens is NaN."""
