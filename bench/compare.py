@@ -65,6 +65,7 @@ def compare(
     epochs: float = 1.0,
     batch_size: int = 8,
     max_new_tokens: int = 0,
+    peer_flush_subnormals: bool = False,
 ) -> dict[str, Any]:
     """Runs the peer and our dataflow back to back on the benchmark's model and data (built in
     `work` unless already there) and returns the comparison: each side's figures by the
@@ -77,6 +78,9 @@ def compare(
     :param epochs: training epochs, on both sides.
     :param batch_size: the training batch size, on both sides.
     :param max_new_tokens: the longest answer on both sides (0: the target cap).
+    :param peer_flush_subnormals: the peer flushes subnormal floats to zero on every thread
+        (`bench.peer --flush-subnormals`), which the plain script does not: our loss makes
+        none, and on some CPUs the script's own loss makes them slow.
     """
     data_path, model_dir = prepare(work, quick, records)
     common = ["--epochs", str(epochs), "--batch-size", str(batch_size)]
@@ -85,9 +89,10 @@ def compare(
     load_before = _load_average()
     peer_out, us_out = work / "peer.json", work / "us.json"
     peer_run = work / "peer-run"
+    flush = ["--flush-subnormals"] if peer_flush_subnormals else []
     _run("bench.peer", ["--data", str(data_path), "--model", str(model_dir),
                         "--output-dir", str(peer_run), "--out", str(peer_out),
-                        *common])  # fmt: skip
+                        *common, *flush])  # fmt: skip
     quick_flag = ["--quick"] if quick else []
     _run("bench.benchmark", ["--workdir", str(work), "--records", str(records),
                              "--out", str(us_out), *common, *quick_flag])  # fmt: skip
@@ -102,6 +107,7 @@ def compare(
         "records": records,
         "epochs": epochs,
         "batch_size": batch_size,
+        "peer_flush_subnormals": peer["flush_subnormals"],
         "peer": {p: peer[p] for _, p, _, _ in FIGURES},
         "us": {p: us[u] for _, p, u, _ in FIGURES},
         "peer_over_us": {p: peer[p] / us[u] for _, p, u, _ in FIGURES},
@@ -150,7 +156,8 @@ def table(c: dict[str, Any]) -> str:
     answers = c["us_figures"]["finetuned_generated_answers"]
     lines += [
         "",
-        f"{c['model']}, {c['records']} records, {c['epochs']:g} epoch(s), batch {c['batch_size']}",
+        f"{c['model']}, {c['records']} records, {c['epochs']:g} epoch(s), batch {c['batch_size']}"
+        + ("; the peer flushed subnormal floats to zero" if c["peer_flush_subnormals"] else ""),
         f"answers: {answers:.0f} on each side, {c['generated_tokens']['peer']:.0f} tokens (peer) "
         f"vs {c['generated_tokens']['us']:.0f} (us); ours also answers with the base model "
         f"({c['our_base_answers_seconds']:.1f} s, within our whole job)",
@@ -181,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="longest answer (default: the target cap; --quick: 16)",
     )
+    p.add_argument(
+        "--peer-flush-subnormals",
+        action="store_true",
+        help="the peer flushes subnormal floats to zero on every thread, which the plain "
+        "script does not (our loss makes none; the script's makes them, slow on some CPUs)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     comparison = compare(
         Path(args.workdir or tempfile.mkdtemp(prefix="finetune-compare-")),
@@ -189,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens or (16 if args.quick else 0),
+        peer_flush_subnormals=args.peer_flush_subnormals,
     )
     print(table(comparison))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

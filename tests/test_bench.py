@@ -116,6 +116,29 @@ def test_peer_trains_and_answers_on_the_dataflows_sets(
     assert source_cap < longest_question and target_cap < longest_reply
 
 
+@pytest.mark.parametrize("flushed", [False, True])
+def test_peer_can_flush_subnormal_floats_on_every_thread(flushed: bool) -> None:
+    """`bench.peer --flush-subnormals` (in a process of its own: the setting is the threads'):
+    a product of subnormal floats on two threads is zero in every row once they are flushed,
+    and not without."""
+    script = (
+        "import torch\n"
+        + (
+            "from bench.peer import flush_subnormals\nassert flush_subnormals()\n"
+            if flushed
+            else ""
+        )
+        + "torch.set_num_threads(2)\n"
+        "product = torch.full((64, 64), 1e-39) @ torch.ones(64, 64)\n"
+        "print(int((product != 0).any(dim=1).sum()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == (0 if flushed else 64)
+
+
 @pytest.mark.slow
 def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "comparison.json"
@@ -133,6 +156,7 @@ def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> N
     for figure in figures:
         ratio = comparison["peer"][figure] / comparison["us"][figure]
         assert comparison["peer_over_us"][figure] == pytest.approx(ratio)
+    assert comparison["peer_flush_subnormals"] is False  # the plain script, as written
     peer = comparison["peer_figures"]
     # 24 records: 22 to train on (3 steps of 8), 1 validation and 1 hold-out question
     assert peer["train_examples"] == 22 and peer["steps"] == 3
