@@ -3,6 +3,7 @@ model family it is proven for (`speedups.PROVEN`), gives the stock path's loss a
 unproven families and other devices run the stock path."""
 
 import json
+import math
 import platform
 import threading
 from collections.abc import Callable
@@ -292,6 +293,20 @@ def test_linear_cross_entropy_hands_its_gradient_product_no_subnormal_float(
     assert seen and seen == [0] * len(seen)
     torch.testing.assert_close(loss, reference)
     torch.testing.assert_close(hidden.grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_losss_exponent_floor_keeps_probabilities_normal_and_the_loss_exact(
+    dtype: torch.dtype,
+) -> None:
+    """All the raised terms of a row together stay under the dtype's rounding step; in float32
+    and bfloat16 (float32's range) the least probability the floor allows, divided by a row's
+    largest sum and the target count, is still a normal float."""
+    info, vocabulary, count = torch.finfo(dtype), 32128, 4096
+    floor = speedups._exp_floor(vocabulary, count, dtype)
+    assert vocabulary * math.exp(floor) <= info.eps
+    if dtype != torch.float16:
+        assert math.exp(floor) / vocabulary / count >= info.tiny * 0.999
 
 
 def test_linear_cross_entropy_of_a_batch_without_labels_is_zero_with_zero_gradient() -> None:

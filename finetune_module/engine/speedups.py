@@ -459,8 +459,13 @@ def _exp_floor(vocabulary: int, count: int, dtype: torch.dtype) -> float:
     product with it tens to hundreds of times slower on some CPUs (the gradient's product by
     the output layer's weight: 0.7 GFLOP/s against 170, on an Intel Xeon with AVX-512). Each
     raised term adds at most `vocabulary * count` times the least normal float to a sum of at
-    least 1, and as little to a probability: far below float rounding."""
-    return math.log(torch.finfo(dtype).tiny) + math.log(vocabulary) + math.log(count)
+    least 1, and as little to a probability: far below float rounding. Where that floor would
+    be higher than one at which all the raised terms together stay under the dtype's rounding
+    step (float16's narrow range), the floor is that one instead: the loss stays exact, its
+    probabilities may then be subnormal."""
+    info = torch.finfo(dtype)
+    normal = math.log(info.tiny) + math.log(vocabulary) + math.log(count)
+    return min(normal, math.log(info.eps) - math.log(vocabulary))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
