@@ -116,7 +116,10 @@ def test_peer_trains_and_answers_on_the_dataflows_sets(
     assert source_cap < longest_question and target_cap < longest_reply
 
 
-@pytest.mark.parametrize("flushed", [False, True])
+@pytest.mark.parametrize(
+    "flushed",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # True imports the peer's libraries
+)
 def test_peer_can_flush_subnormal_floats_on_every_thread(flushed: bool) -> None:
     """`bench.peer --flush-subnormals` (in a process of its own: the setting is the threads'):
     a product of subnormal floats on two threads is zero in every row once they are flushed,
