@@ -38,8 +38,25 @@ def _cli(
     )
 
 
-def test_help_documents_every_flag_and_lists_the_commands() -> None:
-    out = _cli("--help")
+def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The command run in this test's process (`run.main`), as `_cli` runs it in one of its own:
+    its exit status and what it printed. For what does not depend on a fresh process (the
+    libraries' imports, their warnings and log lines): it spares the ~8 s of starting Python and
+    importing torch, transformers and peft that each `_cli` takes on this project's machine."""
+    capsys.readouterr()
+    try:
+        status = run.main(list(args))
+    except SystemExit as exit_:  # argparse's --help and usage errors
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(["run.py", *args], status, printed.out, printed.err)
+
+
+def test_help_documents_every_flag_and_lists_the_commands(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")  # the width argparse wraps to, as in a pipe
+    out = _in_process(capsys, "--help")
     assert out.returncode == 0
     parser = cli.build_parser()
     for action in parser._actions:
@@ -223,15 +240,16 @@ def test_a_program_that_imports_the_package_keeps_hamiltons_extensions() -> None
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
-def test_dag_draws_a_picture(tmp_path: Path) -> None:
+def test_dag_draws_a_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for start in ("base", "presaved"):
         picture = tmp_path / f"dag-{start}.png"
-        out = _cli("--dag", str(picture), "--start", start)
+        out = _in_process(capsys, "--dag", str(picture), "--start", start)
         assert out.returncode == 0, out.stderr
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    out = _cli(
-        "dag", str(tmp_path / "training.svg"), "--stage", "training", "--model-type", "causal"
-    )
+    out = _in_process(
+        capsys,
+        "dag", str(tmp_path / "training.svg"), "--stage", "training", "--model-type", "causal",
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "fitted_weights" in (tmp_path / "training.svg").read_text()
 
