@@ -19,7 +19,13 @@ import run
 from finetune_module.data import prompt_texts, qa_table
 from finetune_module.engine import models
 from finetune_module.engine.generation import generate
-from finetune_module.engine.metrics import OTHER_LABEL, confusion_counts, labels_of, text_metrics
+from finetune_module.engine.metrics import (
+    OTHER_LABEL,
+    confusion_counts,
+    labels_of,
+    macro_f1,
+    text_metrics,
+)
 from finetune_module.engine.models import build_model
 from finetune_module.engine.records import split_sizes
 from finetune_module.engine.settings import EvaluationSettings, ModelSettings
@@ -511,6 +517,18 @@ def test_accuracy_macro_f1_and_confusion_matrix_of_label_answers() -> None:
     ]
     assert matrix.loc["no"].tolist() == [1, 0, 1] and matrix.loc["yes"].tolist() == [1, 1, 0]
     assert confusion_counts(predictions, references, []).empty
+
+
+def test_macro_f1_counts_every_label_and_a_label_never_seen_as_0() -> None:
+    expected = ["a", "a", "b", "x"]  # "x" is no label: its answer "a" is a false positive
+    predicted = ["a", "b", "b", "a"]
+    # "a": TP 1, FP 1, FN 1 -> 1/2; "b": TP 1, FP 1 -> 2/3; "c": never seen -> 0
+    assert macro_f1(expected, predicted, ["a", "b", "c"]) == pytest.approx((1 / 2 + 2 / 3) / 3)
+    assert macro_f1(expected, predicted, ["a"]) == 0.5
+    assert macro_f1(["a"], ["a"], []) == 0.0
+    # no reference among the labels: a row of zeros for each label, not an error
+    matrix = confusion_counts(["a", "zzz"], ["x", "y"], ["a", "b"])
+    assert matrix.values.tolist() == [[0, 0, 0], [0, 0, 0]]
 
 
 @pytest.mark.parametrize("name", ["default", "seq2seq_presaved"])
