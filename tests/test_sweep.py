@@ -192,6 +192,27 @@ def test_sweep_report_shows_trials_figures_and_answers(six_trials: dict[str, Any
     assert question in page
 
 
+def test_without_scikit_learn_the_report_says_what_importances_need(
+    six_trials: dict[str, Any],
+) -> None:
+    # a process where scikit-learn cannot be imported, as with optuna installed on its own
+    script = (
+        "import sys; sys.modules['sklearn'] = None\n"
+        "import optuna\n"
+        "from finetune_module.engine.sweep_report import importances_figure\n"
+        "from finetune_module.engine.study import storage_url\n"
+        f"study = optuna.load_study(study_name={six_trials['study'].study_name!r}, "
+        f"storage=storage_url(None, {str(six_trials['output_dir'])!r}))\n"
+        "print(importances_figure(study))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("<p>Parameter importances need scikit-learn")
+    assert "finetune-module[sweep]" in done.stdout
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_sweep_report_renders_in_headless_chromium(
     six_trials: dict[str, Any], tmp_path: Path

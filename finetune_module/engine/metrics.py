@@ -66,8 +66,9 @@ def text_metrics(
 def macro_f1(expected: list[str], predicted: list[str], labels: list[str]) -> float:
     """The mean over `labels` of each label's F1 score, 2 TP / (2 TP + FP + FN), taken as 0
     for a label that is neither expected nor predicted: scikit-learn's `f1_score` with
-    `average="macro"` and `zero_division=0`, without importing scikit-learn (and SciPy with
-    it), which took ~1.7 s of every command's start."""
+    `average="macro"` and `zero_division=0`, without importing scikit-learn: with SciPy, which
+    transformers imports wherever it is installed, it took 0.44 s and 76 MiB of every
+    command's start (`finetune --version`)."""
     pairs = Counter(zip(expected, predicted, strict=True))
     scores = []
     for label in labels:

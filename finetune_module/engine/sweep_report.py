@@ -73,7 +73,8 @@ def history_figure(study: Any) -> str:
 
 def importances_figure(study: Any) -> str:
     """How much each parameter's value explains the objective (Optuna's fANOVA importances,
-    seeded: the same study draws the same bars); needs two finished trials that differ."""
+    seeded: the same study draws the same bars); needs two finished trials that differ, and
+    scikit-learn (the `sweep` extra installs it; without it the page says so)."""
     finished = _finished(study)
     if len(finished) < 2:
         return (
@@ -81,7 +82,13 @@ def importances_figure(study: Any) -> str:
             "finished so far.</p>"
         )
     optuna = optuna_module()
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    except ImportError:
+        return (
+            "<p>Parameter importances need scikit-learn (Optuna's fANOVA): "
+            "<code>pip install finetune-module[sweep]</code> installs it.</p>"
+        )
     return _drawn(
         "parameter importances",
         lambda: optuna.visualization.plot_param_importances(study, evaluator=evaluator),
