@@ -3,6 +3,7 @@ targets, full fine-tuning, and every config of valid_configs.jsonl run end to en
 
 import json
 import math
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -529,6 +530,26 @@ def test_macro_f1_counts_every_label_and_a_label_never_seen_as_0() -> None:
     # no reference among the labels: a row of zeros for each label, not an error
     matrix = confusion_counts(["a", "zzz"], ["x", "y"], ["a", "b"])
     assert matrix.values.tolist() == [[0, 0, 0], [0, 0, 0]]
+
+
+def test_label_metrics_equal_scikit_learns() -> None:
+    # scikit-learn comes with the sweep extra (the test environment has it), not the core install
+    sk = pytest.importorskip("sklearn.metrics")
+    draw = random.Random(0)
+    for _ in range(2000):
+        size = draw.randint(1, 12)
+        references = [draw.choice("abcdx") for _ in range(size)]
+        predictions = [draw.choice("abcdx") for _ in range(size)]
+        labels = sorted(draw.sample("abcd", draw.randint(1, 4)))
+        expected = sk.f1_score(
+            references, predictions, labels=labels, average="macro", zero_division=0
+        )
+        assert macro_f1(references, predictions, labels) == pytest.approx(expected, abs=1e-12)
+        if set(references) & set(labels):  # else scikit-learn refuses; ours is all zeros
+            answers = [p if p in labels else OTHER_LABEL for p in predictions]
+            counts = sk.confusion_matrix(references, answers, labels=[*labels, OTHER_LABEL])
+            matrix = confusion_counts(predictions, references, labels)
+            assert matrix.values.tolist() == counts[: len(labels)].tolist()
 
 
 @pytest.mark.parametrize("name", ["default", "seq2seq_presaved"])
