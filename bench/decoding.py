@@ -103,12 +103,20 @@ def _seconds(work: Any) -> float:
 
 def weight_bytes_per_step(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     """The bytes of weights one decode step reads: the parameters of every module that runs
-    in the second step of decoding `input_ids` (cross-attention keys and values come from
-    the cache by then), less the embedding tables, which are read a row per token."""
+    in the second step of decoding `input_ids` (after the first step's output layer, up to
+    its own; cross-attention keys and values come from the cache by then), less the
+    embedding tables, which are read a row per token. (T5's written steps apply its norms'
+    weights without calling their modules: 2 KB a layer left out.)"""
     ran: list[torch.nn.Module] = []
+    step: list[torch.nn.Module] = []  # the modules of the last step (up to its output layer)
+
+    def step_done(*_: Any) -> None:
+        step[:] = ran
+        ran.clear()
+
     net = transformers_model(model)
-    hooks = [net.get_decoder().register_forward_pre_hook(lambda *_: ran.clear())]
-    hooks += [m.register_forward_hook(lambda m, *_: ran.append(m)) for m in net.modules()]
+    hooks = [m.register_forward_hook(lambda m, *_: ran.append(m)) for m in net.modules()]
+    hooks += [net.get_output_embeddings().register_forward_hook(step_done)]
     try:
         with torch.inference_mode():
             greedy_generate(model, input_ids, torch.ones_like(input_ids), 2, None)
@@ -117,7 +125,7 @@ def weight_bytes_per_step(model: torch.nn.Module, input_ids: torch.Tensor) -> in
             hook.remove()
     return sum(
         p.numel() * p.element_size()
-        for m in set(ran)
+        for m in set(step)
         if not isinstance(m, torch.nn.Embedding)
         for p in m.parameters(recurse=False)
     )
@@ -166,6 +174,9 @@ def counted(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
         if reads_prompts(kwargs):
             input_started()
             return
+        step_called()
+
+    def step_called(*_: Any) -> None:
         if new_batch[0]:  # the first step of a batch (an encoder may read it in groups)
             counts["batch_steps"].append(0)
             new_batch[0] = False
@@ -176,15 +187,21 @@ def counted(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
         if started:
             input_done()
 
-    reader = net.get_encoder() if net.config.is_encoder_decoder else None
-    decoder = net.get_decoder()
-    hooks = [
-        decoder.register_forward_pre_hook(decoder_called, with_kwargs=True),
-        decoder.register_forward_hook(decoder_done, with_kwargs=True),
-    ]
-    if reader is not None:
-        hooks += [reader.register_forward_pre_hook(input_started)]
-        hooks += [reader.register_forward_hook(input_done)]
+    if net.config.is_encoder_decoder:
+        # a step ends in the output layer, whether the decoder runs as the model's forward
+        # pass or as written steps (T5's, `t5_steps`)
+        reader = net.get_encoder()
+        hooks = [
+            net.get_output_embeddings().register_forward_pre_hook(step_called),
+            reader.register_forward_pre_hook(input_started),
+            reader.register_forward_hook(input_done),
+        ]
+    else:
+        decoder = net.get_decoder()
+        hooks = [
+            decoder.register_forward_pre_hook(decoder_called, with_kwargs=True),
+            decoder.register_forward_hook(decoder_done, with_kwargs=True),
+        ]
     try:
         yield counts
     finally:

@@ -15,10 +15,17 @@ import pytest
 import torch
 from peft import get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DynamicCache,
+    EncoderDecoderCache,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_outputs import BaseModelOutput
 
-from finetune_module.engine import decoding, generation, packing
+from finetune_module.engine import decoding, generation, packing, t5_steps
 from finetune_module.engine.decoding import greedy_generate, lean_decoding_applies
 from finetune_module.engine.models import lora_config
 from finetune_module.engine.settings import LoraSettings
@@ -221,10 +228,18 @@ def _rows_per_step(model: torch.nn.Module) -> Iterator[list[int]]:
 
     net = decoding.transformers_model(model)
     hook = net.register_forward_pre_hook(seen, with_kwargs=True)
+    written = t5_steps.T5Steps.__call__
+
+    def written_step(steps: t5_steps.T5Steps, tokens: torch.Tensor) -> torch.Tensor:
+        rows.append(tokens.shape[0])
+        return written(steps, tokens)
+
+    t5_steps.T5Steps.__call__ = written_step
     try:
         yield rows
     finally:
         hook.remove()
+        t5_steps.T5Steps.__call__ = written
 
 
 @pytest.mark.parametrize("family", ["gemma3", "mistral"])
@@ -263,12 +278,8 @@ def test_the_loop_stops_when_every_answer_has_ended(
 ) -> None:
     t = tiny(family)
     _set(monkeypatch, t, eos_token_id=_second_tokens(t))
-    steps = []
-    hook = t.model.get_base_model().register_forward_hook(lambda *_: steps.append(1))
-    try:
+    with _rows_per_step(t.model) as steps:
         lean = t.lean(30)
-    finally:
-        hook.remove()
     assert torch.equal(lean, t.stock(30))
     assert t.new_tokens(lean).shape[1] == len(steps) <= 2
 
@@ -381,17 +392,136 @@ def _keeps_a_stale_value(
     return keys, values
 
 
+def _writes_a_stale_value(
+    self: t5_steps.T5Steps, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's written steps caching each new token's value one step late."""
+    keys, values = WRITTEN_CACHE(self, layer, position, keys, values)
+    if values.shape[2] > 1:
+        values[:, :, -1] = values[:, :, -2]
+    return keys, values
+
+
 GREEDY_RULES, CACHE_UPDATE = decoding.greedy_rules, decoding.PreallocatedLayer.update
+WRITTEN_CACHE = t5_steps.T5Steps._cached
 BROKEN = {
     "pads with another token": (decoding, "greedy_rules", _pads_with_another_token),
     "never ends": (decoding, "greedy_rules", _never_ends),
     "ignores the rules": (decoding, "_next_tokens", lambda logits, *_: logits.argmax(-1)),
     "caches a stale value": (decoding.PreallocatedLayer, "update", _keeps_a_stale_value),
+    "T5's steps cache a stale value": (t5_steps.T5Steps, "_cached", _writes_a_stale_value),
 }
 
 
-@pytest.mark.parametrize("broken", list(BROKEN))
-@pytest.mark.parametrize("family", ["t5", "llama"])
+def _forward_logits(
+    net: torch.nn.Module,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    cache: EncoderDecoderCache,
+) -> torch.Tensor:
+    """The logits of an encoder-decoder model's forward pass for one decode step's tokens."""
+    return net(
+        encoder_outputs=BaseModelOutput(last_hidden_state=states),
+        attention_mask=mask,
+        decoder_input_ids=tokens[:, None],
+        past_key_values=cache,
+        use_cache=True,
+    ).logits[:, -1]
+
+
+@pytest.mark.parametrize("family", ["t5", "mt5"])
+def test_t5s_written_steps_give_its_forward_passs_logits(
+    family: str, tiny: Callable[[str], Tiny]
+) -> None:
+    t = tiny(family)
+    net = t.model.get_base_model()
+    assert t5_steps.written_steps_apply(net)
+    mask = t.batch["attention_mask"]
+    with torch.inference_mode():
+        states = net.get_encoder()(input_ids=t.batch["input_ids"], attention_mask=mask)[0]
+        steps = t5_steps.T5Steps(net, states, mask, capacity=8)
+        cache = EncoderDecoderCache(
+            DynamicCache(config=net.config), DynamicCache(config=net.config)
+        )
+        tokens = torch.full((4,), net.generation_config.decoder_start_token_id)
+        chosen = []
+        for step in range(7):
+            if step == 3:  # the second and fourth rows leave the batch
+                keep = torch.tensor([0, 2])
+                steps.keep(keep)
+                cache.batch_select_indices(keep)
+                states, mask, tokens = states[keep], mask[keep], tokens[keep]
+            written = steps(tokens)
+            forward = _forward_logits(net, states, mask, tokens, cache)
+            assert torch.equal(written, forward), f"step {step}"
+            tokens = forward.argmax(-1)
+            chosen.extend(tokens.tolist())
+    assert len(set(chosen)) > 1  # the steps answer, not one token throughout
+
+
+@pytest.mark.parametrize("family", ["t5", "mt5"])
+def test_t5s_written_steps_attend_to_each_group_of_questions_apart(
+    family: str, tiny: Callable[[str], Tiny]
+) -> None:
+    t = tiny(family)
+    net = t.model.get_base_model()
+    unlike = _questions_of_unlike_lengths(t)
+    order = unlike["attention_mask"].sum(1).argsort(stable=True)  # as `generate` batches them
+    ids, mask = unlike["input_ids"][order], unlike["attention_mask"][order]
+    with torch.inference_mode():
+        states = net.get_encoder()(input_ids=ids, attention_mask=mask)[0]
+        steps = t5_steps.T5Steps(net, states, mask, capacity=6)
+        assert len(steps.groups) > 1
+        cache = EncoderDecoderCache(
+            DynamicCache(config=net.config), DynamicCache(config=net.config)
+        )
+        tokens = torch.full((len(ids),), net.generation_config.decoder_start_token_id)
+        for _ in range(5):
+            written = steps(tokens)
+            forward = _forward_logits(net, states, mask, tokens, cache)
+            torch.testing.assert_close(written, forward, rtol=1e-5, atol=1e-5)
+            tokens = forward.argmax(-1)
+            assert torch.equal(written.argmax(-1), tokens)
+
+
+def test_the_written_steps_stand_for_t5s_forward_pass_only_where_they_are_its(
+    tiny: Callable[[str], Tiny],
+) -> None:
+    t5 = tiny("t5")
+    net = t5.model.get_base_model()
+    assert t5_steps.written_steps_apply(net)
+    calls: list[int] = []
+    hook = net.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        t5.same(6)  # generate's answers, then the lean loop's: its steps call no forward pass
+    finally:
+        hook.remove()
+    assert len(calls) == t5.new_tokens(t5.stock(6)).shape[1]  # generate's steps only
+    assert not t5_steps.written_steps_apply(tiny("bart").model.get_base_model())
+    try:
+        net.train()
+        assert not t5_steps.written_steps_apply(net)
+        net.eval()
+        net.set_attn_implementation("eager")
+        assert not t5_steps.written_steps_apply(net)
+    finally:
+        net.eval()
+        net.set_attn_implementation("sdpa")
+    assert t5_steps.written_steps_apply(net)
+
+
+#: the families each broken loop is tried on: T5's decode steps are written out
+#: (`t5_steps`), BART's and Llama's run the model's forward pass on preallocated caches
+BROKEN_ON = [
+    *((family, broken) for broken in list(BROKEN)[:3] for family in ("t5", "llama")),
+    ("bart", "caches a stale value"),
+    ("llama", "caches a stale value"),
+    ("t5", "T5's steps cache a stale value"),
+]
+
+
+@pytest.mark.parametrize(("family", "broken"), BROKEN_ON)
 def test_broken_loops_are_caught(
     broken: str, family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -526,16 +656,20 @@ def test_answers_from_length_groups_are_the_whole_batchs(
         "read_in_length_groups",
         lambda *a: grouped.append(1) or decoding.read_in_length_groups(*a),
     )
-    monkeypatch.setattr(
-        decoding,
-        "sdpa_attention_forward",
-        lambda *a, **k: attended.append(a[2].shape) or sdpa_attention_forward(*a, **k),
-    )
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(query: torch.Tensor, key: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        if query.shape[2] == 1:  # a decode step's
+            attended.append(key.shape[2])
+        return sdpa(query, key, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
     assert generation.generate(t.model, t.tokenizer, examples, **settings) == answers["lean"]
     assert grouped == [1]
     # the decode steps' attention to the questions: each group to its own longest question
+    # (T5 in its written steps, the others in `decoding.grouped_key_attention`)
     longest = [max(lengths[row] for row in rows) for rows in decoding.length_groups(lengths)]
-    assert {shape[2] for shape in attended if shape[2] in longest} == set(longest)
+    assert {keys for keys in attended if keys in longest} == set(longest)
     net = t.model.get_base_model()
     assert net.config._attn_implementation == "sdpa"  # set back after answering
     assert net.get_encoder().config._attn_implementation == "sdpa"

@@ -15,7 +15,8 @@ to float rounding (a smaller batch's products may round differently in the last 
 different `generation_batch_size` does); `tests/test_decoding.py` proves them equal to
 `generate`'s on every family in `PROVEN`.
 
-The loop calls the model directly, so it applies only where `tests/test_decoding.py` proves it
+The loop calls the model's forward pass (T5's decode steps are written out in `t5_steps`,
+with the same logits), so it applies only where `tests/test_decoding.py` proves it
 equal to `generate`: the families in `PROVEN`, on the transformers release `PROVEN_ON`, greedy
 (beam search runs the stock path), a LoRA adapter or none, and a generation config with nothing
 the loop does not implement (`stock_only_settings`). `lean_decoding_applies` says whether a
@@ -27,7 +28,7 @@ import dataclasses
 import functools
 import inspect
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,7 +50,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from finetune_module.engine import packing
 from finetune_module.engine.speedups import CHEAP_DROPOUT_ATTENTION
-from finetune_module.engine.tokens import prefix_lengths
+from finetune_module.engine.t5_steps import steps_for
+from finetune_module.engine.tokens import length_groups, length_ranges, prefix_lengths
 
 #: The model families (config.model_type) whose greedy answers `tests/test_decoding.py` proves
 #: equal to `generate`'s, with and without a LoRA adapter.
@@ -273,33 +275,6 @@ def _self_attention_cache(config: PretrainedConfig, capacity: int) -> DynamicCac
     return cache
 
 
-#: An encoder pass over one more group of questions costs about what reading this many more
-#: padded tokens does (its dozens of small operations per layer), so `length_groups` joins
-#: groups that would save fewer
-GROUP_COST_TOKENS = 64
-
-
-def length_groups(lengths: Sequence[int], group_cost: int = GROUP_COST_TOKENS) -> list[list[int]]:
-    """The rows of a batch (by index) in groups of similar length, for the encoder to read one
-    group at a time, each padded to its own longest row: the split of the rows, in order of
-    length, that reads the fewest tokens, counting `group_cost` more for each group (the
-    shortest rows first; rows of equal length keep their order)."""
-    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    # cost[end]: the least cost of reading the `end` shortest rows; start[end]: where the
-    # last group of that split starts
-    cost, start = [0] * (len(order) + 1), [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        longest = lengths[order[end - 1]]
-        cost[end], start[end] = min(
-            (cost[first] + (end - first) * longest + group_cost, first) for first in range(end)
-        )
-    groups, end = [], len(order)
-    while end:
-        groups.append(order[start[end] : end])
-        end = start[end]
-    return groups[::-1]
-
-
 def question_lengths(attention_mask: torch.Tensor) -> list[int] | None:
     """Each row's question length in a right-padded batch (the mask's leading ones), or None
     when some row's mask is not ones followed by zeros (left padding, or holes)."""
@@ -350,12 +325,7 @@ def _key_groups(mask: torch.Tensor) -> list[tuple[int, int, int]]:
     groups = getattr(mask, _GROUPS, None)
     if groups is None:
         lengths = question_lengths(mask[:, 0, 0, :])
-        groups = []
-        for rows in length_groups(lengths) if lengths is not None else []:
-            if rows != list(range(rows[0], rows[0] + len(rows))):
-                groups = []
-                break
-            groups.append((rows[0], rows[0] + len(rows), max(lengths[row] for row in rows)))
+        groups = length_ranges(lengths) if lengths is not None else []
         groups = groups if len(groups) > 1 else []
         setattr(mask, _GROUPS, groups)
     return groups
@@ -568,7 +538,9 @@ def greedy_generate(
     a decoder-only model's left-padded prompt and answer tokens, each row ended by one of the
     end tokens and padded after it, as long as the longest answer (at most `max_new_tokens`).
     An encoder-decoder model's encoder reads the questions unless `encoder_outputs` holds its
-    states (as `read_in_length_groups` reads them).
+    states (as `read_in_length_groups` reads them). A T5 or mT5 model's decode steps run as
+    `t5_steps.T5Steps` writes them out (the same logits, without the forward pass's per-step
+    work: `t5_steps.written_steps_apply`); every other model's as its forward pass.
 
     Call it under `torch.inference_mode()`.
     """
@@ -586,10 +558,12 @@ def greedy_generate(
             )
         kwargs["encoder_outputs"] = encoder_outputs
         kwargs["attention_mask"] = attention_mask
+        written = steps_for(net, kwargs, max_new_tokens)
         self_attention = _self_attention_cache(net.config, max_new_tokens)
         cache = EncoderDecoderCache(self_attention, DynamicCache(config=net.config))
         step, mask = {"decoder_input_ids": prompt}, None
     else:
+        written = None
         prompt = input_ids
         cache = _self_attention_cache(net.config, input_ids.shape[1] + max_new_tokens)
         step, mask = _prompt_inputs(input_ids, attention_mask, max_new_tokens)
@@ -602,10 +576,13 @@ def greedy_generate(
     ends = torch.tensor(rules.eos_token_ids, dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
     rows = torch.arange(batch, device=prompt.device)  # the rows of `sequences` still answering
-    retires = len(ends) > 0 and _retirable(cache)
+    retires = len(ends) > 0 and (written is not None or _retirable(cache))
     length = prompt_length
     while length < max_length:
-        logits = net(**step, **kwargs).logits[:, -1]
+        if written is not None:
+            logits = written(step["decoder_input_ids"][:, -1])
+        else:
+            logits = net(**step, **kwargs).logits[:, -1]
         tokens = _next_tokens(logits, rules, length, length - prompt_length, max_length)
         if len(ends):
             tokens = torch.where(unfinished, tokens, rules.pad_token_id)
@@ -629,7 +606,10 @@ def greedy_generate(
             step = {name: value[keep] for name, value in step.items()}
             if mask is not None:
                 mask = mask[keep]
-            _keep_rows(kwargs, keep)
+            if written is not None:
+                written.keep(keep)
+            else:
+                _keep_rows(kwargs, keep)
     return sequences[:, :length]
 
 

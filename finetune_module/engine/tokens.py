@@ -325,3 +325,42 @@ def prefix_lengths(mask: torch.Tensor) -> torch.Tensor | None:
     positions = torch.arange(mask.shape[1], device=mask.device)
     prefix = (positions[None, :] < lengths[:, None]).to(mask.dtype)
     return lengths if torch.equal(prefix, mask) else None
+
+
+#: An encoder pass over one more group of questions costs about what reading this many more
+#: padded tokens does (its dozens of small operations per layer), so `length_groups` joins
+#: groups that would save fewer
+GROUP_COST_TOKENS = 64
+
+
+def length_groups(lengths: Sequence[int], group_cost: int = GROUP_COST_TOKENS) -> list[list[int]]:
+    """The rows of a batch (by index) in groups of similar length, for the encoder to read one
+    group at a time, each padded to its own longest row: the split of the rows, in order of
+    length, that reads the fewest tokens, counting `group_cost` more for each group (the
+    shortest rows first; rows of equal length keep their order)."""
+    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
+    # cost[end]: the least cost of reading the `end` shortest rows; start[end]: where the
+    # last group of that split starts
+    cost, start = [0] * (len(order) + 1), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        cost[end], start[end] = min(
+            (cost[first] + (end - first) * longest + group_cost, first) for first in range(end)
+        )
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start[end] : end])
+        end = start[end]
+    return groups[::-1]
+
+
+def length_ranges(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """`length_groups` of rows given in order of length, as ranges of rows with the longest
+    length of each: (first row, the row after the last, longest). Empty where a group is not
+    a range (the rows are not in order of length)."""
+    ranges = []
+    for rows in length_groups(lengths):
+        if rows != list(range(rows[0], rows[0] + len(rows))):
+            return []
+        ranges.append((rows[0], rows[0] + len(rows), max(lengths[row] for row in rows)))
+    return ranges

@@ -1,0 +1,231 @@
+"""T5's decode step written out: the decoder's layers, one token a row, as plain tensor
+operations on caches allocated once per batch.
+
+The model's own forward pass spends most of a decode step's time outside its products: each
+of the eight layers builds its attention masks again (a `where` over the position bias and
+the padding), asks the cache classes for their lengths and layers, and goes through a dozen
+modules' calls with their hooks and keyword arguments. At a decode step's 20 rows that work
+took about as long as the products themselves. `T5Steps` does, per step, only what the answer
+depends on: the embedding of the new tokens, per layer the three norms, the linear layers (the
+model's own modules, so a LoRA adapter, packed weights and merged updates apply as they do in
+the model), attention by SDPA to the self-attention cache and to the questions, the
+feed-forward block, and the output layer. What stays the same for the whole batch is made
+once: the self-attention's position bias for every position up to the cap (T5 shares the first
+layer's between the layers), the cross-attention's keys and values, and the masks over the
+questions, for each group of rows of similar question length (`tokens.length_ranges`: a
+group attends to its own longest question's keys only, as `decoding.grouped_key_attention`
+does).
+
+Every operation is the one the model runs, on the same operands, so the logits are the
+model's; `tests/test_decoding.py` proves the answers equal to `generate`'s on T5 and mT5.
+`written_steps_apply` says where the written steps stand for the model's forward pass.
+"""
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from finetune_module.engine.tokens import length_ranges, prefix_lengths
+
+#: The families whose decoder `T5Steps` writes out (their blocks are T5's).
+FAMILIES = frozenset({"t5", "mt5"})
+#: The attention implementations whose decode-step attention is SDPA's, as `T5Steps` runs it.
+SDPA_LIKE = frozenset({"sdpa", "sdpa_cheap_cpu_dropout", "sdpa_grouped_question_keys"})
+
+
+def written_steps_apply(net: PreTrainedModel) -> bool:
+    """Whether `T5Steps` computes `net`'s decode steps as its forward pass does: a T5 or mT5
+    model in evaluation mode, float32, attending with SDPA (or this package's SDPA-based
+    attentions), its feed-forward block T5's (gated or not), and its decoder's blocks laid out
+    as T5's (self-attention, cross-attention, feed-forward)."""
+    config = net.config
+    if config.model_type not in FAMILIES or net.training:
+        return False
+    if config._attn_implementation not in SDPA_LIKE or net.dtype != torch.float32:
+        return False
+    decoder = getattr(net, "decoder", None)
+    blocks = getattr(decoder, "block", None)
+    if blocks is None or len(blocks) == 0:
+        return False
+    wanted = ("wi_0", "wi_1", "wo") if config.is_gated_act else ("wi", "wo")
+    return all(
+        len(block.layer) == 3
+        and hasattr(block.layer[0], "SelfAttention")
+        and hasattr(block.layer[1], "EncDecAttention")
+        and all(hasattr(block.layer[2].DenseReluDense, name) for name in wanted)
+        for block in blocks
+    )
+
+
+def _norm(hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """`T5LayerNorm`'s forward (float32): the root-mean-square norm, scaled by its weight."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon))
+
+
+class T5Steps:
+    """A T5 model's decode steps for one batch of questions (`written_steps_apply`): call it
+    with each step's tokens (one a row) to get the logits of the next; `keep` drops the rows
+    that have ended. Make it, and call it, under `torch.inference_mode()`."""
+
+    def __init__(
+        self,
+        net: PreTrainedModel,
+        encoder_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capacity: int,
+    ) -> None:
+        """`encoder_states` (rows x questions' length x width) and `attention_mask` (rows x
+        length, right padding) are the questions as the encoder read them; `capacity` is the
+        most tokens a row's decoder sequence will hold (the decoder start included)."""
+        config = net.config
+        self.net = net
+        self.heads, self.key_width = config.num_heads, config.d_kv
+        self.blocks = [block.layer for block in net.decoder.block]
+        self.embed = net.decoder.embed_tokens
+        self.final_norm = net.decoder.final_layer_norm
+        # T5 scales its output by the width where its output layer is the embedding (mT5 does not)
+        scaled = getattr(config, "scale_decoder_outputs", False)
+        self.output_scale = config.d_model**-0.5 if scaled else None
+        first = self.blocks[0][0].SelfAttention
+        # the self-attention's position bias, (1, heads, query position, key position)
+        self.bias = first.compute_bias(capacity, capacity, device=encoder_states.device)
+        self.length = 0
+        rows = encoder_states.shape[0]
+        shape = (rows, self.heads, capacity, self.key_width)
+        self.self_keys = [encoder_states.new_empty(shape) for _ in self.blocks]
+        self.self_values = [encoder_states.new_empty(shape) for _ in self.blocks]
+        lengths = prefix_lengths(attention_mask)
+        if lengths is None:
+            raise ValueError("the questions' attention mask is not right padding")
+        self.question_lengths = lengths.tolist()
+        self.dtype, self.device = encoder_states.dtype, encoder_states.device
+        self._group()
+        # the cross-attention's keys and values, computed group by group up to the group's
+        # longest question (zero past it: masked, and never read by the group)
+        self.cross_keys, self.cross_values = [], []
+        shape = (rows, self.heads, encoder_states.shape[1], self.key_width)
+        for layers in self.blocks:
+            attention = layers[1].EncDecAttention
+            keys, values = encoder_states.new_zeros(shape), encoder_states.new_zeros(shape)
+            for start, end, length, _ in self.groups:
+                states = encoder_states[start:end, :length]
+                keys[start:end, :, :length] = self._heads(attention.k(states))
+                values[start:end, :, :length] = self._heads(attention.v(states))
+            self.cross_keys.append(keys)
+            self.cross_values.append(values)
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        """A linear layer's output (rows x length x heads * key width) as attention reads it:
+        rows x heads x length x key width (a view, as the model's `view` and `transpose`)."""
+        return states.view(*states.shape[:2], self.heads, self.key_width).transpose(1, 2)
+
+    def _group(self) -> None:
+        """The rows' groups of similar question length (`tokens.length_ranges`; all the rows
+        as one where they are not in order of length), each a range of rows with the keys it
+        attends to and its additive mask over them: 0 on a question's tokens and the float's
+        least value past them, a row per head, as the model's SDPA mask holds them."""
+        lengths = self.question_lengths
+        groups = length_ranges(lengths) or [(0, len(lengths), max(lengths))]
+        least = torch.finfo(self.dtype).min
+        self.groups = []
+        for start, end, keys in groups:
+            positions = torch.arange(keys, device=self.device)
+            inside = (
+                positions[None, :] < torch.tensor(lengths[start:end], device=self.device)[:, None]
+            )
+            mask = torch.where(inside, 0.0, least).to(self.dtype)
+            mask = mask[:, None, None, :].expand(-1, self.heads, 1, -1).contiguous()
+            self.groups.append((start, end, keys, mask))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only the rows `rows` (indices of the rows still in the batch)."""
+        self.self_keys = [keys[rows] for keys in self.self_keys]
+        self.self_values = [values[rows] for values in self.self_values]
+        self.cross_keys = [keys[rows] for keys in self.cross_keys]
+        self.cross_values = [values[rows] for values in self.cross_values]
+        self.question_lengths = [self.question_lengths[row] for row in rows.tolist()]
+        self._group()
+
+    def _cross_attention(self, query: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention of each row's query (rows x heads x 1 x key width) to its questions'
+        keys, group by group."""
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        keys, values = self.cross_keys[layer], self.cross_values[layer]
+        if len(self.groups) == 1:
+            _, _, length, mask = self.groups[0]
+            return sdpa(
+                query, keys[:, :, :length], values[:, :, :length], attn_mask=mask, scale=1.0
+            )
+        out = query.new_empty(query.shape)
+        for start, end, length, mask in self.groups:
+            out[start:end] = sdpa(
+                query[start:end],
+                keys[start:end, :, :length],
+                values[start:end, :, :length],
+                attn_mask=mask,
+                scale=1.0,
+            )
+        return out
+
+    def _cached(
+        self, layer: int, position: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes a layer's keys and values of the tokens at `position` (rows x heads x 1 x
+        key width) into its self-attention cache; returns the cache's keys and values up to
+        them (views)."""
+        end = position + 1
+        self.self_keys[layer][:, :, position:end].copy_(keys)
+        self.self_values[layer][:, :, position:end].copy_(values)
+        return self.self_keys[layer][:, :, :end], self.self_values[layer][:, :, :end]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits (rows x vocabulary) of the token after `tokens` (one a row), which
+        stand at the next position of each row's decoder sequence."""
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        rows, position = tokens.shape[0], self.length
+        seen = position + 1
+        hidden = self.embed(tokens)
+        bias = self.bias[:, :, position : position + 1, :seen].contiguous()
+        inner = self.heads * self.key_width
+
+        def heads(states: torch.Tensor) -> torch.Tensor:
+            return states.view(rows, 1, self.heads, self.key_width).transpose(1, 2)
+
+        for layer, (self_part, cross_part, feed_forward) in enumerate(self.blocks):
+            attention = self_part.SelfAttention
+            normed = _norm(hidden, self_part.layer_norm)
+            query = heads(attention.q(normed))
+            keys, values = self._cached(
+                layer, position, heads(attention.k(normed)), heads(attention.v(normed))
+            )
+            out = sdpa(query, keys, values, attn_mask=bias, scale=1.0)
+            hidden = hidden + attention.o(out.transpose(1, 2).reshape(rows, inner))
+
+            attention = cross_part.EncDecAttention
+            normed = _norm(hidden, cross_part.layer_norm)
+            out = self._cross_attention(heads(attention.q(normed)), layer)
+            hidden = hidden + attention.o(out.transpose(1, 2).reshape(rows, inner))
+
+            block = feed_forward.DenseReluDense
+            normed = _norm(hidden, feed_forward.layer_norm)
+            if hasattr(block, "wi_0"):
+                inside = block.act(block.wi_0(normed)) * block.wi_1(normed)
+            else:
+                inside = block.act(block.wi(normed))
+            hidden = hidden + block.wo(inside)
+        self.length = seen
+        hidden = _norm(hidden, self.final_norm)
+        if self.output_scale is not None:
+            hidden = hidden * self.output_scale
+        return self.net.lm_head(hidden)
+
+
+def steps_for(net: PreTrainedModel, kwargs: dict[str, Any], capacity: int) -> T5Steps | None:
+    """`T5Steps` for the batch whose encoder states and question mask are in a decode step's
+    keyword arguments (`decoding.greedy_generate`'s), where `written_steps_apply`; else None."""
+    if not written_steps_apply(net):
+        return None
+    states = kwargs["encoder_outputs"].last_hidden_state
+    return T5Steps(net, states, kwargs["attention_mask"], capacity)
