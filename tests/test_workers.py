@@ -2,6 +2,7 @@
 gradients as one thread, the same dropout masks for the same seed, and the shared state
 (the output layer, the torch thread count) left as it was."""
 
+import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,23 +24,48 @@ def _budget_bytes(budget: ActivationBudget, rows: int, source: int, target: int)
     return sum(kept for kept, _ in budget.layer_bytes(rows, source, target))
 
 
-def test_the_rows_are_dealt_in_turn_each_worker_within_its_share_of_the_budget(
+def _rows_of(part: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> list[int]:
+    """The batch's rows a part holds (found by their first input token)."""
+    first = batch["input_ids"][:, 0].tolist()
+    return [first.index(token) for token in part["input_ids"][:, 0].tolist()]
+
+
+def test_the_rows_are_dealt_by_their_work_each_worker_within_its_share_of_the_budget(
     tiny_model_dir: Path,
 ) -> None:
     model = _lora_t5(tiny_model_dir)
     batch = _unlike_rows(model)  # inputs 30, 120, 60, 90; answers 5, 20, 10, 40 (75 tokens)
-    shared = ActivationBudget(model, 1.0).worker_parts(batch, 2)
+    sources, targets = [30, 120, 60, 90], [5, 20, 10, 40]
+    budget = ActivationBudget(model, 1.0)
+    work = [budget.row_work(s, t) for s, t in zip(sources, targets, strict=True)]
+    assert work[0] < work[2] < min(work[1], work[3])  # more tokens, more work
+    assert budget.row_work(60, 10) > 2 * budget.row_work(30, 5)  # attention grows faster
+    shared = budget.worker_parts(batch, 2)
     assert shared is not None and len(shared) == 2
-    # in order of input length the rows are 0, 2, 3, 1, dealt back and forth: worker 0 gets 0
-    # and 1, worker 1 gets 2 and 3
-    rows = [[0, 1], [2, 3]]
-    for parts, own in zip(shared, rows, strict=True):
+    dealt = []
+    for parts in shared:
         ((part, _),) = parts  # each fits half the budget whole
-        assert part["input_ids"].shape == (2, max([30, 120, 60, 90][r] for r in own))
+        own = _rows_of(part, batch)
+        assert own == sorted(own)
+        assert part["input_ids"].shape == (len(own), max(sources[r] for r in own))
         for key, value in part.items():
             assert torch.equal(value, batch[key][own, : value.shape[1]])
             assert (batch[key][own, value.shape[1] :] <= 0).all()  # only padding left out
-    assert [parts[0][1] for parts in shared] == pytest.approx([25 / 75, 50 / 75])
+        dealt.append(own)
+    assert sorted(dealt[0] + dealt[1]) == [0, 1, 2, 3]
+
+    # the split whose busier worker has the least work of every split of the 4 rows
+    def busier(split: list[list[int]]) -> float:
+        return max(sum(work[r] for r in own) for own in split)
+
+    splits = [
+        [list(own), [r for r in range(4) if r not in own]]
+        for size in range(1, 4)
+        for own in itertools.combinations(range(4), size)
+    ]
+    assert busier(dealt) == min(busier(split) for split in splits)
+    tokens = [(batch["labels"][own] != -100).sum().item() for own in dealt]
+    assert [parts[0][1] for parts in shared] == pytest.approx([n / 75 for n in tokens])
 
     # a budget that a worker's two rows overrun but any one row fits: parts within half of it
     probe = ActivationBudget(model, 1.0)
@@ -65,6 +91,26 @@ def test_the_rows_are_dealt_in_turn_each_worker_within_its_share_of_the_budget(
     assert ActivationBudget(model, 1.5 * single / 1e9).worker_parts(batch, 2) is None
     extra = {**batch, "something": batch["input_ids"]}
     assert tight.worker_parts(extra, 2) is None
+
+
+def test_one_long_row_is_dealt_against_the_short_ones(tiny_model_dir: Path) -> None:
+    # dealt in order of length back and forth, the long row and the shortest would go to one
+    # worker (the benchmark's steps: one worker waiting 4-8% of a step, against 2-3% dealt by
+    # work)
+    model = _lora_t5(tiny_model_dir)
+    sources = [20, 30, 40, 200]  # answers of 10 tokens each
+    ids = torch.arange(4)[:, None] * 50 + torch.arange(3, 203)[None, :]  # unlike first tokens
+    mask = (torch.arange(200) < torch.tensor(sources)[:, None]).long()
+    labels = torch.full((4, 10), 5)
+    batch = {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+    budget = ActivationBudget(model, 1.0)
+    shared = budget.worker_parts(batch, 2)
+    assert shared is not None
+    dealt = sorted(
+        sorted(r for part, _ in parts for r in _rows_of(part, batch)) for parts in shared
+    )
+    assert dealt == [[0, 1, 2], [3]]
+    assert budget.row_work(200, 10) > sum(budget.row_work(s, 10) for s in sources[:3])
 
 
 def _trainer(model: torch.nn.Module, tmp_path: Path, threads: int) -> FinetuneTrainer:
