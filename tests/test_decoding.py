@@ -430,13 +430,24 @@ def _forward_logits(
     ).logits[:, -1]
 
 
-@pytest.mark.parametrize("family", ["t5", "mt5"])
+#: T5 whose output layer is its embedding scales the decoder's output by the width first (the
+#: original T5 checkpoints; flan-t5's and the tiny one's are apart)
+SCALED = {"tie_word_embeddings": True, "scale_decoder_outputs": True}
+
+
+@pytest.mark.parametrize(
+    ("family", "config"), [("t5", {}), ("mt5", {}), ("t5", SCALED)], ids=["t5", "mt5", "t5-tied"]
+)
 def test_t5s_written_steps_give_its_forward_passs_logits(
-    family: str, tiny: Callable[[str], Tiny]
+    family: str,
+    config: dict[str, Any],
+    tiny: Callable[[str], Tiny],
+    family_model: Callable[[str], Path],
 ) -> None:
-    t = tiny(family)
+    t = Tiny(family_model(family), family, **config) if config else tiny(family)
     net = t.model.get_base_model()
     assert t5_steps.written_steps_apply(net)
+    assert bool(config) == getattr(net.config, "scale_decoder_outputs", False)
     mask = t.batch["attention_mask"]
     with torch.inference_mode():
         states = net.get_encoder()(input_ids=t.batch["input_ids"], attention_mask=mask)[0]
