@@ -50,7 +50,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from finetune_module.engine import packing
 from finetune_module.engine.speedups import CHEAP_DROPOUT_ATTENTION
-from finetune_module.engine.t5_steps import steps_for
+from finetune_module.engine.t5_steps import T5Steps, written_steps
 from finetune_module.engine.tokens import length_groups, length_ranges, prefix_lengths
 
 #: The model families (config.model_type) whose greedy answers `tests/test_decoding.py` proves
@@ -547,7 +547,7 @@ def greedy_generate(
     net = transformers_model(model)
     rules = greedy_rules(net.generation_config, pad_token_id)
     batch = input_ids.shape[0]
-    kwargs = {"use_cache": True, "return_dict": True}
+    kwargs, written = {"use_cache": True, "return_dict": True}, None
     if "logits_to_keep" in inspect.signature(net.forward).parameters:
         kwargs["logits_to_keep"] = 1  # as generate passes it
     if net.config.is_encoder_decoder:
@@ -558,12 +558,12 @@ def greedy_generate(
             )
         kwargs["encoder_outputs"] = encoder_outputs
         kwargs["attention_mask"] = attention_mask
-        written = steps_for(net, kwargs, max_new_tokens)
+        states = encoder_outputs.last_hidden_state
+        written = written_steps(net, states, attention_mask, max_new_tokens)
         self_attention = _self_attention_cache(net.config, max_new_tokens)
         cache = EncoderDecoderCache(self_attention, DynamicCache(config=net.config))
         step, mask = {"decoder_input_ids": prompt}, None
     else:
-        written = None
         prompt = input_ids
         cache = _self_attention_cache(net.config, input_ids.shape[1] + max_new_tokens)
         step, mask = _prompt_inputs(input_ids, attention_mask, max_new_tokens)
@@ -606,10 +606,7 @@ def greedy_generate(
             step = {name: value[keep] for name, value in step.items()}
             if mask is not None:
                 mask = mask[keep]
-            if written is not None:
-                written.keep(keep)
-            else:
-                _keep_rows(kwargs, keep)
+            _keep_rows(kwargs, keep, written)
     return sequences[:, :length]
 
 
@@ -634,9 +631,13 @@ def _retirable(cache: DynamicCache | EncoderDecoderCache) -> bool:
     )
 
 
-def _keep_rows(kwargs: dict[str, Any], keep: torch.Tensor) -> None:
-    """Keeps the rows `keep` of the batch in a decode step's arguments (`greedy_generate`'s):
-    the key/value caches, and an encoder-decoder model's encoder states and question mask."""
+def _keep_rows(kwargs: dict[str, Any], keep: torch.Tensor, written: T5Steps | None) -> None:
+    """Keeps the rows `keep` of the batch in the written steps where they run, else in a decode
+    step's arguments (`greedy_generate`'s): the key/value caches, and an encoder-decoder
+    model's encoder states and question mask."""
+    if written is not None:
+        written.keep(keep)
+        return
     kwargs["past_key_values"].batch_select_indices(keep)
     if "encoder_outputs" in kwargs:
         states = kwargs["encoder_outputs"].last_hidden_state

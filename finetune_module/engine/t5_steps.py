@@ -23,8 +23,6 @@ pass's bit for bit (with several groups of questions, up to float rounding), whi
 `generate`'s. `written_steps_apply` says where the written steps stand for the forward pass.
 """
 
-from typing import Any
-
 import torch
 from transformers import PreTrainedModel
 
@@ -224,10 +222,11 @@ class T5Steps:
         return self.net.lm_head(hidden)
 
 
-def steps_for(net: PreTrainedModel, kwargs: dict[str, Any], capacity: int) -> T5Steps | None:
-    """`T5Steps` for the batch whose encoder states and question mask are in a decode step's
-    keyword arguments (`decoding.greedy_generate`'s), where `written_steps_apply`; else None."""
+def written_steps(
+    net: PreTrainedModel, encoder_states: torch.Tensor, attention_mask: torch.Tensor, capacity: int
+) -> T5Steps | None:
+    """`T5Steps` for a batch of questions (as `T5Steps` takes them) where
+    `written_steps_apply` to `net`; else None (the forward pass runs the steps)."""
     if not written_steps_apply(net):
         return None
-    states = kwargs["encoder_outputs"].last_hidden_state
-    return T5Steps(net, states, kwargs["attention_mask"], capacity)
+    return T5Steps(net, encoder_states, attention_mask, capacity)
