@@ -472,6 +472,62 @@ def test_t5s_written_steps_give_its_forward_passs_logits(
 
 
 @pytest.mark.parametrize("family", ["t5", "mt5"])
+@pytest.mark.parametrize("weight_first", [None, 2], ids=["packed", "two-rows-weight-first"])
+def test_t5s_written_steps_on_packed_weights_multiply_q_k_v_and_the_gate_as_one(
+    family: str,
+    weight_first: int | None,
+    tiny: Callable[[str], Tiny],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within `packed_weights`, the written steps multiply each layer's q, k and v, and its
+    feed-forward's two input layers, as one product each (`decoding.fused_product`, the LoRA
+    layers' updates merged): the logits of the layers one by one, bit for bit, before and
+    after rows leave, and the forward pass's on the packed layers (up to float rounding: at 2
+    rows oneDNN's sums may differ in the last bits between the two paths); two rows where
+    they go weight first run the layers one by one, as the forward pass does."""
+    monkeypatch.setattr(decoding, "WEIGHT_FIRST_ROWS", weight_first)
+    t = tiny(family)
+    net = t.model.get_base_model()
+    layers = len(net.decoder.block)
+    inner = net.config.num_heads * net.config.d_kv
+    widths: list[int] = []
+    product = packing.product
+
+    def counted(x: torch.Tensor, packed: torch.Tensor, *args: Any) -> torch.Tensor:
+        out = product(x, packed, *args)
+        widths.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(decoding.packing, "product", counted)
+    mask = t.batch["attention_mask"]
+    with torch.inference_mode(), decoding.packed_weights(t.model):
+        states = net.get_encoder()(input_ids=t.batch["input_ids"], attention_mask=mask)[0]
+        fused = t5_steps.T5Steps(net, states, mask, capacity=6, fuse=decoding.fused_product)
+        assert all(together is not None and gate is not None for together, gate in fused.fused)
+        apart = t5_steps.T5Steps(net, states, mask, capacity=6)
+        cache = EncoderDecoderCache(
+            DynamicCache(config=net.config), DynamicCache(config=net.config)
+        )
+        tokens = torch.full((4,), net.generation_config.decoder_start_token_id)
+        for step in range(5):
+            if step == 2:  # two rows leave the batch
+                keep = torch.tensor([1, 3])
+                fused.keep(keep)
+                apart.keep(keep)
+                cache.batch_select_indices(keep)
+                states, mask, tokens = states[keep], mask[keep], tokens[keep]
+            widths.clear()
+            written = fused(tokens)
+            together = widths.count(3 * inner), widths.count(2 * net.config.d_ff)
+            assert together == ((0, 0) if len(tokens) == weight_first else (layers, layers))
+            assert torch.equal(written, apart(tokens)), f"step {step}"
+            forward = _forward_logits(net, states, mask, tokens, cache)
+            torch.testing.assert_close(written, forward, rtol=1e-5, atol=1e-5)
+            assert torch.equal(written.argmax(-1), forward.argmax(-1))
+            tokens = forward.argmax(-1)
+
+
+@pytest.mark.parametrize("family", ["t5", "mt5"])
 def test_t5s_written_steps_attend_to_each_group_of_questions_apart(
     family: str, tiny: Callable[[str], Tiny]
 ) -> None:
@@ -692,11 +748,25 @@ def test_answers_from_length_groups_are_the_whole_batchs(
         assert len(set(whole)) > 1
 
 
-def test_a_linear_layer_multiplies_on_packed_weights_with_the_same_result() -> None:
+def test_two_rows_go_weight_first_on_cpus_up_to_avx2_only() -> None:
+    """MKL's product of two rows weight first beats oneDNN's up to AVX2, not with AVX-512
+    (`decoding.weight_first_rows`); this CPU's choice is the module's."""
+    assert decoding.weight_first_rows("AVX2") == decoding.weight_first_rows("DEFAULT") == 2
+    assert decoding.weight_first_rows("AVX512") is None
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert decoding.weight_first_rows(capability) == decoding.WEIGHT_FIRST_ROWS
+
+
+@pytest.mark.parametrize("weight_first", [2, None])
+def test_a_linear_layer_multiplies_on_packed_weights_with_the_same_result(
+    weight_first: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Within `packed_weights`, linear layers (with and without a bias, any row count) give
-    `linear`'s products, on weights packed once per layer (two rows weight first); a layer
-    whose product needs a gradient multiplies as before; the layers are set back after."""
+    `linear`'s products, on weights packed once per layer (two rows weight first where the
+    CPU's choice is so); a layer whose product needs a gradient multiplies as before; the
+    layers are set back after."""
     assert packing.available()
+    monkeypatch.setattr(decoding, "WEIGHT_FIRST_ROWS", weight_first)
     torch.manual_seed(0)
     layers = [torch.nn.Linear(48, 300), torch.nn.Linear(48, 300, bias=False)]
     model = torch.nn.Sequential(*layers)
@@ -725,20 +795,24 @@ def test_a_linear_layer_multiplies_on_packed_weights_with_the_same_result() -> N
                 torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
                 assert out.is_contiguous() and out.shape == want.shape
     assert packs == [(300, 48), (300, 48)]  # once a layer
-    # every product, rows flattened, but for two rows (weight first)
-    assert products == [(5, 48), (224, 48), (1, 48)] * 2
+    # every product, rows flattened, but for two rows where they go weight first
+    packed_rows = [(5, 48), (224, 48), (1, 48)] + ([(2, 48)] if weight_first is None else [])
+    assert products == packed_rows * 2
     with decoding.packed_weights(model):  # with gradients: `linear`, and a gradient
         out = layers[0](inputs[0])
         assert torch.equal(out, stock[0][0]) and out.requires_grad
     assert all("forward" not in vars(layer) for layer in layers)  # set back after
 
 
+@pytest.mark.parametrize("weight_first", [2, None])
 def test_a_lora_layer_multiplies_once_on_its_weight_with_the_update_added(
-    tiny: Callable[[str], Tiny],
+    weight_first: int | None, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Within `packed_weights`, a LoRA layer with its adapter on gives peft's result in one
     product, on its merged weight packed once; switched off, its frozen layer's; for two rows
-    (weight first) and with a gradient, peft's own forward; the layer is set back after."""
+    where they go weight first, and with a gradient, peft's own forward; the layer is set back
+    after."""
+    monkeypatch.setattr(decoding, "WEIGHT_FIRST_ROWS", weight_first)
     t = tiny("t5")
     layer = next(m for m in t.model.modules() if type(m) is LoraLinear)
     torch.manual_seed(3)
@@ -749,10 +823,16 @@ def test_a_lora_layer_multiplies_once_on_its_weight_with_the_update_added(
             frozen = layer(x)
     assert not torch.allclose(adapted, frozen, atol=1e-3)  # the adapter counts
     packs: list[tuple[int, ...]] = []
-    pack = packing.pack
+    rows: list[int] = []
+    pack, product = packing.pack, packing.product
     with (
         mock.patch.object(
             decoding.packing, "pack", side_effect=lambda w: packs.append(tuple(w.shape)) or pack(w)
+        ),
+        mock.patch.object(
+            decoding.packing,
+            "product",
+            side_effect=lambda x, *a: rows.append(x.shape[0]) or product(x, *a),
         ),
         torch.inference_mode(),
         decoding.packed_weights(t.model),
@@ -762,6 +842,8 @@ def test_a_lora_layer_multiplies_once_on_its_weight_with_the_update_added(
         torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
         assert len(packs) == 1  # the merged weight, once; the adapter's layers never ran
         torch.testing.assert_close(layer(x[:2, 0]), adapted[:2, 0], rtol=1e-5, atol=1e-5)
+        assert len(packs) == 1
+        assert rows == [15, 15] + ([2] if weight_first is None else [])
         with t.model.disable_adapter():
             torch.testing.assert_close(layer(x), frozen, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(layer)

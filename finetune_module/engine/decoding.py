@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import inspect
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -384,11 +384,25 @@ def grouped_key_attention(
 GROUPED_KEY_ATTENTION = "sdpa_grouped_question_keys"
 
 
-#: Products of exactly this many rows go weight first (`weight @ x.T`) instead of on packed
-#: weights: for 2 rows MKL's product that way round beats oneDNN's (T5's output layer 2.3 ms
-#: against 2.6; a decode pass where 18 of 20 answers end at once 4.2-4.6 s against 3.5-4.0),
-#: for 1 row and 3 or more it does not.
-WEIGHT_FIRST_ROWS = 2
+def weight_first_rows(capability: str | None = None) -> int | None:
+    """The row count whose products go weight first (`weight @ x.T`, MKL's) instead of on
+    packed weights (oneDNN's), on a CPU of torch's `capability` (`torch.backends.cpu.
+    get_cpu_capability()`, this one's by default): 2 up to AVX2, none with AVX-512.
+
+    Up to AVX2, MKL's product of 2 rows that way round beats oneDNN's (measured with AVX2:
+    T5's output layer 2.3 ms against 2.6; a decode pass where 18 of 20 answers end at once,
+    most steps of 2 rows, 3.5-4.0 s against 4.2-4.6 s); for 1 row and 3 or more it does not.
+    oneDNN's kernels for AVX-512 run every row count better (measured on a 2-core Xeon with
+    AVX-512, two threads: the output layer at 2 rows 2.9-3.4 ms packed against 5.8 ms weight
+    first; that pass 3.40-3.84 s against 4.22-5.43 s, five rounds alternated, the same
+    answers)."""
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    return None if capability.upper().startswith("AVX512") else 2
+
+
+#: Products of exactly this many rows go weight first (`weight_first_rows`; None: none do).
+WEIGHT_FIRST_ROWS = weight_first_rows()
 
 
 def _packed_product(
@@ -427,27 +441,73 @@ def _merged_product(
     `merged`). Anything else runs peft's forward: the adapter switched off or merged, several
     adapters or none, a variant (DoRA) or an adapter bias, training, a gradient, per-row
     adapters (`adapter_names`), inputs of another type or shape, `WEIGHT_FIRST_ROWS` rows."""
-    adapters = [name for name in self.active_adapters if name in self.lora_A]
-    plain = (
-        len(adapters) == 1
-        and not (args or kwargs or self.training or self.disable_adapters or self.merged)
-        and adapters[0] not in self.lora_variant
-        and not getattr(self, "lora_bias", {}).get(adapters[0], False)
-    )
+    adapter = None if args or kwargs else _merged_adapter(self)
     wanted = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in self.parameters())
     )
-    if not plain or wanted or x.dim() < 2 or x.dtype != torch.float32 or not x.numel():
+    if adapter is None or wanted or x.dim() < 2 or x.dtype != torch.float32 or not x.numel():
         return LoraLinear.forward(self, x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == WEIGHT_FIRST_ROWS:
         return LoraLinear.forward(self, x)
     found = merged.get(self)
-    if found is None or found[0] != adapters[0]:
-        weight = self.base_layer.weight + self.get_delta_weight(adapters[0])
-        found = merged[self] = (adapters[0], packing.pack(weight))
+    if found is None or found[0] != adapter:
+        found = merged[self] = (adapter, packing.pack(_merged_weight(self, adapter)))
     out = packing.product(flat, found[1], self.base_layer.bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _merged_adapter(layer: LoraLinear) -> str | None:
+    """The adapter that `_merged_product` multiplies `layer` by, merged into its weight: its
+    one active adapter, where it is on, not merged already, not a variant (DoRA) and without a
+    bias, and the layer is not training; else None."""
+    adapters = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(adapters) != 1 or layer.training or layer.disable_adapters or layer.merged:
+        return None
+    if adapters[0] in layer.lora_variant or getattr(layer, "lora_bias", {}).get(adapters[0]):
+        return None
+    return adapters[0]
+
+
+def _merged_weight(layer: LoraLinear, adapter: str) -> torch.Tensor:
+    """`layer`'s frozen weight with `adapter`'s update added, as peft's `merge` adds it."""
+    return layer.base_layer.weight + layer.get_delta_weight(adapter)
+
+
+def fused_product(
+    layers: Sequence[torch.nn.Module],
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """One product standing for linear layers that read the same input (rows x in): their
+    outputs side by side. Within `packed_weights`, where each of `layers` multiplies on a
+    packed weight of its own (its weight, or a LoRA layer's with its adapter's update added:
+    `_merged_product`) and has no bias, their weights laid end to end and packed once: the same
+    sums as each layer's own product (oneDNN splits a product by rows and inputs, not by the
+    outputs; `tests/test_decoding.py` checks them equal), in one call instead of one a layer
+    (at a decode step's 20 rows, T5's q, k and v of its 8 layers 2.5-2.8 ms a step against
+    3.4-4.0, its feed-forward's two input layers 4.0-4.1 against 5.0-5.1). Products of
+    `WEIGHT_FIRST_ROWS` rows run each layer as it multiplies. None where any layer multiplies
+    otherwise."""
+    weights = []
+    for layer in layers:
+        forward = getattr(vars(layer).get("forward"), "__func__", None)
+        patched = getattr(forward, "func", None)
+        if patched is _packed_product and layer.bias is None:
+            weights.append(layer.weight)
+        elif patched is _merged_product and layer.base_layer.bias is None:
+            adapter = _merged_adapter(layer)
+            if adapter is None:
+                return None
+            weights.append(_merged_weight(layer, adapter))
+        else:
+            return None
+    packed = packing.pack(torch.cat(weights))
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == WEIGHT_FIRST_ROWS:
+            return torch.cat([layer(x) for layer in layers], dim=-1)
+        return packing.product(x, packed)
+
+    return product
 
 
 @contextlib.contextmanager
@@ -461,12 +521,13 @@ def packed_weights(model: torch.nn.Module) -> Iterator[None]:
     1024 x 512 layer 0.36 and 0.15 ms (streamed from memory, as in a decode step). The
     encoder's products (many rows) gain too, less. A layer's weights are packed the first time
     it runs within the block (T5's output layer: ~30 ms), and dropped after it, when the
-    layers are set back. Two rows go weight first (`WEIGHT_FIRST_ROWS`). A LoRA layer with
-    one adapter on multiplies once, by its weight with the adapter's update added, packed
-    (`_merged_product`: the adapter's two small products, its scaling and the sum cost more
-    than the product itself at a decode step's few rows; the benchmark's fine-tune answered
-    in 4.6-4.8 s a pass merged against 4.9-6.0 s). Where this torch lacks the operations
-    (`packing.available`), or a gradient is wanted, the layers multiply as before."""
+    layers are set back. On CPUs up to AVX2, two rows go weight first (`WEIGHT_FIRST_ROWS`).
+    A LoRA layer with one adapter on multiplies once, by its weight with the adapter's update
+    added, packed (`_merged_product`: the adapter's two small products, its scaling and the
+    sum cost more than the product itself at a decode step's few rows; the benchmark's
+    fine-tune answered in 4.6-4.8 s a pass merged against 4.9-6.0 s). Where this torch lacks
+    the operations (`packing.available`), or a gradient is wanted, the layers multiply as
+    before."""
     linears = [
         module
         for module in model.modules()
@@ -559,7 +620,7 @@ def greedy_generate(
         kwargs["encoder_outputs"] = encoder_outputs
         kwargs["attention_mask"] = attention_mask
         states = encoder_outputs.last_hidden_state
-        written = written_steps(net, states, attention_mask, max_new_tokens)
+        written = written_steps(net, states, attention_mask, max_new_tokens, fused_product)
         self_attention = _self_attention_cache(net.config, max_new_tokens)
         cache = EncoderDecoderCache(self_attention, DynamicCache(config=net.config))
         step, mask = {"decoder_input_ids": prompt}, None

@@ -15,13 +15,18 @@ bias for every position up to the cap (T5 shares the first layer's between the l
 masks over the questions and the cross-attention's keys and values, for each group of rows of
 similar question length (`tokens.length_ranges`: a group attends to its own longest
 question's keys only, as `decoding.grouped_key_attention` does, and its keys and values are
-computed up to there).
+computed up to there). Within `decoding.packed_weights`, each layer's self-attention q, k and
+v, and its gated feed-forward's two input layers, multiply as one product each
+(`decoding.fused_product`: their packed weights laid end to end, the same sums).
 
 Every operation is the one the model runs, on the same operands: the logits are the forward
-pass's bit for bit (with several groups of questions, up to float rounding), which
-`tests/test_decoding.py` checks at every step on T5 and mT5, with the answers against
-`generate`'s. `written_steps_apply` says where the written steps stand for the forward pass.
+pass's bit for bit (with several groups of questions, or on packed weights at a few rows,
+up to float rounding), which `tests/test_decoding.py` checks at every step on T5 and mT5,
+with the answers against `generate`'s. `written_steps_apply` says where the written steps
+stand for the forward pass.
 """
+
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -64,6 +69,11 @@ def _norm(hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon))
 
 
+#: Makes one product of linear layers that read the same input (their outputs side by side),
+#: or None where they cannot be one (`decoding.fused_product`).
+Fuse = Callable[[Sequence[torch.nn.Module]], Callable[[torch.Tensor], torch.Tensor] | None]
+
+
 class T5Steps:
     """A T5 model's decode steps for one batch of questions (`written_steps_apply`): call it
     with each step's tokens (one a row) to get the logits of the next; `keep` drops the rows
@@ -75,10 +85,13 @@ class T5Steps:
         encoder_states: torch.Tensor,
         attention_mask: torch.Tensor,
         capacity: int,
+        fuse: Fuse | None = None,
     ) -> None:
         """`encoder_states` (rows x questions' length x width) and `attention_mask` (rows x
         length, right padding) are the questions as the encoder read them; `capacity` is the
-        most tokens a row's decoder sequence will hold (the decoder start included)."""
+        most tokens a row's decoder sequence will hold (the decoder start included). Where
+        `fuse` makes one product of each layer's self-attention q, k and v, and of its
+        feed-forward's two input layers (gated), those run as one."""
         config = net.config
         self.net = net
         self.heads, self.key_width = config.num_heads, config.d_kv
@@ -88,6 +101,7 @@ class T5Steps:
         # T5 scales its output by the width where its output layer is the embedding (mT5 does not)
         scaled = getattr(config, "scale_decoder_outputs", False)
         self.output_scale = config.d_model**-0.5 if scaled else None
+        self.fused = [_fused_layers(layers, fuse) for layers in self.blocks]
         first = self.blocks[0][0].SelfAttention
         # the self-attention's position bias, (1, heads, query position, key position)
         self.bias = first.compute_bias(capacity, capacity, device=encoder_states.device)
@@ -195,12 +209,14 @@ class T5Steps:
 
         for layer, (self_part, cross_part, feed_forward) in enumerate(self.blocks):
             attention = self_part.SelfAttention
+            together, gate = self.fused[layer]
             normed = _norm(hidden, self_part.layer_norm)
-            query = heads(attention.q(normed))
-            keys, values = self._cached(
-                layer, position, heads(attention.k(normed)), heads(attention.v(normed))
-            )
-            out = sdpa(query, keys, values, attn_mask=bias, scale=1.0)
+            if together is not None:
+                query, key, value = together(normed).split(inner, dim=-1)
+            else:
+                query, key, value = attention.q(normed), attention.k(normed), attention.v(normed)
+            keys, values = self._cached(layer, position, heads(key), heads(value))
+            out = sdpa(heads(query), keys, values, attn_mask=bias, scale=1.0)
             hidden = hidden + attention.o(out.transpose(1, 2).reshape(rows, inner))
 
             attention = cross_part.EncDecAttention
@@ -210,7 +226,10 @@ class T5Steps:
 
             block = feed_forward.DenseReluDense
             normed = _norm(hidden, feed_forward.layer_norm)
-            if hasattr(block, "wi_0"):
+            if gate is not None:
+                first, second = gate(normed).split(block.wi_0.out_features, dim=-1)
+                inside = block.act(first) * second
+            elif hasattr(block, "wi_0"):
                 inside = block.act(block.wi_0(normed)) * block.wi_1(normed)
             else:
                 inside = block.act(block.wi(normed))
@@ -222,11 +241,27 @@ class T5Steps:
         return self.net.lm_head(hidden)
 
 
+def _fused_layers(
+    layers: torch.nn.ModuleList, fuse: Fuse | None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, ...]:
+    """A decoder block's products that `fuse` makes one: its self-attention's q, k and v, and
+    its gated feed-forward's two input layers (each None where not)."""
+    if fuse is None:
+        return None, None
+    attention, block = layers[0].SelfAttention, layers[2].DenseReluDense
+    gate = fuse([block.wi_0, block.wi_1]) if hasattr(block, "wi_0") else None
+    return fuse([attention.q, attention.k, attention.v]), gate
+
+
 def written_steps(
-    net: PreTrainedModel, encoder_states: torch.Tensor, attention_mask: torch.Tensor, capacity: int
+    net: PreTrainedModel,
+    encoder_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    capacity: int,
+    fuse: Fuse | None = None,
 ) -> T5Steps | None:
     """`T5Steps` for a batch of questions (as `T5Steps` takes them) where
     `written_steps_apply` to `net`; else None (the forward pass runs the steps)."""
     if not written_steps_apply(net):
         return None
-    return T5Steps(net, encoder_states, attention_mask, capacity)
+    return T5Steps(net, encoder_states, attention_mask, capacity, fuse)
