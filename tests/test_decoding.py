@@ -622,6 +622,7 @@ def test_generation_answers_the_same_with_and_without_the_lean_loop(
 
 
 SEQ2SEQ = [family for family, made in FAMILIES.items() if made.kind == "seq2seq"]
+CAUSAL = [family for family, made in FAMILIES.items() if made.kind == "causal"]
 
 
 def _split_cost(lengths: list[int], groups: list[list[int]], group_cost: int) -> int:
@@ -746,6 +747,55 @@ def test_answers_from_length_groups_are_the_whole_batchs(
     assert answers["lean"] == answers["generate"] == whole
     if family in ("t5", "bart"):  # (the tiny mBART's answers decode to empty texts)
         assert len(set(whole)) > 1
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_a_decoder_only_models_steps_attend_to_each_group_of_prompts_apart(
+    family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoder-only model's decode steps attend, group by group of rows of similar prompt
+    length, only to the keys of the group's longest prompt and the answers so far
+    (`decoding.grouped_key_attention` on left padding), on both paths, with the answers of
+    the batch attending as one."""
+    t = tiny(family)
+    long = " ".join(QUESTIONS * 6)
+    examples = [{"input_ids": ids} for ids in t.tokenizer([*QUESTIONS, long])["input_ids"]]
+    lengths = sorted(len(example["input_ids"]) for example in examples)
+    settings = {"max_new_tokens": 6, "num_beams": 1, "batch_size": 8}
+    config = t.model.get_base_model().config
+    layers = config.num_hidden_layers
+    # Gemma 3's sliding-window layers attend to a window of the latest keys (grouped within it)
+    windowed = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    attended: list[int] = []
+
+    def attention(query: torch.Tensor, key: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        if query.shape[2] < key.shape[2]:  # a decode step's (grouped queries packed, or one)
+            attended.append(key.shape[2])
+        return sdpa(query, key, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
+    # the first decode step: each group its longest prompt and the token after it
+    first = [max(lengths[row] for row in rows) + 1 for rows in decoding.length_groups(lengths)]
+    assert len(first) > 1
+    answers = {}
+    for path in ("lean", "generate"):
+        attended.clear()
+        answers[path] = generation.generate(
+            t.model, t.tokenizer, examples, **settings, lean=path == "lean"
+        )
+        if windowed:
+            assert min(attended) < max(attended), path  # not every row the whole window
+        else:
+            assert attended[: len(first) * layers] == first * layers, path
+    assert t.model.get_base_model().config._attn_implementation == "sdpa"  # set back after
+    monkeypatch.setattr(generation, "keys_read_in_groups", lambda _: nullcontext())
+    attended.clear()
+    whole = generation.generate(t.model, t.tokenizer, examples, **settings)
+    if not windowed:
+        steps = range(1, settings["max_new_tokens"])
+        assert set(attended) == {lengths[-1] + step for step in steps}
+    assert answers["lean"] == answers["generate"] == whole
 
 
 def test_two_rows_go_weight_first_on_cpus_up_to_avx2_only() -> None:
@@ -882,23 +932,28 @@ def test_answers_on_packed_weights_are_the_stock_products(
 
 
 def _attention_inputs(
-    lengths: list[int], bias: bool, heads: int = 3, width: int = 8
+    lengths: list[int], bias: bool, heads: int = 3, width: int = 8, left: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """A decode step's query, the questions' keys and values, their right-padding mask
-    (batch x 1 x 1 x keys, boolean) and a T5-like position bias (1 x heads x 1 x keys) or
-    None."""
+    (batch x 1 x 1 x keys, boolean; left padding, a decoder-only model's, if `left`) and a
+    T5-like position bias (1 x heads x 1 x keys) or None."""
     generator = torch.Generator().manual_seed(4)
     batch, keys = len(lengths), max(lengths)
     query = torch.randn(batch, heads, 1, width, generator=generator)
     key, value = (torch.randn(batch, heads, keys, width, generator=generator) for _ in "kv")
     mask = torch.arange(keys)[None, :] < torch.tensor(lengths)[:, None]
+    mask = mask.flip(-1) if left else mask
     position_bias = torch.randn(1, heads, 1, keys, generator=generator) if bias else None
     return query, key, value, mask[:, None, None, :], position_bias
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "t5-bias"])
+@pytest.mark.parametrize(
+    ("bias", "left"),
+    [(False, False), (True, False), (False, True)],
+    ids=["no-bias", "t5-bias", "left-padding"],
+)
 def test_grouped_key_attention_is_the_padded_batchs(
-    bias: bool, monkeypatch: pytest.MonkeyPatch
+    bias: bool, left: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module = torch.nn.Module().eval()
     calls: list[int] = []
@@ -913,7 +968,7 @@ def test_grouped_key_attention_is_the_padded_batchs(
         ([300, 3, 301, 4], [301]),
     )
     for lengths, groups in cases:
-        query, key, value, mask, position_bias = _attention_inputs(lengths, bias)
+        query, key, value, mask, position_bias = _attention_inputs(lengths, bias, left=left)
         calls.clear()
         out, _ = decoding.grouped_key_attention(
             module, query, key, value, mask, scaling=0.5, position_bias=position_bias
@@ -924,7 +979,7 @@ def test_grouped_key_attention_is_the_padded_batchs(
         )
         torch.testing.assert_close(out, stock, rtol=1e-5, atol=1e-6)
     # several queries a row (a prompt, the encoder), or a module in training: as one
-    query, key, value, mask, _ = _attention_inputs([3, 40, 300], bias=False)
+    query, key, value, mask, _ = _attention_inputs([3, 40, 300], bias=False, left=left)
     calls.clear()
     decoding.grouped_key_attention(module, query.expand(-1, -1, 2, -1), key, value, mask)
     decoding.grouped_key_attention(module.train(), query, key, value, mask)

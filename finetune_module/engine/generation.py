@@ -6,7 +6,9 @@ proven to give `generate`'s answers, from Hugging Face `generate` everywhere els
 loop is proven for an encoder-decoder model, its encoder reads each batch's questions in
 smaller groups of similar length (`decoding.read_in_length_groups`) and the decoder answers the
 whole batch at once, each group attending only to its own questions' length
-(`decoding.keys_read_in_groups`); both paths get the same states and the same attention. With
+(`decoding.keys_read_in_groups`); a decoder-only model's decode steps attend likewise, each
+group of prompts of similar length to its own longest prompt's keys. Both paths get the same
+states and the same attention. With
 several processes each answers its share of the batches and the answers are gathered, so every
 process ends with the answers of a single-process run.
 """
@@ -94,8 +96,9 @@ def generate(
     process's share) unless `quiet`. With `lean`, greedy answers come from the lean decoding
     loop where `uses_lean_decoding` (the same answers, with less work per token); where it is
     proven for the model (`lean` or not), an encoder-decoder model's encoder reads each batch in
-    length groups, its decoder attends to them in the same groups, and a decode step's linear
-    layers multiply by their weights packed for oneDNN (`packed_weights`).
+    length groups, its decoder attends to them in the same groups (a decoder-only model's steps
+    attend to their prompts in groups likewise), and a decode step's linear layers multiply by
+    their weights packed for oneDNN (`packed_weights`).
     """
     lengths = input_lengths(examples)
     order = np.argsort(lengths, kind="stable").tolist()
