@@ -24,8 +24,9 @@ bound of a step is the bytes of weights it reads (every module that runs in a st
 embedding tables, which are read a row per token; the cross-attention keys and values are
 computed once per batch) over the memory bandwidth measured here (the best of a few sums of
 a large tensor); the bound of the run is that times the number of steps. A second bound adds
-the key/value caches each step reads (the encoder states' keys and values, padded to the
-batch's longest question, and the answers' own). A third is the step's matmul work (2 FLOPs
+the key/value caches each step reads (the encoder states' keys and values, or a decoder-only
+model's prompts', padded to the longest question of each length group that the steps attend
+in, and the answers' own). A third is the step's matmul work (2 FLOPs
 per weight per row of the batch) at the machine's matmul peak (`bench.benchmark`'s, measured
 on large square matrices).
 """
@@ -48,6 +49,7 @@ from bench.data import TOKENIZER_VOCABULARY, training_texts
 from finetune_module.engine import generation
 from finetune_module.engine.decoding import greedy_generate, greedy_rules, transformers_model
 from finetune_module.engine.models import build_model
+from finetune_module.engine.tokens import length_groups
 from finetune_module.tiny_model import FAMILIES, Sizes, build
 
 CAP = 118  # the new-token cap of the answers (the benchmark run's target length cap)
@@ -136,19 +138,21 @@ def weight_bytes_per_step(model: torch.nn.Module, input_ids: torch.Tensor) -> in
 
 def cache_bytes_per_step(config: Any, batches: list[list[int]], steps: list[int]) -> float:
     """The mean bytes of keys and values a decode step of a T5 or a Llama-shaped model reads:
-    per batch of question (or prompt) lengths, the questions padded to the longest one (a
-    T5's encoder states, a decoder-only model's prompt) and, on average, half the answers'
-    length, over the steps each batch ran (float32)."""
+    per batch of question (or prompt) lengths, the questions (a T5's encoder states, a
+    decoder-only model's prompt) each padded to the longest of its length group
+    (`tokens.length_groups`, the groups the steps attend in) and, on average, half the
+    answers' length, over the steps each batch ran (float32)."""
     if config.is_encoder_decoder:
         layers, width = config.num_decoder_layers, config.num_heads * config.d_kv
     else:
         layers = config.num_hidden_layers
         width = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
     per_token = 2 * layers * width * 4
-    read = sum(
-        len(lengths) * (max(lengths) + n / 2) * per_token * n
-        for lengths, n in zip(batches, steps, strict=True)
-    )
+    read = 0.0
+    for lengths, n in zip(batches, steps, strict=True):
+        groups = length_groups(lengths)
+        keys = sum(len(rows) * max(lengths[row] for row in rows) for rows in groups)
+        read += (keys + len(lengths) * n / 2) * per_token * n
     return read / max(1, sum(steps))
 
 
