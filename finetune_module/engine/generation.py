@@ -96,9 +96,8 @@ def generate(
     process's share) unless `quiet`. With `lean`, greedy answers come from the lean decoding
     loop where `uses_lean_decoding` (the same answers, with less work per token); where it is
     proven for the model (`lean` or not), an encoder-decoder model's encoder reads each batch in
-    length groups, its decoder attends to them in the same groups (a decoder-only model's steps
-    attend to their prompts in groups likewise), and a decode step's linear layers multiply by
-    their weights packed for oneDNN (`packed_weights`).
+    length groups, the decode steps attend to questions (or prompts) in length groups, and their
+    linear layers multiply by their weights packed for oneDNN (`packed_weights`).
     """
     lengths = input_lengths(examples)
     order = np.argsort(lengths, kind="stable").tolist()
