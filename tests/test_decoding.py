@@ -664,11 +664,14 @@ def test_question_lengths_are_read_from_right_padding_only() -> None:
     assert decoding.question_lengths(torch.tensor([[1, 0, 1, 0]])) is None  # a hole
 
 
+def _unlike_lengths(t: Tiny) -> list[list[int]]:
+    """The questions and a long one, tokenized: they split into length groups."""
+    return t.tokenizer([*QUESTIONS, " ".join(QUESTIONS * 6)])["input_ids"]
+
+
 def _questions_of_unlike_lengths(t: Tiny) -> dict[str, torch.Tensor]:
     """A right-padded batch of the questions and a long one: the encoder reads it in groups."""
-    long = " ".join(QUESTIONS * 6)
-    questions = t.tokenizer([*QUESTIONS, long])["input_ids"]
-    return t.tokenizer.pad({"input_ids": questions}, return_tensors="pt")
+    return t.tokenizer.pad({"input_ids": _unlike_lengths(t)}, return_tensors="pt")
 
 
 @pytest.mark.parametrize("family", SEQ2SEQ)
@@ -758,8 +761,7 @@ def test_a_decoder_only_models_steps_attend_to_each_group_of_prompts_apart(
     (`decoding.grouped_key_attention` on left padding), on both paths, with the answers of
     the batch attending as one."""
     t = tiny(family)
-    long = " ".join(QUESTIONS * 6)
-    examples = [{"input_ids": ids} for ids in t.tokenizer([*QUESTIONS, long])["input_ids"]]
+    examples = [{"input_ids": ids} for ids in _unlike_lengths(t)]
     lengths = sorted(len(example["input_ids"]) for example in examples)
     settings = {"max_new_tokens": 6, "num_beams": 1, "batch_size": 8}
     config = t.model.get_base_model().config
