@@ -400,15 +400,19 @@ def _batch(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _loss_and_gradients(
-    model: nn.Module, batch: dict[str, torch.Tensor], trainer: FinetuneTrainer
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    trainer: FinetuneTrainer,
+    items: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The trainer's training loss of the batch, and the adapter's gradients (a training step
-    of the trainer where threads share its steps)."""
+    of the trainer where threads share its steps), with `items` as the Trainer's count of the
+    step's tokens in the loss (`num_items_in_batch`)."""
     model.zero_grad()
     if trainer.worker_threads > 1:
-        loss = trainer.training_step(model, dict(batch))
+        loss = trainer.training_step(model, dict(batch), items)
     else:
-        loss = trainer.compute_loss(model, batch)
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=items)
         loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
@@ -485,19 +489,24 @@ def test_each_piece_gives_the_stock_loss_and_gradients_where_it_is_proven(
 ) -> None:
     """For each family, each piece proven for it (`speedups.PROVEN`) changes the model's
     training step and gives the stock loss and gradients; a piece not proven for it changes
-    nothing there, or is not applied (`speedups.applicable`)."""
+    nothing there, or is not applied (`speedups.applicable`). Both without the Trainer's count
+    of the step's tokens and with one, as if the batch were half of an accumulated step (a
+    decoder-only model's loss divides by it)."""
     model = _family_model(family_model(family))
     batch = _batch(model)
     trainer = FinetuneTrainer(
         model=model,
         args=Seq2SeqTrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none"),
     )
-    stock_loss, stock_grads = _loss_and_gradients(model, batch, trainer)
+    counts = [None, 2 * trainer._get_num_items_in_batch([batch], torch.device("cpu"))]
+    stock = [_loss_and_gradients(model, batch, trainer, items) for items in counts]
     changed = _switch_on(piece, model, batch, trainer)
-    loss, grads = _loss_and_gradients(model, batch, trainer)
+    ours = [_loss_and_gradients(model, batch, trainer, items) for items in counts]
     proven = piece in speedups.PROVEN.get(model.config.model_type, ())
     assert changed() == proven, f"{piece} {'changes nothing' if proven else 'is unproven'}"
-    if proven:
+    for (loss, grads), (stock_loss, stock_grads) in zip(ours, stock, strict=True):
+        if not proven:
+            break
         torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
         assert len(grads) == len(stock_grads) > 0
         for grad, stock_grad in zip(grads, stock_grads, strict=True):
@@ -506,6 +515,10 @@ def test_each_piece_gives_the_stock_loss_and_gradients_where_it_is_proven(
             # EPYC's MKL kernels, recomputed layers). A wrong gradient is off by far more.
             scale = max(1.0, stock_grad.abs().max().item())
             torch.testing.assert_close(grad, stock_grad, rtol=1e-4, atol=1e-5 * scale)
+    if proven and not model.config.is_encoder_decoder:  # its sum over the count, not the mean
+        predicted = (batch["labels"][:, 1:] != -100).sum()
+        expected = ours[0][0] * predicted / counts[1]
+        torch.testing.assert_close(ours[1][0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_layer_applies_only_where_proven_on_the_proven_release(

@@ -462,9 +462,15 @@ class FinetuneTrainer(Seq2SeqTrainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         """The loss of the batch `inputs` (see `_batch_loss`); in training, times the batch's
-        share of the step's loss when the step goes in parts (this context's `_LOSS_SHARE`)."""
-        loss = self._batch_loss(model, inputs, return_outputs, num_items_in_batch)
+        share of the step's loss when the step goes in parts (this context's `_LOSS_SHARE`).
+        A part's loss is its mean token loss before it is scaled: where the Trainer counts the
+        step's tokens (`num_items_in_batch`, which a decoder-only model's loss divides its sum
+        by, in place of the mean), the part gets that count times its share, so that its
+        scaled loss is its sum over the step's count, as the whole batch's would be."""
         share = _LOSS_SHARE.get()
+        if share != 1.0 and model.training and num_items_in_batch is not None:
+            num_items_in_batch = num_items_in_batch * share
+        loss = self._batch_loss(model, inputs, return_outputs, num_items_in_batch)
         if share == 1.0 or not model.training:
             return loss
         return (loss[0] * share, loss[1]) if return_outputs else loss * share
