@@ -153,8 +153,8 @@ def fitted_weights(
     returns plain data: with Hamilton's caching on, a re-run with the same data, model and
     training settings takes the weights from the cache instead of training again. Where the
     recipe has the `activation_budget` speed-up, a batch keeps at most about
-    activation_memory_gb of activations; with `logit_free_loss`, a sequence-to-sequence loss
-    keeps no logits; with `worker_threads`, steps on a CPU are shared between threads. Each
+    activation_memory_gb of activations; with `logit_free_loss`, the training and validation
+    losses keep no logits; with `worker_threads`, steps on a CPU are shared between threads. Each
     checkpoint holds the length caps and prompt template with its weights, so that `predict`
     and `export_merged` use them on a checkpoint too. (Every setting is checked before this
     runs, as everything depends on the settings stage; the data comes first among the

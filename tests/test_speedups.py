@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.activations import NewGELUActivation
 
+import finetune_module
 from finetune_module.engine import speedups, unpadded
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.models import lora_config
@@ -324,11 +325,11 @@ def test_linear_cross_entropy_of_a_batch_without_labels_is_zero_with_zero_gradie
 def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
+    calls: list[bool] = []  # whether each call computed a gradient (training)
     fused = speedups.linear_cross_entropy
 
     def counting(*args: Any) -> torch.Tensor:
-        calls.append(1)
+        calls.append(torch.is_grad_enabled())
         return fused(*args)
 
     monkeypatch.setattr(speedups, "linear_cross_entropy", counting)
@@ -347,16 +348,102 @@ def test_training_uses_the_fused_loss_and_trains_as_the_stock_loss_does(
         **QUICK,
     }
     ours = run_dag("base", output_dir=str(tmp_path / "a"), **common)
-    assert len(calls) == len(layouts) == QUICK["max_steps"]
+    assert sum(calls) == len(layouts) == QUICK["max_steps"]
+    assert calls.count(False) > 0  # the validation loss too
     assert len(given_back) >= 2
     others = [name for name in speedups.SPEEDUPS if name != "logit_free_loss"]
+    called = len(calls)
     stock = run_dag("base", output_dir=str(tmp_path / "b"), cpu_speedups=others, **common)
-    assert len(calls) == QUICK["max_steps"]  # the switch turned the fused loss off
+    assert len(calls) == called  # the switch turned the fused loss off
     assert len(layouts) == 2 * QUICK["max_steps"]
     for key in ("train_loss", "eval_loss"):
         assert ours["training_and_validation_set_metrics"][key] == pytest.approx(
             stock["training_and_validation_set_metrics"][key], rel=1e-5
         )
+
+
+@cpu_path_only
+def test_a_decoder_only_model_trains_on_the_fused_loss_as_on_its_own(
+    family_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoder-only model's run computes its training loss logit-free, each position's
+    logits against the next token, for the answer's tokens only (the prompt's labels are
+    ignored), and trains as its own loss trains it."""
+    labelled: list[int] = []
+    fused = speedups.linear_cross_entropy
+
+    def counting(hidden: torch.Tensor, weight: Any, labels: torch.Tensor, *rest: Any) -> Any:
+        assert hidden.shape[:2] == labels.shape  # the hidden states as they are, not shifted
+        assert (labels[:, -1] == -100).all()  # the last position predicts nothing
+        labelled.append(int((labels != -100).sum()))
+        assert (labels[:, :2] == -100).all()  # nor do the prompts' positions
+        return fused(hidden, weight, labels, *rest)
+
+    monkeypatch.setattr(speedups, "linear_cross_entropy", counting)
+    common = {
+        "data_path": str(EXAMPLE_DATA),
+        "model_id": str(family_model("llama")),
+        "input_text_key": "question",
+        "output_text_key": "reply",
+        "activation_memory_gb": None,
+        **QUICK,
+    }
+    dr = finetune_module.build_driver("base", model_type="causal")
+    metrics = "training_and_validation_set_metrics"
+    ours = dr.execute([metrics], inputs={**common, "output_dir": str(tmp_path / "a")})[metrics]
+    assert len(labelled) >= QUICK["max_steps"] and min(labelled) > 0
+    others = [name for name in speedups.SPEEDUPS if name != "logit_free_loss"]
+    stock_inputs = {**common, "output_dir": str(tmp_path / "b"), "cpu_speedups": others}
+    calls = len(labelled)
+    stock = dr.execute([metrics], inputs=stock_inputs)[metrics]
+    assert len(labelled) == calls  # the switch turned the fused loss off
+    for key in ("train_loss", "eval_loss"):
+        assert ours[key] == pytest.approx(stock[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_a_validation_loss_is_computed_without_logits_also_for_a_trained_output_layer(
+    family: str, family_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Evaluation's loss (only the loss wanted) comes from the logit-free loss, also where
+    the output layer trains (a full fine-tune), as it gets no gradient there: the Trainer's
+    own loss, up to float rounding."""
+    model = _family_model(family_model(family)).eval()
+    batch = _batch(model)
+    for trained_head in (False, True):
+        model.get_output_embeddings().weight.requires_grad_(trained_head)
+        trainer = FinetuneTrainer(
+            model=model,
+            args=Seq2SeqTrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none"),
+        )
+        stock, logits, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+        used = _switch_on("logit_free_loss", model, batch, trainer)
+        loss, _, _ = trainer.prediction_step(model, dict(batch), prediction_loss_only=True)
+        assert used() and logits is None
+        torch.testing.assert_close(loss, stock, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_caps_its_logits_keeps_its_own_loss(
+    family_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config that caps the logits (`final_logit_softcapping`, a tanh after the output
+    layer) is a loss the logit-free one is not: the model's own runs."""
+    model = _family_model(family_model("gemma3"))
+    model.config.final_logit_softcapping = 3.0
+    batch = _batch(model)
+    trainer = FinetuneTrainer(
+        model=model,
+        args=Seq2SeqTrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none"),
+    )
+    stock_loss, _ = _loss_and_gradients(model, batch, trainer)
+    used = _switch_on("logit_free_loss", model, batch, trainer)
+    loss, _ = _loss_and_gradients(model, batch, trainer)
+    assert not used()
+    assert loss == stock_loss
+    model.config.final_logit_softcapping = None  # without the cap the fused loss runs
+    used = _switch_on("logit_free_loss", model, batch, trainer)
+    uncapped, _ = _loss_and_gradients(model, batch, trainer)
+    assert used() and uncapped != loss
 
 
 # --- the speed layer, family by family ----------------------------------------------------------

@@ -8,8 +8,8 @@ The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
 - `cheap_dropout`: dropout with 16 random bits and a one-byte mask per value (`FastDropout`);
 - `attention_dropout`: the same cheaper dropout on the attention weights, keeping 5 bytes per
   score instead of SDPA's ~12 (`attention`);
-- `logit_free_loss`: a sequence-to-sequence training loss that never holds the logits
-  (`linear_cross_entropy`);
+- `logit_free_loss`: a training loss that never holds the logits, and computes them only for
+  the tokens in the loss (`linear_cross_entropy`);
 - `unpadded`: T5 trains on each batch's real tokens, laid end to end, with attention per text
   (`unpadded`);
 - `activation_budget`: a long batch goes forward and backward in parts within a memory budget,
@@ -64,24 +64,25 @@ SPEEDUPS = (
 )
 #: The model families (config.model_type) each piece is proven equal to the stock path for
 #: (tests/test_speedups.py), where it changes something: the fused GELU where the family has
-#: the five-operation GELU, the logit-free loss for sequence-to-sequence families, training on
-#: unpadded tokens for T5's attention. The allocator concerns the process, not the model.
+#: the five-operation GELU, the logit-free loss where the family computes its loss from its
+#: output layer's logits, training on unpadded tokens for T5's attention. The allocator
+#: concerns the process, not the model.
 _WITHOUT_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "activation_budget",
                  "worker_threads")  # fmt: skip
-_BART_LIKE = ("allocator", "cheap_dropout", "attention_dropout", "logit_free_loss",
+_WITH_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "logit_free_loss",
               "activation_budget", "worker_threads")  # fmt: skip
 PROVEN: dict[str, tuple[str, ...]] = {
     "t5": SPEEDUPS,
     "mt5": SPEEDUPS,
-    "bart": _BART_LIKE,
-    "mbart": _BART_LIKE,
-    "marian": _BART_LIKE,
-    "pegasus": _BART_LIKE,
+    "bart": _WITH_LOSS,
+    "mbart": _WITH_LOSS,
+    "marian": _WITH_LOSS,
+    "pegasus": _WITH_LOSS,
     "m2m_100": _WITHOUT_LOSS,  # builds its decoder's inputs inside its forward pass only
-    "gpt2": ("allocator", "fused_gelu", *_WITHOUT_LOSS[1:]),
+    "gpt2": ("allocator", "fused_gelu", *_WITH_LOSS[1:]),
     **dict.fromkeys(
         ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gpt_neox", "opt"),
-        _WITHOUT_LOSS,
+        _WITH_LOSS,
     ),
 }
 #: The transformers release (major.minor) the pieces were proven on; they reach into its
@@ -452,7 +453,7 @@ _LOSS_ROWS = 256  # target tokens whose logits are computed at a time
 _OUTPUT_PACKS = packing.FrozenPacks()
 
 
-def _exp_floor(vocabulary: int, count: int, dtype: torch.dtype) -> float:
+def _exp_floor(vocabulary: int, count: float, dtype: torch.dtype) -> float:
     """The least shifted logit the loss exponentiates (smaller ones are raised to it), such
     that every probability of its gradient, `exp / sum / count`, is a normal float: the sum
     of a row's exps (each at most 1) is at most `vocabulary`. A subnormal float makes a
@@ -469,9 +470,10 @@ def _exp_floor(vocabulary: int, count: int, dtype: torch.dtype) -> float:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` against `labels`, a few hundred rows of logits
-    at a time, for the labelled rows only (a batch's padded target positions, which the loss
-    ignores, get no logits: on the benchmark's batches ~18% of the rows). The gradient with
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` (or their sum over
+    `divisor`), a few hundred rows of logits at a time, for the labelled rows only (a batch's
+    padded target positions, and a decoder-only model's prompts, which the loss ignores, get
+    no logits: on the benchmark's batches ~18% of the rows). The gradient with
     respect to `hidden` is computed on the way (softmax minus the one-hot target, times the
     weight; 0 for the ignored rows), so neither the logits nor their log-softmax are kept: for
     a batch of 8 x 154 targets and a 32k vocabulary that is ~600 MB less at the peak. The
@@ -490,9 +492,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         labels: torch.Tensor,
         bias: torch.Tensor | None,
+        divisor: float | None,
     ) -> torch.Tensor:
         positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        count = max(1, positions.numel())
+        count = divisor if divisor is not None else max(1, positions.numel())
         labelled, targets = hidden.index_select(0, positions), labels.index_select(0, positions)
         total = hidden.new_zeros(())
         grad_labelled = torch.empty_like(labelled) if hidden.requires_grad else None
@@ -529,9 +532,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output if grad is not None else None), None, None, None
+        return (grad * grad_output if grad is not None else None), None, None, None, None
 
 
 def linear_cross_entropy(
@@ -539,13 +542,26 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
+    divisor: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, labels, ignore_index=-100)` (the mean over the
-    labelled tokens) without keeping the logits; `weight` and `bias` must be frozen."""
+    labelled tokens; with `divisor`, their sum over it) without keeping the logits; `weight`
+    and `bias` must be frozen."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     if bias is not None:
         bias = bias.reshape(-1)
-    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), bias)
+    if isinstance(divisor, torch.Tensor):
+        divisor = float(divisor)
+    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), bias, divisor)
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A decoder-only model's labels moved one position left (the last ignored): at each
+    position, the token its logits predict. The loss over them is the model's own, which
+    shifts its logits instead, and the hidden states need no copy."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
 
 
 #: The buffer that BART-family models (BART, mBART, Marian, Pegasus) add to their logits

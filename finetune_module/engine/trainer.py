@@ -326,8 +326,8 @@ class TrainingClock(TrainerCallback):
 
 class FinetuneTrainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` whose `group_by_length` batches group targets by length too, which
-    keeps each batch's activations within a budget (when it has one), which computes a
-    sequence-to-sequence loss without its logits (when `logit_free_loss` is set), and which
+    keeps each batch's activations within a budget (when it has one), which computes its
+    training and validation losses without logits (when `logit_free_loss` is set), and which
     restores every weight of a fully fine-tuned model from a checkpoint, whatever names the
     model's family saves its weights under."""
 
@@ -482,19 +482,22 @@ class FinetuneTrainer(Seq2SeqTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        """With `logit_free_loss`, the training loss of a sequence-to-sequence model with a
-        frozen output layer without a bias of its own (BART's separate logits bias is fine), in
-        fp32, computed without keeping its logits
-        (`speedups.linear_cross_entropy`: the same mean cross-entropy); anything else as the
-        Trainer computes it. In training, a model with `unpadded` installed computes either
-        loss on the batch's real tokens laid end to end where the batch allows it
-        (`unpadded.laid_out_inputs`). Without gradients (evaluation), an encoder-decoder model
-        reads the batch's questions in length groups (`generation.questions_read_in_groups`)."""
+        """With `logit_free_loss`, the loss alone (no outputs) of a model whose output layer
+        has no bias of its own (BART's separate logits bias is fine) and is frozen or gets no
+        gradient, in fp32, computed without keeping its logits
+        (`speedups.linear_cross_entropy`: the same cross-entropy; a decoder-only model's is of
+        each token given those before it, over the step's count of tokens where the Trainer
+        gives one, as its own loss is); anything else as the Trainer computes it. In training,
+        a model with `unpadded` installed computes either loss on the batch's real tokens laid
+        end to end where the batch allows it (`unpadded.laid_out_inputs`). Without gradients
+        (evaluation), an encoder-decoder model reads the batch's questions in length groups
+        (`generation.questions_read_in_groups`)."""
         if not model.training:
             inputs = questions_read_in_groups(self.accelerator.unwrap_model(model), inputs)
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if isinstance(base, PeftModel) else base
         head = speedups.output_layer(base) if isinstance(base, PreTrainedModel) else None
+        seq2seq = isinstance(base, PreTrainedModel) and base.config.is_encoder_decoder
         laid = None
         if model.training and not return_outputs and unpadded.installed(base):
             laid = unpadded.laid_out_inputs(base, inputs)
@@ -506,13 +509,12 @@ class FinetuneTrainer(Seq2SeqTrainer):
         if (
             not self.logit_free_loss
             or return_outputs
-            or not model.training
             or "labels" not in inputs
             or type(head) is not torch.nn.Linear
             or head.bias is not None
-            or head.weight.requires_grad
-            or not base.config.is_encoder_decoder
-            or not hasattr(base, "prepare_decoder_input_ids_from_labels")  # M2M100, NLLB
+            or (head.weight.requires_grad and torch.is_grad_enabled())
+            or (seq2seq and not hasattr(base, "prepare_decoder_input_ids_from_labels"))  # NLLB
+            or getattr(base.config, "final_logit_softcapping", None) is not None  # tanh cap
             or self.args.bf16
             or self.args.fp16
             or self.is_fsdp_enabled
@@ -522,11 +524,36 @@ class FinetuneTrainer(Seq2SeqTrainer):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         forward = {k: v for k, v in inputs.items() if k != "labels"}
-        if laid is None:  # laid out, the decoder's inputs are shifted within each text
+        divisor = None
+        if not seq2seq:  # each position's target is the next token
+            labels, divisor = speedups.next_token_labels(labels), num_items_in_batch
+        elif laid is None:  # laid out, the decoder's inputs are shifted within each text
             forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
         with within(), speedups.output_layer_off(base) as (_, bias):
             hidden = model(**forward).logits  # the last hidden states, as the head gets them
-        return speedups.linear_cross_entropy(hidden, head.weight, labels, bias)
+        return speedups.linear_cross_entropy(hidden, head.weight, labels, bias, divisor)
+
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+        **gen_kwargs: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """An evaluation batch's loss, logits and labels, as `Seq2SeqTrainer` predicts them;
+        where only the loss is wanted (a validation loss) and `logit_free_loss` is set, the
+        loss as `_batch_loss` computes it, without the logits that the Trainer would compute
+        and drop (for a decoder-only model, a batch's every position's, prompts' included)."""
+        if not (prediction_loss_only and self.logit_free_loss and "labels" in inputs):
+            return super().prediction_step(
+                model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs
+            )
+        inputs = self._prepare_inputs(inputs)
+        items = self._get_num_items_in_batch([inputs], self.args.device)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=items)
+        return loss.detach().mean(), None, None
 
     def _restore_every_weight(self, checkpoint: str) -> bool:
         """Loads a full model's weights from `checkpoint` as `from_pretrained` reads them, every
