@@ -4,15 +4,21 @@
     python -m bench.benchmark --quick            # a tiny model: checks the benchmark itself runs
     python -m bench.benchmark --ablate fixed-padding --max-steps 8   # one lever switched off
     python -m bench.benchmark --nproc 2          # data-parallel: 2 processes under torchrun
+    python -m bench.benchmark --family llama     # a decoder-only model of the same size
 
 It builds the model locally (random weights; flan-t5-small's shape: d_model 512, 8+8 layers,
 6 heads, gated-GELU d_ff 1024, vocabulary 32128) and a ~400-record dataset with a real support
 set's length spread, runs the real DAG (start=base, 2 epochs, batch 8), and prints throughput,
 wall time per stage, peak memory and the share of the machine's measured matmul FLOP/s that
-training achieves in useful FLOPs. The figures are also written as JSON (--out).
+training achieves in useful FLOPs. The figures are also written as JSON (--out). `--family`
+takes a Llama-like decoder-only family of `finetune_module.tiny_model` instead (`DECODER_FAMILIES`),
+built with flan-t5-small's width, depth and vocabulary (d_model 512, 8 layers, 8 heads, gated
+d_ff 1024, a learned tokenizer's vocabulary padded to 32128), trained on each question's prompt
+followed by its answer.
 
 Useful training FLOPs count real tokens only (no padding): 2 x the forward pass's
-multiply-adds of every example (weights, attention scores, the LM head), times 2 for training
+multiply-adds of every example (weights, attention scores, the LM head over the answer's
+tokens), times 2 for training
 with LoRA (the frozen weights need input gradients in the backward pass but no weight
 gradients, so the backward pass costs about one forward pass; the adapters' own FLOPs are
 negligible).
@@ -35,7 +41,7 @@ from typing import Any
 import torch
 from hamilton import driver
 from hamilton.lifecycle import api
-from transformers import PretrainedConfig, Seq2SeqTrainer, TrainerCallback
+from transformers import AutoModelForCausalLM, PretrainedConfig, Seq2SeqTrainer, TrainerCallback
 from transformers.generation.utils import GenerationMixin
 
 import finetune_module
@@ -44,7 +50,7 @@ from finetune_module.engine import batching, distributed, generation, speedups, 
 from finetune_module.engine.decoding import transformers_model
 from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.engine.trainer import FinetuneTrainer, trainer_callbacks
-from finetune_module.tiny_model import build_t5
+from finetune_module.tiny_model import Sizes, build, build_t5
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,6 +79,12 @@ SHAPES = {
     },
     "tiny": {"d_model": 32, "num_heads": 2, "num_layers": 1, "d_ff": 64, "vocab_size": 1000},
 }
+#: A decoder-only model of flan-t5-small's width and depth (`decoder_model`).
+DECODER_SIZES = Sizes(vocab_size=TOKENIZER_VOCABULARY, d_model=512, num_layers=8, num_heads=8,
+                      d_ff=1024)  # fmt: skip
+#: The decoder-only families `--family` takes: Llama's layout (q, k, v and o projections, a
+#: gated feed-forward), which `forward_flops` counts.
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 ABLATIONS = {
     "none": "every lever on (the product as shipped)",
@@ -165,9 +177,14 @@ def _counting_generation(counts: dict[str, dict[str, float]], timer: _NodeTimer)
             started = time.perf_counter()
             output = run(model, *args, **kwargs)
             sequences = output if isinstance(output, torch.Tensor) else output.sequences
-            new = sequences[:, 1:]  # after the decoder start token
+            config = transformers_model(model).config
+            if config.is_encoder_decoder:
+                new = sequences[:, 1:]  # after the decoder start token
+            else:  # after the prompts (both paths take the ids first, then the pad id fourth)
+                new = sequences[:, kwargs.get("input_ids", args[0] if args else None).shape[1] :]
+            pad = kwargs.get("pad_token_id", args[3] if len(args) > 3 else config.pad_token_id)
             node = counts.setdefault(str(timer.running), _generation_counts())
-            node["tokens"] += int((new != transformers_model(model).config.pad_token_id).sum())
+            node["tokens"] += int((new != pad).sum())
             node["answers"] += int(sequences.shape[0])
             node["seconds"] += time.perf_counter() - started
             return output
@@ -205,7 +222,11 @@ def matmul_gflops(
 
 
 def forward_flops(config: PretrainedConfig, source_length: int, target_length: int) -> float:
-    """Multiply-add FLOPs (x2) of one T5 forward pass over one unpadded example."""
+    """Multiply-add FLOPs (x2) of one T5 forward pass over one unpadded example; for a
+    decoder-only model of `DECODER_FAMILIES`, of one pass over its prompt and answer (of
+    `source_length` and `target_length` tokens), the output layer over the answer's tokens."""
+    if not config.is_encoder_decoder:
+        return _decoder_forward_flops(config, source_length + target_length, target_length)
     d, inner, d_ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
     ffn = (3 if config.is_gated_act else 2) * d * d_ff
     s, t = source_length, target_length
@@ -219,6 +240,16 @@ def forward_flops(config: PretrainedConfig, source_length: int, target_length: i
     return 2.0 * (encoder + decoder + t * d * config.vocab_size)
 
 
+def _decoder_forward_flops(config: PretrainedConfig, tokens: int, predicted: int) -> float:
+    """Multiply-add FLOPs (x2) of a Llama-like decoder-only model's pass over `tokens` tokens,
+    with the output layer over `predicted` of them."""
+    d, head = config.hidden_size, config.head_dim
+    queries, keys = config.num_attention_heads * head, config.num_key_value_heads * head
+    projections = d * (2 * queries + 2 * keys)  # q and o; k and v
+    layer = tokens * (projections + 3 * d * config.intermediate_size) + 2 * tokens**2 * queries
+    return 2.0 * (config.num_hidden_layers * layer + predicted * d * config.vocab_size)
+
+
 # the upper ends of the bands of padded input length that the steps are grouped by
 STEP_BANDS = (128, 256, 384)
 
@@ -228,7 +259,9 @@ class StepClock(TrainerCallback):
     (rows, input tokens, target tokens), seen by a hook on the model's forward pass while it
     trains. A batch over the activation budget goes forward in parts, each padded to its own
     longest example (`memory.ActivationBudget.parts`): one shape per part. A part laid end to
-    end (`unpadded`) is counted by the padded shape it was laid out from."""
+    end (`unpadded`) is counted by the padded shape it was laid out from. A decoder-only
+    model's pass is counted as its whole sequence's, without the output layer (its labels,
+    which say which tokens it predicts, do not reach the model with the logit-free loss)."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[list[tuple[int, int, int]], float]] = []
@@ -312,7 +345,7 @@ def _summed_over_processes(values: dict[str, float]) -> dict[str, float]:
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Runs the benchmark in `--nproc` processes under torchrun, each with its share of cores;
     the machine's matmul peak is measured first, with every core."""
-    prepare(Path(args.workdir), args.quick, args.records)  # once, before the processes start
+    prepare(Path(args.workdir), args.quick, args.records, args.family)  # once, before they start
     peak = matmul_gflops()
     rest = [
         a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
@@ -337,18 +370,43 @@ def _overrides(ablation: str, caps: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def prepare(work: Path, quick: bool, records: int) -> tuple[Path, Path]:
+def prepare(work: Path, quick: bool, records: int, family: str | None = None) -> tuple[Path, Path]:
     """The benchmark's dataset (`records` records) and model (a tiny one if `quick`, else
-    flan-t5-small's shape) in `work`, built unless already there: their paths."""
+    flan-t5-small's shape; with `family`, a decoder-only model of that family and of
+    flan-t5-small's width, depth and vocabulary: `decoder_model`) in `work`, built unless
+    already there: their paths."""
     work.mkdir(parents=True, exist_ok=True)
     size = "tiny" if quick else "flan-t5-small"
     data_path = work / f"bench-data-{DATA_VERSION}-{records}.json"
     if not data_path.exists():
         build_dataset(REPO / "example-support-dataset.json", data_path, records=records)
+    if family is not None:
+        vocabulary = None if quick else SHAPES["flan-t5-small"]["pad_vocab_to"]
+        return data_path, decoder_model(work, data_path, family, quick, vocabulary)
     model_dir = work / f"model-{size}-{DATA_VERSION}-{records}"
     if not (model_dir / "model.safetensors").exists():
         build_t5(str(model_dir), training_texts(data_path), **SHAPES[size])
     return data_path, model_dir
+
+
+def decoder_model(
+    work: Path, data_path: Path, family: str, quick: bool, pad_vocab_to: int | None = None
+) -> Path:
+    """The directory of a decoder-only model of `family` with `DECODER_SIZES` (tiny ones if
+    `quick`) and a tokenizer of its kind learned from the benchmark's texts, in `work`, built
+    unless already there; with `pad_vocab_to`, its vocabulary padded to that many tokens (as
+    the benchmark's T5 has flan-t5-small's, so that its output layer costs what a real one
+    does)."""
+    padded = f"-vocab{pad_vocab_to}" if pad_vocab_to else ""
+    model_dir = work / f"model-{family}{'-tiny' if quick else ''}{padded}-{data_path.stem}"
+    if not (model_dir / "model.safetensors").exists():
+        sizes = Sizes() if quick else DECODER_SIZES
+        build(str(model_dir), training_texts(data_path), family, sizes)
+        if pad_vocab_to:
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            model.resize_token_embeddings(pad_vocab_to, mean_resizing=False)
+            model.save_pretrained(model_dir)
+    return model_dir
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -361,7 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ablate == "no-swaps":
         batching.fewer_padded_tokens = lambda batches, sources, targets: batches
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-bench-"))
-    data_path, model_dir = prepare(work, args.quick, args.records)
+    data_path, model_dir = prepare(work, args.quick, args.records, args.family)
     # under --nproc the launcher measured the peak with every core before starting the ranks
     peak_gflops = args.matmul_peak or matmul_gflops(
         n=512 if args.quick else 2048, dtype=torch.bfloat16 if args.bf16 else torch.float32
@@ -370,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timer = _NodeTimer()
     dr = (
         driver.Builder()
-        .with_config({"start": "base"})
+        .with_config({"start": "base", **({"model_type": "causal"} if args.family else {})})
         .with_modules(*finetune_module.MODULES)
         .with_adapters(timer)
         .build()
@@ -445,7 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures = {
         "ablation": args.ablate,
         "precision": "bf16 autocast" if args.bf16 else "fp32",
-        "model": "tiny" if args.quick else "flan-t5-small shape",
+        "model": _model_name(args),
         "records": args.records,
         "train_examples": len(train),
         "epochs": epochs,
@@ -486,13 +544,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rouge": {k: metrics[k] for k in ROUGE_KEYS},
         "hold_out_rouge": {k: result["finetuned_hold_out_metrics"][k] for k in ROUGE_KEYS},
     }
-    if not args.max_steps and not args.quick:
+    if not args.max_steps and not args.quick and not args.family:
         figures["speedup_vs_reference"] = {
             "train": REFERENCE["train_seconds"] / train_seconds,
             "eval_per_answer": REFERENCE["eval_seconds_per_answer"] / eval_per_answer,
             "dag": REFERENCE["dag_seconds"] / dag_seconds,
         }
     return figures
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """The benchmark's model, in words."""
+    if args.family:
+        return f"{args.family}, {'tiny' if args.quick else 'flan-t5-small size'}"
+    return "tiny" if args.quick else "flan-t5-small shape"
 
 
 def _table(f: dict[str, Any]) -> str:
@@ -612,9 +677,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--bf16", action="store_true", help="bf16 autocast (a CUDA GPU with bf16 support)"
     )
+    p.add_argument(
+        "--family",
+        choices=DECODER_FAMILIES,
+        help="a decoder-only model of this family, of flan-t5-small's size, instead",
+    )
     p.add_argument("--matmul-peak", type=float, help=argparse.SUPPRESS)  # set by --nproc
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    if args.family and args.ablate in ("fixed-padding", "padded"):
+        p.error(f"--ablate {args.ablate} concerns the sequence-to-sequence model only")
     args.records = args.records or (60 if args.quick else 400)
     args.epochs = args.epochs or (1 if args.quick else 2)
     if args.nproc > 1:

@@ -44,29 +44,14 @@ import torch
 from hamilton import driver
 
 import finetune_module
-from bench.benchmark import aligned, bench_parser, matmul_gflops, prepare, shown
-from bench.data import TOKENIZER_VOCABULARY, training_texts
+from bench.benchmark import aligned, bench_parser, decoder_model, matmul_gflops, prepare, shown
 from finetune_module.engine import generation
 from finetune_module.engine.decoding import greedy_generate, greedy_rules, transformers_model
 from finetune_module.engine.models import build_model
 from finetune_module.engine.tokens import length_groups
-from finetune_module.tiny_model import FAMILIES, Sizes, build
+from finetune_module.tiny_model import FAMILIES
 
 CAP = 118  # the new-token cap of the answers (the benchmark run's target length cap)
-#: A decoder-only model of flan-t5-small's width and depth (`--family`).
-DECODER_SIZES = Sizes(vocab_size=TOKENIZER_VOCABULARY, d_model=512, num_layers=8, num_heads=8,
-                      d_ff=1024)  # fmt: skip
-
-
-def decoder_model(work: Path, data_path: Path, family: str, quick: bool) -> Path:
-    """The directory of a decoder-only model of `family` with `DECODER_SIZES` (tiny ones if
-    `quick`) and a tokenizer of its kind learned from the benchmark's texts, in `work`, built
-    unless already there."""
-    model_dir = work / f"model-{family}{'-tiny' if quick else ''}-{data_path.stem}"
-    if not (model_dir / "model.safetensors").exists():
-        sizes = Sizes() if quick else DECODER_SIZES
-        build(str(model_dir), training_texts(data_path), family, sizes)
-    return model_dir
 
 
 def benchmark_questions(data_path: Path, model_dir: Path, kind: str) -> dict[str, Any]:

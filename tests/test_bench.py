@@ -11,9 +11,15 @@ import pytest
 import torch
 from hamilton import driver
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
-from bench.benchmark import forward_flops, step_bands
+from bench.benchmark import DECODER_FAMILIES, forward_flops, step_bands
 from bench.data import TOKENIZER_VOCABULARY, build_dataset, training_texts
 from bench.peer import tokenized_sets
 from bench.step_profile import MATMULS
@@ -39,6 +45,21 @@ def test_flop_formula_matches_torchs_flop_counter() -> None:
         assert forward_flops(config, source, target) == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_decoder_only_flop_formula_matches_torchs_flop_counter(family: str) -> None:
+    """A decoder-only pass over a prompt and its answer: every layer over both, the output
+    layer over the answer's tokens only (`logits_to_keep`), with key/value heads shared."""
+    config = AutoConfig.for_model(
+        family, vocab_size=500, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=80, num_hidden_layers=2, attn_implementation="eager",
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for prompt, answer in ((37, 11), (90, 40)):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(input_ids=torch.randint(3, 500, (1, prompt + answer)), logits_to_keep=answer)
+        assert forward_flops(config, prompt, answer) == counter.get_total_flops()
+
+
 def test_dataset_has_the_reference_length_spread(tmp_path: Path) -> None:
     path = build_dataset(EXAMPLE_DATA, tmp_path / "bench.json", records=400)
     again = build_dataset(EXAMPLE_DATA, tmp_path / "again.json", records=400)
@@ -56,15 +77,18 @@ def test_dataset_has_the_reference_length_spread(tmp_path: Path) -> None:
     assert 48 <= np.median(answers) <= 58
 
 
-def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", [None, "llama"])
+def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path, family: str | None) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.benchmark", "--quick", "--records", "40",
-         "--workdir", str(tmp_path / "work"), "--out", str(out)],
+         "--workdir", str(tmp_path / "work"), "--out", str(out),
+         *(["--family", family] if family else [])],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     figures = json.loads(out.read_text())
+    assert figures["model"] == ("llama, tiny" if family else "tiny")
     assert figures["train_examples"] == 38 and figures["steps"] == 5
     # 1 validation and 1 hold-out question, each answered by the fine-tune and by the base model
     assert figures["generated_answers"] == 4 and figures["generated_tokens"] > 0
