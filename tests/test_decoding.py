@@ -756,10 +756,12 @@ def test_answers_from_length_groups_are_the_whole_batchs(
 def test_a_decoder_only_models_steps_attend_to_each_group_of_prompts_apart(
     family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A decoder-only model's decode steps attend, group by group of rows of similar prompt
-    length, only to the keys of the group's longest prompt and the answers so far
-    (`decoding.grouped_key_attention` on left padding), on both paths, with the answers of
-    the batch attending as one."""
+    """A decoder-only model reads its prompts, all but their last column, group by group of
+    rows of similar prompt length, each group padded to its own longest
+    (`decoding.prompts_read_in_length_groups`; not with sliding-window layers), and its decode
+    steps attend, group by group, only to the keys of the group's longest prompt and the
+    answers so far (`decoding.grouped_key_attention` on left padding), on both paths, with the
+    answers of the batch reading and attending as one."""
     t = tiny(family)
     examples = [{"input_ids": ids} for ids in _unlike_lengths(t)]
     lengths = sorted(len(example["input_ids"]) for example in examples)
@@ -768,32 +770,50 @@ def test_a_decoder_only_models_steps_attend_to_each_group_of_prompts_apart(
     layers = config.num_hidden_layers
     # Gemma 3's sliding-window layers attend to a window of the latest keys (grouped within it)
     windowed = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+    # a cache with sliding-window layers (Gemma 3's, Mistral's) is filled by one pass
+    cache = decoding._self_attention_cache(config, 1)
+    sliding = any(type(layer) is not decoding.PreallocatedLayer for layer in cache.layers)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     attended: list[int] = []
+    read: list[tuple[int, int]] = []  # the prompts' passes: (rows, tokens)
 
     def attention(query: torch.Tensor, key: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
         if query.shape[2] < key.shape[2]:  # a decode step's (grouped queries packed, or one)
             attended.append(key.shape[2])
+        elif query.shape[2] > 1:
+            read.append((query.shape[0], key.shape[2]))
         return sdpa(query, key, *a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention)
-    # the first decode step: each group its longest prompt and the token after it
-    first = [max(lengths[row] for row in rows) + 1 for rows in decoding.length_groups(lengths)]
-    assert len(first) > 1
+    groups = decoding.length_groups(lengths)
+    assert len(groups) > 1
+    # each group's prompts but their last tokens, then the last column: each group its longest
+    # prompt, then the token after it
+    passes = [(len(rows), max(lengths[row] for row in rows) - 1) for rows in groups]
+    first = [max(lengths[row] for row in rows) for rows in groups]
     answers = {}
     for path in ("lean", "generate"):
         attended.clear()
+        read.clear()
         answers[path] = generation.generate(
             t.model, t.tokenizer, examples, **settings, lean=path == "lean"
         )
+        whole_pass = [(len(lengths), lengths[-1])] * layers
+        assert read == (whole_pass if sliding else [p for p in passes for _ in range(layers)])
+        # read as one, the prompts' last column goes with the rest
+        steps = [first, [length + 1 for length in first]][1 if sliding else 0 :]
         if windowed:
             assert min(attended) < max(attended), path  # not every row the whole window
         else:
-            assert attended[: len(first) * layers] == first * layers, path
+            expected = [keys for step in steps for keys in step * layers]
+            assert attended[: len(expected)] == expected, path
     assert t.model.get_base_model().config._attn_implementation == "sdpa"  # set back after
     monkeypatch.setattr(generation, "keys_read_in_groups", lambda _: nullcontext())
+    monkeypatch.setattr(generation, "prompts_read_in_length_groups", lambda *_: None)
     attended.clear()
+    read.clear()
     whole = generation.generate(t.model, t.tokenizer, examples, **settings)
+    assert read == [(len(lengths), lengths[-1])] * layers
     if not windowed:
         steps = range(1, settings["max_new_tokens"])
         assert set(attended) == {lengths[-1] + step for step in steps}

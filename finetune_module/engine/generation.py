@@ -6,9 +6,10 @@ proven to give `generate`'s answers, from Hugging Face `generate` everywhere els
 loop is proven for an encoder-decoder model, its encoder reads each batch's questions in
 smaller groups of similar length (`decoding.read_in_length_groups`) and the decoder answers the
 whole batch at once, each group attending only to its own questions' length
-(`decoding.keys_read_in_groups`); a decoder-only model's decode steps attend likewise, each
-group of prompts of similar length to its own longest prompt's keys. Both paths get the same
-states and the same attention. With
+(`decoding.keys_read_in_groups`); a decoder-only model reads its prompts in such groups too
+(`decoding.prompts_read_in_length_groups`, into the key/value cache), and its decode steps
+attend likewise, each group of prompts of similar length to its own longest prompt's keys.
+Both paths get the same states, caches and attention. With
 several processes each answers its share of the batches and the answers are gathered, so every
 process ends with the answers of a single-process run.
 """
@@ -27,6 +28,7 @@ from finetune_module.engine.decoding import (
     keys_read_in_groups,
     lean_decoding_applies,
     packed_weights,
+    prompts_read_in_length_groups,
     read_in_length_groups,
 )
 from finetune_module.engine.distributed import (
@@ -125,9 +127,14 @@ def generate(
                 padding_side="left" if decoder_only else None,
                 return_tensors="pt",
             ).to(device)
-            read = None
+            read, prompts = None, None
             if proven and not decoder_only:
                 read = read_in_length_groups(model, batch["input_ids"], batch["attention_mask"])
+            elif proven:
+                capacity = batch["input_ids"].shape[1] + max_new_tokens
+                prompts = prompts_read_in_length_groups(
+                    model, batch["input_ids"], batch["attention_mask"], capacity
+                )
             if lean:
                 generated = greedy_generate(
                     model,
@@ -136,6 +143,7 @@ def generate(
                     max_new_tokens,
                     tokenizer.pad_token_id,
                     encoder_outputs=read,
+                    past_key_values=prompts,
                 )
             else:
                 generated = model.generate(
@@ -148,6 +156,7 @@ def generate(
                     synced_gpus=sharded,  # sharded weights: every process runs every step
                     pad_token_id=tokenizer.pad_token_id,
                     **({} if read is None else {"encoder_outputs": read}),
+                    **({} if prompts is None else {"past_key_values": prompts}),
                 )
             if decoder_only:  # the output starts with the prompt
                 generated = generated[:, batch["input_ids"].shape[1] :]
