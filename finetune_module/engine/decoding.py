@@ -670,36 +670,10 @@ def greedy_generate(
     """
     net = transformers_model(model)
     rules = greedy_rules(net.generation_config, pad_token_id)
+    prompt, kwargs, written, step, mask = _first_step(
+        net, rules, input_ids, attention_mask, max_new_tokens, encoder_outputs, past_key_values
+    )
     batch = input_ids.shape[0]
-    kwargs, written = {"use_cache": True, "return_dict": True}, None
-    if "logits_to_keep" in inspect.signature(net.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # as generate passes it
-    if net.config.is_encoder_decoder:
-        prompt = torch.full((batch, 1), rules.decoder_start_token_id, device=input_ids.device)
-        if encoder_outputs is None:
-            encoder_outputs = net.get_encoder()(
-                input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-            )
-        kwargs["encoder_outputs"] = encoder_outputs
-        kwargs["attention_mask"] = attention_mask
-        states = encoder_outputs.last_hidden_state
-        written = written_steps(net, states, attention_mask, max_new_tokens, fused_product)
-        self_attention = _self_attention_cache(net.config, max_new_tokens)
-        cache = EncoderDecoderCache(self_attention, DynamicCache(config=net.config))
-        step, mask = {"decoder_input_ids": prompt}, None
-    else:
-        prompt = input_ids
-        cache = past_key_values
-        if cache is None:
-            cache = _self_attention_cache(net.config, input_ids.shape[1] + max_new_tokens)
-        step, mask = _prompt_inputs(input_ids, attention_mask, max_new_tokens)
-        if past_key_values is not None:  # the last column over the cache of the others
-            step = {
-                **step,
-                "input_ids": input_ids[:, -1:],
-                "position_ids": step["position_ids"][:, -1:],
-            }
-    kwargs["past_key_values"] = cache
 
     prompt_length = prompt.shape[1]
     max_length = prompt_length + max_new_tokens
@@ -708,7 +682,7 @@ def greedy_generate(
     ends = torch.tensor(rules.eos_token_ids, dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
     rows = torch.arange(batch, device=prompt.device)  # the rows of `sequences` still answering
-    retires = len(ends) > 0 and (written is not None or _retirable(cache))
+    retires = len(ends) > 0 and (written is not None or _retirable(kwargs["past_key_values"]))
     length = prompt_length
     while length < max_length:
         if written is not None:
@@ -740,6 +714,55 @@ def greedy_generate(
                 mask = mask[keep]
             _keep_rows(kwargs, keep, written)
     return sequences[:, :length]
+
+
+def _first_step(
+    net: PreTrainedModel,
+    rules: GreedyRules,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    encoder_outputs: BaseModelOutput | None,
+    past_key_values: DynamicCache | None,
+) -> tuple[
+    torch.Tensor,
+    dict[str, Any],
+    T5Steps | None,
+    dict[str, torch.Tensor],
+    torch.Tensor | None,
+]:
+    """What `greedy_generate`'s first step starts from: the sequences' first tokens (the
+    decoder's start token, or the prompts), the arguments every step passes the model (the
+    key/value cache, an encoder-decoder model's encoder states and question mask), T5's
+    written steps where they apply, the first step's own inputs and a decoder-only model's
+    attention mask over the prompts and every new token. The encoder reads the questions
+    unless `encoder_outputs` holds their states; a decoder-only model's prompts go in whole
+    unless `past_key_values` holds all but their last column."""
+    kwargs: dict[str, Any] = {"use_cache": True, "return_dict": True}
+    if "logits_to_keep" in inspect.signature(net.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # as generate passes it
+    if not net.config.is_encoder_decoder:
+        cache = past_key_values
+        if cache is None:
+            cache = _self_attention_cache(net.config, input_ids.shape[1] + max_new_tokens)
+        kwargs["past_key_values"] = cache
+        cached = past_key_values is not None
+        step, mask = _prompt_inputs(input_ids, attention_mask, max_new_tokens, cached)
+        return input_ids, kwargs, None, step, mask
+    batch = input_ids.shape[0]
+    prompt = torch.full((batch, 1), rules.decoder_start_token_id, device=input_ids.device)
+    if encoder_outputs is None:
+        encoder_outputs = net.get_encoder()(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+        )
+    kwargs["encoder_outputs"] = encoder_outputs
+    kwargs["attention_mask"] = attention_mask
+    states = encoder_outputs.last_hidden_state
+    written = written_steps(net, states, attention_mask, max_new_tokens, fused_product)
+    self_attention = _self_attention_cache(net.config, max_new_tokens)
+    cache = EncoderDecoderCache(self_attention, DynamicCache(config=net.config))
+    kwargs["past_key_values"] = cache
+    return prompt, kwargs, written, {"decoder_input_ids": prompt}, None
 
 
 #: Rows that have ended leave the batch (`greedy_generate`) once they are at least this
@@ -778,18 +801,24 @@ def _keep_rows(kwargs: dict[str, Any], keep: torch.Tensor, written: T5Steps | No
 
 
 def _prompt_inputs(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    cached: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """A decoder-only model's inputs for its left-padded prompt, as `generate` makes them, and
     the attention mask over the prompt and every new token (None when there is no padding: a
     mask of all ones is left out). Positions count the real tokens (padding at 0). The mask is
-    allocated once; each step gives the model its first columns."""
+    allocated once; each step gives the model its first columns. With `cached` (the cache
+    holds all but the prompts' last column), the inputs are that column's."""
     positions = attention_mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(attention_mask == 0, 0)
+    step = {"input_ids": input_ids, "position_ids": positions}
+    if cached:
+        step = {name: value[:, -1:] for name, value in step.items()}
     if bool(attention_mask.all()):
-        return {"input_ids": input_ids, "position_ids": positions}, None
+        return step, None
     batch, prompt_length = attention_mask.shape
     mask = attention_mask.new_ones((batch, prompt_length + max_new_tokens))
     mask[:, :prompt_length] = attention_mask
-    step = {"input_ids": input_ids, "position_ids": positions, "attention_mask": attention_mask}
-    return step, mask
+    return {**step, "attention_mask": attention_mask}, mask

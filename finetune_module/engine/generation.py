@@ -78,6 +78,21 @@ def questions_read_in_groups(model: torch.nn.Module, inputs: Mapping[str, Any]) 
     return dict(inputs) if read is None else {**inputs, "encoder_outputs": read}
 
 
+def _read_in_groups(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], max_new_tokens: int
+) -> dict[str, Any]:
+    """The batch's questions read in length groups, as the arguments both paths take: an
+    encoder-decoder model's encoder states (`encoder_outputs`), or a decoder-only model's
+    key/value cache of its prompts but their last column (`past_key_values`, with room for
+    `max_new_tokens` more); none where one group is best."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if model.config.is_encoder_decoder:
+        read = read_in_length_groups(model, ids, mask)
+        return {} if read is None else {"encoder_outputs": read}
+    cache = prompts_read_in_length_groups(model, ids, mask, ids.shape[1] + max_new_tokens)
+    return {} if cache is None else {"past_key_values": cache}
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -127,14 +142,7 @@ def generate(
                 padding_side="left" if decoder_only else None,
                 return_tensors="pt",
             ).to(device)
-            read, prompts = None, None
-            if proven and not decoder_only:
-                read = read_in_length_groups(model, batch["input_ids"], batch["attention_mask"])
-            elif proven:
-                capacity = batch["input_ids"].shape[1] + max_new_tokens
-                prompts = prompts_read_in_length_groups(
-                    model, batch["input_ids"], batch["attention_mask"], capacity
-                )
+            read = _read_in_groups(model, batch, max_new_tokens) if proven else {}
             if lean:
                 generated = greedy_generate(
                     model,
@@ -142,8 +150,7 @@ def generate(
                     batch["attention_mask"],
                     max_new_tokens,
                     tokenizer.pad_token_id,
-                    encoder_outputs=read,
-                    past_key_values=prompts,
+                    **read,
                 )
             else:
                 generated = model.generate(
@@ -155,8 +162,7 @@ def generate(
                     use_cache=True,
                     synced_gpus=sharded,  # sharded weights: every process runs every step
                     pad_token_id=tokenizer.pad_token_id,
-                    **({} if read is None else {"encoder_outputs": read}),
-                    **({} if prompts is None else {"past_key_values": prompts}),
+                    **read,
                 )
             if decoder_only:  # the output starts with the prompt
                 generated = generated[:, batch["input_ids"].shape[1] :]
