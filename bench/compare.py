@@ -3,10 +3,12 @@ and our dataflow, side by side on the same data and model.
 
     python -m bench.compare                      # flan-t5-small's shape, 400 records, 1 epoch
     python -m bench.compare --quick              # a tiny model: checks the comparison runs
+    python -m bench.compare --family llama       # a decoder-only model of the same size
 
-The benchmark's model and dataset are built once (`bench.benchmark.prepare`), then the peer and
-our dataflow (`bench.benchmark`, every lever on) run back to back, each in its own process so
-that each peak memory is its own, with the same epochs and batch size. For each figure the
+The benchmark's model and dataset are built once (`bench.benchmark.prepare`), then the peer
+(`bench.peer`; with `--family`, a decoder-only model and `bench.peer_causal`) and our dataflow
+(`bench.benchmark`, every lever on) run back to back, each in its own process so that each
+peak memory is its own, with the same epochs and batch size. For each figure the
 table gives the peer's value, ours, and the ratio peer / us: above 1, we are faster (or take
 less memory).
 
@@ -15,8 +17,8 @@ less memory).
   the validation loss again and writes the report.
 - training: the Trainer's `train_runtime` on both sides (evaluation each epoch included).
 - generation: the fine-tuned model's greedy answers to the validation and hold-out questions,
-  up to the target cap: the peer's two `trainer.predict` calls (each also computes a loss), our
-  `finetuned_answers` node.
+  up to the target cap: the peer's two `trainer.predict` calls (each also computes a loss; the
+  decoder-only peer's `model.generate` in batches), our `finetuned_answers` node.
 - peak memory: each process's peak resident set.
 """
 
@@ -28,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.benchmark import REPO, bench_parser, prepare
+from bench.benchmark import DECODER_FAMILIES, REPO, bench_parser, prepare
 
 # what is compared: (label, the peer's figure, our figure, unit)
 FIGURES = (
@@ -66,6 +68,7 @@ def compare(
     batch_size: int = 8,
     max_new_tokens: int = 0,
     peer_flush_subnormals: bool = False,
+    family: str | None = None,
 ) -> dict[str, Any]:
     """Runs the peer and our dataflow back to back on the benchmark's model and data (built in
     `work` unless already there) and returns the comparison: each side's figures by the
@@ -81,8 +84,11 @@ def compare(
     :param peer_flush_subnormals: the peer flushes subnormal floats to zero on every thread
         (`bench.peer --flush-subnormals`), which the plain script does not: our loss makes
         none, and on some CPUs the script's own loss makes them slow.
+    :param family: a decoder-only model of this family (`bench.benchmark.DECODER_FAMILIES`),
+        and the decoder-only peer (`bench.peer_causal`), instead of the sequence-to-sequence
+        ones.
     """
-    data_path, model_dir = prepare(work, quick, records)
+    data_path, model_dir = prepare(work, quick, records, family)
     common = ["--epochs", str(epochs), "--batch-size", str(batch_size)]
     if max_new_tokens:
         common += ["--max-new-tokens", str(max_new_tokens)]
@@ -90,12 +96,13 @@ def compare(
     peer_out, us_out = work / "peer.json", work / "us.json"
     peer_run = work / "peer-run"
     flush = ["--flush-subnormals"] if peer_flush_subnormals else []
-    _run("bench.peer", ["--data", str(data_path), "--model", str(model_dir),
-                        "--output-dir", str(peer_run), "--out", str(peer_out),
-                        *common, *flush])  # fmt: skip
-    quick_flag = ["--quick"] if quick else []
+    peer_script = "bench.peer_causal" if family else "bench.peer"
+    _run(peer_script, ["--data", str(data_path), "--model", str(model_dir),
+                       "--output-dir", str(peer_run), "--out", str(peer_out),
+                       *common, *flush])  # fmt: skip
+    ours = (["--quick"] if quick else []) + (["--family", family] if family else [])
     _run("bench.benchmark", ["--workdir", str(work), "--records", str(records),
-                             "--out", str(us_out), *common, *quick_flag])  # fmt: skip
+                             "--out", str(us_out), *common, *ours])  # fmt: skip
     load_after = _load_average()
     peer = json.loads(peer_out.read_text(encoding="utf-8"))
     us = json.loads(us_out.read_text(encoding="utf-8"))
@@ -104,6 +111,7 @@ def compare(
         raise RuntimeError(f"The peer and our dataflow did not do the same work: {differing}")
     return {
         "model": us["model"],
+        "family": family,
         "records": records,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -194,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the peer flushes subnormal floats to zero on every thread, which the plain "
         "script does not (our loss makes none; the script's makes them, slow on some CPUs)",
     )
+    p.add_argument(
+        "--family",
+        choices=DECODER_FAMILIES,
+        help="a decoder-only model of this family, of flan-t5-small's size, and the plain "
+        "script for a decoder-only model (bench.peer_causal)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     comparison = compare(
         Path(args.workdir or tempfile.mkdtemp(prefix="finetune-compare-")),
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens or (16 if args.quick else 0),
         peer_flush_subnormals=args.peer_flush_subnormals,
+        family=args.family,
     )
     print(table(comparison))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ from transformers import (
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
+    Trainer,
     set_seed,
 )
+from transformers.trainer_utils import TrainOutput
 
 # finetune_module's defaults, so that both see the same sets and train alike
 TRAIN_SIZE = 0.95  # of the records; then VALIDATION_SIZE of the rest, the remainder held out
@@ -52,6 +55,7 @@ SPLIT_SEED = 42
 LENGTH_PERCENTILE = 95  # of the token lengths over all records: the input and target caps
 SEED = 42
 LEARNING_RATE = 1e-3
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # the adapter, on both scripts' q and v
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
@@ -69,6 +73,35 @@ def split_records(records: list[dict[str, str]]) -> dict[str, list[dict[str, str
     }
 
 
+def training_arguments(output_dir: str, epochs: float, batch_size: int) -> dict[str, Any]:
+    """The Trainer's arguments of both plain scripts: length-grouped batches, evaluation and a
+    checkpoint each epoch, the best by validation loss loaded at the end, our learning rate
+    and seed, and no logging (as the benchmark runs our dataflow)."""
+    return {
+        "output_dir": os.path.join(output_dir, "checkpoints"),
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": batch_size,
+        "learning_rate": LEARNING_RATE,
+        "seed": SEED,
+        "train_sampling_strategy": "group_by_length",
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "save_total_limit": 2,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "report_to": "none",
+    }
+
+
+def length_cap(token_lists: list[list[int]]) -> int:
+    """A length cap in tokens: the 95th percentile of the lengths, rounded up (at least 2)."""
+    return max(2, math.ceil(np.percentile([len(x) for x in token_lists], LENGTH_PERCENTILE)))
+
+
 def tokenized_sets(
     records: list[dict[str, str]],
     tokenizer: PreTrainedTokenizerBase,
@@ -78,12 +111,8 @@ def tokenized_sets(
     """The three sets as `datasets.Dataset`s of `input_ids`, `attention_mask` and `labels`
     (truncated, not padded), with the input and target caps in tokens: the 95th percentile of
     the lengths over all records, rounded up, as our dataflow derives them."""
-
-    def cap(ids: list[list[int]]) -> int:
-        return max(2, math.ceil(np.percentile([len(x) for x in ids], LENGTH_PERCENTILE)))
-
-    source_cap = cap(tokenizer([r[input_key] for r in records]).input_ids)
-    target_cap = cap(tokenizer(text_target=[r[output_key] for r in records]).input_ids)
+    source_cap = length_cap(tokenizer([r[input_key] for r in records]).input_ids)
+    target_cap = length_cap(tokenizer(text_target=[r[output_key] for r in records]).input_ids)
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         features = tokenizer(batch[input_key], max_length=source_cap, truncation=True)
@@ -136,33 +165,11 @@ def run(
 
     set_seed(SEED)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_path)
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        target_modules=["q", "v"],
-    )
+    lora = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, target_modules=["q", "v"], **LORA)
     model = get_peft_model(model, lora)
 
     args = Seq2SeqTrainingArguments(
-        output_dir=os.path.join(output_dir, "checkpoints"),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        learning_rate=LEARNING_RATE,
-        seed=SEED,
-        train_sampling_strategy="group_by_length",
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        predict_with_generate=True,
-        logging_strategy="no",  # as the benchmark runs our dataflow
-        disable_tqdm=True,
-        report_to="none",
+        **training_arguments(output_dir, epochs, batch_size), predict_with_generate=True
     )
     trainer = Seq2SeqTrainer(
         model=model,
@@ -188,6 +195,37 @@ def run(
         losses[name] = output.metrics["test_loss"]
     generation_seconds = time.perf_counter() - generation_started
 
+    return finished(
+        trainer,
+        trained,
+        records,
+        sets,
+        (source_cap, target_cap),
+        answers,
+        generated_tokens=generated_tokens,
+        generation_seconds=generation_seconds,
+        validation_loss=losses["validation"],
+        output_dir=output_dir,
+        started=started,
+    )
+
+
+def finished(
+    trainer: Trainer,
+    trained: TrainOutput,
+    records: list[dict[str, str]],
+    sets: dict[str, Dataset],
+    caps: tuple[int, int],
+    answers: dict[str, list[str]],
+    *,
+    generated_tokens: int,
+    generation_seconds: float,
+    validation_loss: float,
+    output_dir: str,
+    started: float,
+) -> dict[str, Any]:
+    """The end of a peer script: the answers scored against the references, the adapter
+    saved, and the script's figures (its phases' times from `started`, peak memory, scores)."""
     references = {name: [r["reply"] for r in rows] for name, rows in split_records(records).items()}
     scores = {name: rouge(answers[name], references[name]) for name in answers}
     trainer.save_model(os.path.join(output_dir, "adapter"))
@@ -198,13 +236,13 @@ def run(
         "train_examples": len(sets["train"]),
         "validation_examples": len(sets["validation"]),
         "hold_out_examples": len(sets["hold_out"]),
-        "source_length_cap": source_cap,
-        "target_length_cap": target_cap,
+        "source_length_cap": caps[0],
+        "target_length_cap": caps[1],
         "epochs": trained.metrics["epoch"],
         "steps": trained.global_step,
         "train_seconds": trained.metrics["train_runtime"],
         "best_eval_loss": trainer.state.best_metric,
-        "validation_loss": losses["validation"],
+        "validation_loss": validation_loss,
         "generated_answers": sum(map(len, answers.values())),
         "generated_tokens": generated_tokens,
         "generation_seconds": generation_seconds,
@@ -227,11 +265,17 @@ def flush_subnormals() -> bool:
     return torch.set_flush_denormal(True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of the peer."""
-    p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
+def main(
+    argv: list[str] | None = None,
+    script: Callable[..., dict[str, Any]] = run,
+    prog: str = "python -m bench.peer",
+    description: str = __doc__.split("\n\n")[0],
+) -> int:
+    """Command line of a peer script (this one, or `bench.peer_causal`'s with its `run` as
+    `script`): runs it on the data and model and writes its figures as JSON."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--data", required=True, help="JSON list of {question, reply} records")
-    p.add_argument("--model", required=True, help="sequence-to-sequence model directory")
+    p.add_argument("--model", required=True, help="model directory (weights and tokenizer)")
     p.add_argument("--epochs", type=float, default=1.0, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, help="longest answer (default: the target cap)")
@@ -246,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.flush_subnormals and not flush_subnormals():
         raise SystemExit("This CPU cannot flush subnormal floats to zero.")
-    figures = run(
+    figures = script(
         args.data,
         args.model,
         args.output_dir or tempfile.mkdtemp(prefix="finetune-peer-"),

@@ -4,7 +4,9 @@ peer (the plain Hugging Face script) works on our sets and runs beside it."""
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from transformers import (
 from bench.benchmark import DECODER_FAMILIES, forward_flops, step_bands
 from bench.data import TOKENIZER_VOCABULARY, build_dataset, training_texts
 from bench.peer import tokenized_sets
+from bench.peer_causal import tokenized_sets as causal_tokenized_sets
 from bench.step_profile import MATMULS
 from finetune_module import MODULES
 from finetune_module.engine.metrics import ROUGE_KEYS
@@ -115,18 +118,24 @@ def test_a_step_in_parts_is_banded_by_its_longest_part_and_counts_every_parts_wo
     assert bands["1-128"]["padded_gflops"] == pytest.approx(work / 1.5 / 1e9)
 
 
+def _dataflow_sets(data: Path, model_dir: Path, config: dict[str, str]) -> dict[str, Any]:
+    """The dataflow's tokenized sets and length caps for the data and model (`config`: the
+    driver's, besides starting from the base model)."""
+    dr = driver.Builder().with_config({"start": "base", **config}).with_modules(*MODULES).build()
+    names = ["tokenized_train", "tokenized_validation", "tokenized_hold_out",
+             "source_length_cap", "target_length_cap"]  # fmt: skip
+    return dr.execute(
+        names,
+        inputs={"data_path": str(data), "model_id": str(model_dir),
+                "input_text_key": "question", "output_text_key": "reply"},
+    )  # fmt: skip
+
+
 def test_peer_trains_and_answers_on_the_dataflows_sets(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     data = build_dataset(EXAMPLE_DATA, tmp_path / "bench.json", records=60)
-    dr = driver.Builder().with_config({"start": "base"}).with_modules(*MODULES).build()
-    names = ["tokenized_train", "tokenized_validation", "tokenized_hold_out",
-             "source_length_cap", "target_length_cap"]  # fmt: skip
-    ours = dr.execute(
-        names,
-        inputs={"data_path": str(data), "model_id": str(tiny_model_dir),
-                "input_text_key": "question", "output_text_key": "reply"},
-    )  # fmt: skip
+    ours = _dataflow_sets(data, tiny_model_dir, {})
     records = json.loads(data.read_text())
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sets, source_cap, target_cap = tokenized_sets(records, tokenizer)
@@ -138,6 +147,43 @@ def test_peer_trains_and_answers_on_the_dataflows_sets(
     longest_question = max(map(len, tokenizer([r["question"] for r in records]).input_ids))
     longest_reply = max(map(len, tokenizer(text_target=[r["reply"] for r in records]).input_ids))
     assert source_cap < longest_question and target_cap < longest_reply
+
+
+def test_decoder_only_peer_trains_on_the_dataflows_examples(
+    tmp_path: Path, family_model: Callable[[str], Path]
+) -> None:
+    """`bench.peer_causal`'s examples are the prompt and the reply (with its end token)
+    joined, labelled on the reply: the dataflow's examples as its collator joins them, cut
+    alike (a long question keeps its first token and its end, a long reply its end token)."""
+    model_dir = family_model("llama")
+    data = build_dataset(EXAMPLE_DATA, tmp_path / "bench.json", records=60)
+    ours = _dataflow_sets(data, model_dir, {"model_type": "causal"})
+    records = json.loads(data.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sets, source_cap, target_cap = causal_tokenized_sets(records, tokenizer)
+    assert (source_cap, target_cap) == (ours["source_length_cap"], ours["target_length_cap"])
+    for name in ("train", "validation", "hold_out"):
+        expected = [
+            {
+                "input_ids": [*x["input_ids"], *x["labels"]],
+                "labels": [-100] * len(x["input_ids"]) + list(x["labels"]),
+            }
+            for x in ours[f"tokenized_{name}"]
+        ]
+        peer = [{"input_ids": x["input_ids"], "labels": x["labels"]} for x in sets[name]]
+        assert peer == expected, name
+        assert all(x["attention_mask"] == [1] * len(x["input_ids"]) for x in sets[name])
+    # both caps cut some texts, the question in its middle and the reply before its end token
+    questions = [x for x in ours["tokenized_train"] if len(x["input_ids"]) == source_cap]
+    replies = [x for x in ours["tokenized_train"] if len(x["labels"]) == target_cap]
+    longest_question = max(map(len, tokenizer([r["question"] for r in records]).input_ids))
+    longest_reply = max(
+        map(len, tokenizer([r["reply"] for r in records], add_special_tokens=False).input_ids)
+    )
+    assert source_cap < longest_question and target_cap <= longest_reply
+    assert questions and replies
+    assert {x["input_ids"][0] for x in questions} == {tokenizer.bos_token_id}
+    assert {x["labels"][-1] for x in replies} == {tokenizer.eos_token_id}
 
 
 @pytest.mark.parametrize(
@@ -167,15 +213,21 @@ def test_peer_can_flush_subnormal_floats_on_every_thread(flushed: bool) -> None:
 
 
 @pytest.mark.slow
-def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", [None, "llama"])
+def test_quick_comparison_runs_both_and_writes_every_figure(
+    tmp_path: Path, family: str | None
+) -> None:
     out = tmp_path / "comparison.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--quick",
-         "--workdir", str(tmp_path / "work"), "--out", str(out)],
+         "--workdir", str(tmp_path / "work"), "--out", str(out),
+         *(["--family", family] if family else [])],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     comparison = json.loads(out.read_text())
+    assert comparison["family"] == family
+    assert comparison["model"] == ("llama, tiny" if family else "tiny")
     figures = {"whole_seconds", "train_seconds", "generation_seconds", "peak_rss_gb"}
     for side in ("peer", "us", "peer_over_us"):
         assert set(comparison[side]) == figures
@@ -194,7 +246,11 @@ def test_quick_comparison_runs_both_and_writes_every_figure(tmp_path: Path) -> N
             assert set(comparison["rouge"][side][name]) == set(ROUGE_KEYS)
     assert comparison["generated_tokens"]["us"] > 0 and comparison["our_base_answers_seconds"] > 0
     assert comparison["validation_loss"]["peer"] > 0 and comparison["validation_loss"]["us"] > 0
-    assert (tmp_path / "work" / "peer-run" / "adapter" / "adapter_config.json").is_file()
+    adapter = json.loads(
+        (tmp_path / "work" / "peer-run" / "adapter" / "adapter_config.json").read_text()
+    )
+    # the peer trained the same kind of model: the decoder-only script for a family
+    assert adapter["task_type"] == ("CAUSAL_LM" if family else "SEQ_2_SEQ_LM")
     assert "peer / us" in done.stdout and "whole job" in done.stdout
 
 
