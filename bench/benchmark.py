@@ -103,6 +103,8 @@ ABLATIONS = {
     "no-memory-budget": "no activation-memory budget (activation_memory_gb None)",
     "padded": "T5 trains on padded batches, not on their real tokens laid end to end",
     "one-worker": "each training step on the calling thread alone, torch on every core",
+    "padding-mask": "a decoder-only model reads its batches with their padding mask, not the "
+    "causal mask alone",
 }
 # the pieces of the CPU speed layer the ablations above switch off (input `cpu_speedups`)
 _SPEEDUPS_OFF = {
@@ -113,6 +115,7 @@ _SPEEDUPS_OFF = {
     "stock-loss": ("logit_free_loss",),
     "padded": ("unpadded",),
     "one-worker": ("worker_threads",),
+    "padding-mask": ("causal_mask",),
 }
 
 
@@ -687,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.family and args.ablate in ("fixed-padding", "padded"):
         p.error(f"--ablate {args.ablate} concerns the sequence-to-sequence model only")
+    if not args.family and args.ablate == "padding-mask":
+        p.error("--ablate padding-mask concerns a decoder-only model (--family) only")
     args.records = args.records or (60 if args.quick else 400)
     args.epochs = args.epochs or (1 if args.quick else 2)
     if args.nproc > 1:

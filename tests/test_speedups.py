@@ -20,6 +20,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 from transformers.activations import NewGELUActivation
 
@@ -243,6 +245,54 @@ def test_models_attend_as_with_sdpa(arch: str, tmp_path: Path) -> None:
     assert len(grads) == len(cheap_grads) > 0
     for grad, cheap_grad in zip(grads, cheap_grads, strict=True):
         torch.testing.assert_close(cheap_grad, grad)
+
+
+def test_the_causal_mask_alone_reads_only_right_padded_batches_from_their_start(
+    family_model: Callable[[str], Path],
+) -> None:
+    """`causal_mask_only` leaves out the padding mask of a right-padded batch read from its
+    start, where the real tokens' outputs stay the same; a left-padded batch, a step over a
+    cache of earlier keys and a sequence-to-sequence model keep their masks."""
+    model = AutoModelForCausalLM.from_pretrained(family_model("llama")).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 8))
+    right = torch.ones_like(ids)
+    right[0, 5:], right[2, 7:] = 0, 0
+    left = right.flip(1)
+    with torch.no_grad():
+        stock = model(input_ids=ids, attention_mask=right).logits
+        stock_left = model(input_ids=ids, attention_mask=left).logits
+    speedups.causal_mask_only(model)
+    speedups.causal_mask_only(model)  # hooked once only
+    stack = speedups.layer_stack(model)
+    assert stack is model.model
+    masks: list[torch.Tensor | None] = []  # what the stack's layers get, after our hook
+    stack.register_forward_pre_hook(
+        lambda _, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=right).logits
+        assert masks[-1] is None
+        real = right.bool()
+        torch.testing.assert_close(ours[real], stock[real], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(ours[~real], stock[~real])  # the padding's outputs differ
+        ours_left = model(input_ids=ids, attention_mask=left).logits
+        assert masks[-1] is left
+        torch.testing.assert_close(ours_left, stock_left, rtol=0, atol=0)
+        step = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        model(
+            input_ids=ids[:, :1],
+            attention_mask=torch.ones(3, 9, dtype=torch.long),
+            past_key_values=step.past_key_values,
+        )
+        assert masks[-1] is not None and masks[-1].shape == (3, 9)
+    assert len(stack._forward_pre_hooks) == 2  # ours and this test's
+    t5 = T5ForConditionalGeneration(
+        T5Config(d_model=8, d_kv=4, num_heads=2, d_ff=16, num_layers=1, vocab_size=10)
+    )
+    hooks = sum(len(m._forward_pre_hooks) for m in t5.modules())
+    speedups.causal_mask_only(t5)
+    assert sum(len(m._forward_pre_hooks) for m in t5.modules()) == hooks
 
 
 @pytest.mark.parametrize("scale", [3.0, 100.0])  # 100: logits hundreds apart (exp underflows)
@@ -536,6 +586,20 @@ def _switch_on(
             return bool(layouts)
 
         return laid
+    if piece == "causal_mask":
+        speedups.apply_to_model(model, (piece,), training=True)
+        stack = speedups.layer_stack(model)  # what runs its layers, after our hook
+        unmasked: list[bool] = []
+        seen = stack.register_forward_pre_hook(
+            lambda _, args, kwargs: unmasked.append(kwargs.get("attention_mask") is None),
+            with_kwargs=True,
+        )
+
+        def dropped() -> bool:
+            seen.remove()
+            return bool(unmasked) and all(unmasked)
+
+        return dropped
     if piece == "worker_threads":
         trainer.activation_budget = ActivationBudget(model, 1.0)
         trainer.worker_threads = 2

@@ -8,6 +8,9 @@ The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
 - `cheap_dropout`: dropout with 16 random bits and a one-byte mask per value (`FastDropout`);
 - `attention_dropout`: the same cheaper dropout on the attention weights, keeping 5 bytes per
   score instead of SDPA's ~12 (`attention`);
+- `causal_mask`: a decoder-only model reads a right-padded batch with the causal mask alone,
+  which already hides the padding after each text from its real tokens; SDPA's causal kernel
+  then skips the scores above the diagonal (`causal_mask_only`);
 - `logit_free_loss`: a training loss that never holds the logits, and computes them only for
   the tokens in the loss (`linear_cross_entropy`);
 - `unpadded`: T5 trains on each batch's real tokens, laid end to end, with attention per text
@@ -45,9 +48,10 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from finetune_module.engine import packing, unpadded
-from finetune_module.engine.tokens import IGNORE_INDEX
+from finetune_module.engine.tokens import IGNORE_INDEX, prefix_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ SPEEDUPS = (
     "fused_gelu",
     "cheap_dropout",
     "attention_dropout",
+    "causal_mask",
     "logit_free_loss",
     "unpadded",
     "activation_budget",
@@ -65,24 +70,26 @@ SPEEDUPS = (
 #: The model families (config.model_type) each piece is proven equal to the stock path for
 #: (tests/test_speedups.py), where it changes something: the fused GELU where the family has
 #: the five-operation GELU, the logit-free loss where the family computes its loss from its
-#: output layer's logits, training on unpadded tokens for T5's attention. The allocator
-#: concerns the process, not the model.
+#: output layer's logits, training on unpadded tokens for T5's attention, the causal mask alone
+#: for a decoder-only model's attention. The allocator concerns the process, not the model.
 _WITHOUT_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "activation_budget",
                  "worker_threads")  # fmt: skip
 _WITH_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "logit_free_loss",
               "activation_budget", "worker_threads")  # fmt: skip
+_T5 = tuple(name for name in SPEEDUPS if name != "causal_mask")
+_DECODER_ONLY = tuple(name for name in SPEEDUPS if name not in ("fused_gelu", "unpadded"))
 PROVEN: dict[str, tuple[str, ...]] = {
-    "t5": SPEEDUPS,
-    "mt5": SPEEDUPS,
+    "t5": _T5,
+    "mt5": _T5,
     "bart": _WITH_LOSS,
     "mbart": _WITH_LOSS,
     "marian": _WITH_LOSS,
     "pegasus": _WITH_LOSS,
     "m2m_100": _WITHOUT_LOSS,  # builds its decoder's inputs inside its forward pass only
-    "gpt2": ("allocator", "fused_gelu", *_WITH_LOSS[1:]),
+    "gpt2": tuple(name for name in SPEEDUPS if name != "unpadded"),
     **dict.fromkeys(
         ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gpt_neox", "opt"),
-        _WITH_LOSS,
+        _DECODER_ONLY,
     ),
 }
 #: The transformers release (major.minor) the pieces were proven on; they reach into its
@@ -388,6 +395,59 @@ def attention(
 CHEAP_DROPOUT_ATTENTION = "sdpa_cheap_cpu_dropout"
 
 
+# set on a decoder-only model's stack of layers once `causal_mask_only` hooked it
+_CAUSAL_MASK_HOOKED = "_finetune_causal_mask_only"
+
+
+def _without_padding_mask(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A decoder-only stack's forward pre-hook: its call with the attention mask left out
+    where the batch is read from its start (no cache of earlier keys) and padded on the right
+    only (every row's ones, then its zeros). There every real token is followed by nothing but
+    padding, which the causal mask already hides from it, so the padding mask changes none of
+    the real tokens' outputs, and without it SDPA runs its causal kernel, which skips the
+    scores above the diagonal instead of computing and masking them. The padding's own outputs
+    differ, and nothing reads them (their labels are out of the loss). Any other call (left
+    padding, a cache, a mask that is already 4-d) is left as it is."""
+    mask = kwargs.get("attention_mask")
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dim() != 2
+        or kwargs.get("past_key_values") is not None
+        or prefix_lengths(mask) is None
+    ):
+        return None
+    return args, {**kwargs, "attention_mask": None}
+
+
+def layer_stack(model: nn.Module) -> nn.Module | None:
+    """The module that runs the model's transformer layers (the first to hold a list of them):
+    what a decoder-only model's head calls with the batch (Llama's `model`, OPT's
+    `model.decoder`, GPT-2's `transformer`); None for a model without such layers."""
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, nn.ModuleList) and any(
+                isinstance(layer, GradientCheckpointingLayer) for layer in child
+            ):
+                return module
+    return None
+
+
+def causal_mask_only(model: nn.Module) -> nn.Module:
+    """Has a decoder-only model (or a LoRA model of one) read right-padded batches with the
+    causal mask alone (`_without_padding_mask`, on its `layer_stack`); a sequence-to-sequence
+    model is left as it is. Returns the model."""
+    outer = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    stack = layer_stack(model)
+    if outer is None or outer.config.is_encoder_decoder or stack is None:
+        return model
+    if not getattr(stack, _CAUSAL_MASK_HOOKED, False):
+        stack.register_forward_pre_hook(_without_padding_mask, with_kwargs=True)
+        setattr(stack, _CAUSAL_MASK_HOOKED, True)
+    return model
+
+
 @functools.cache
 def _register_attention() -> str:
     """Registers `attention` with transformers (once), under `CHEAP_DROPOUT_ATTENTION`, with
@@ -633,13 +693,15 @@ def applicable(requested: tuple[str, ...], config: PretrainedConfig) -> tuple[st
 def apply_to_model(model: nn.Module, pieces: tuple[str, ...], training: bool) -> nn.Module:
     """The model with the pieces among `pieces` that change its modules applied: the fused
     GELU, and for a model that trains the cheaper dropout and attention dropout (in eval mode
-    there is no dropout) and the attention that lets it train on unpadded tokens; returns the
+    there is no dropout), a decoder-only model's causal mask alone (for its training and
+    validation batches) and the attention that lets T5 train on unpadded tokens; returns the
     model."""
     changes = [("fused_gelu", fuse_gelu)]
     if training:
         changes += [
             ("cheap_dropout", cheaper_dropout),
             ("attention_dropout", cheaper_attention_dropout),
+            ("causal_mask", causal_mask_only),
             ("unpadded", lambda model: unpadded.install(model) and model),
         ]
     for name, change in changes:
