@@ -41,13 +41,12 @@ FLOAT_BYTES = 4
 # torch's saved-tensor hooks: within 1% for batches of 8 x (60 + 109) to 8 x (520 + 109) tokens.
 TOKEN_FLOATS = (9, 4)  # x hidden size, x feed-forward size
 SCORE_BYTES = 5
-# A decoder-only model's SDPA attention without dropout keeps no score at all on a CPU: torch's
-# flash kernel keeps a row's log-sum-exp and recomputes the scores in the backward pass.
-# Measured on a Llama of flan-t5-small's width (8 layers of 512, LoRA on q and v) with the
-# saved-tensor hooks: 240-250 KB a token for rows of 100 to 650 tokens, padded or not, and
-# nothing that grows with the square of the length (the formula with scores gave 1.3-2x that).
-_FLASH_ATTENTION = ("sdpa", "sdpa_cheap_cpu_dropout")  # SDPA, and the speed layer's SDPA
-_ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+# A decoder-only model's SDPA attention without dropout keeps no score on a CPU (torch's flash
+# kernel recomputes them in the backward pass): on a Llama of flan-t5-small's width a part kept
+# 240-250 KB a token, 1.3-2x less than estimated here. Counting no scores for it was measured
+# and not kept: 4.1% less training time in one process, but the benchmark's Llama then peaked
+# at 2.44-2.60 GB instead of 1.99 GB (the flash kernel's backward temporaries grow with the
+# parts), past the 2.5 GB the benchmark stays under; so its scores count as T5's do.
 AUTO_BUDGET_WEIGHTS = 3.6  # "auto": activations up to this many times the weights' own bytes
 # ... and at least this many GB: less is not what limits any machine that trains, and a small
 # model's batches would go one row at a time (a tiny test model's budget would be 0.6 MB)
@@ -64,19 +63,6 @@ def _sizes(config: Any) -> tuple[int, int, int]:
     ff = getattr(config, "d_ff", None) or getattr(config, "intermediate_size", None) or 4 * hidden
     heads = getattr(config, "num_heads", None) or getattr(config, "num_attention_heads", 1)
     return int(hidden), int(ff), int(heads)
-
-
-def _score_bytes(config: Any) -> int:
-    """The bytes an attention layer keeps per score for the backward pass: none for a
-    decoder-only model whose attention is SDPA without dropout (torch's flash kernel keeps no
-    score), else `SCORE_BYTES`."""
-    dropout = max(float(getattr(config, k, 0.0) or 0.0) for k in _ATTENTION_DROPOUT_KEYS)
-    flash = (
-        not config.is_encoder_decoder
-        and getattr(config, "_attn_implementation", None) in _FLASH_ATTENTION
-        and dropout == 0.0
-    )
-    return 0 if flash else SCORE_BYTES
 
 
 def _layer_stacks(model: torch.nn.Module) -> list[tuple[str, GradientCheckpointingLayer]]:
@@ -98,7 +84,6 @@ class ActivationBudget:
         if not isinstance(base, PreTrainedModel) or not base.supports_gradient_checkpointing:
             raise ValueError(f"{type(base).__name__} does not support gradient checkpointing.")
         self.config = base.config
-        self.score_bytes = _score_bytes(base.config)
         for module in base.modules():  # this model only trains: no cache of past keys
             if isinstance(getattr(module, "config", None), PretrainedConfig):
                 module.config.use_cache = False
@@ -130,7 +115,7 @@ class ActivationBudget:
                 tokens, scores = target, target * target + target * source
             else:  # decoder-only: prompt and answer are one sequence
                 tokens, scores = source + target, (source + target) ** 2
-            kept = batch * (tokens * per_token + heads * scores * self.score_bytes)
+            kept = batch * (tokens * per_token + heads * scores * SCORE_BYTES)
             out.append((kept, batch * tokens * hidden * FLOAT_BYTES))
         return out
 
