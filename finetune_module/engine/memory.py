@@ -45,8 +45,9 @@ SCORE_BYTES = 5
 # kernel recomputes them in the backward pass): on a Llama of flan-t5-small's width a part kept
 # 240-250 KB a token, 1.3-2x less than estimated here. Counting no scores for it was measured
 # and not kept: 4.1% less training time in one process, but the benchmark's Llama then peaked
-# at 2.44-2.60 GB instead of 1.99 GB (the flash kernel's backward temporaries grow with the
-# parts), past the 2.5 GB the benchmark stays under; so its scores count as T5's do.
+# at 2.44-2.60 GB instead of 1.99 GB (larger parts, and what their backward passes allocate
+# besides what they keep), past the 2.5 GB the benchmark stays under; so its scores count as
+# T5's do.
 AUTO_BUDGET_WEIGHTS = 3.6  # "auto": activations up to this many times the weights' own bytes
 # ... and at least this many GB: less is not what limits any machine that trains, and a small
 # model's batches would go one row at a time (a tiny test model's budget would be 0.6 MB)
