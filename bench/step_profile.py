@@ -16,11 +16,20 @@ The machine's matmul peak is measured in the same run, as the benchmark measures
 follow the bounds that matter for the speed goals: the step's time if everything but its
 matmuls took no time at all, and if its matmuls also ran at the peak. Figures go to JSON
 (`--out`).
+
+The page faults and the system time of the timed steps and of the profiled ones are given too:
+the profiler's own records, allocated between the step's tensors, can keep the allocator from
+reusing the large blocks the step frees, so that each large tensor of the profiled steps is
+taken from fresh pages. On a machine where a page fault is costly that time lands in the
+operation that first writes the tensor (a `bmm` of the longest texts' attention scores ran at
+8 GFLOP/s profiled, 60 GFLOP/s timed alone), and the profile overstates it: compare the two
+rows before trusting an operation's share.
 """
 
 import argparse
 import collections
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -52,24 +61,37 @@ class _StepWindow(TrainerCallback):
         self.profiled_seconds = 0.0
         self.profiler: profile | None = None
         self._profiled_from = 0.0
+        # (page faults, system seconds) of the timed steps and of the profiled steps
+        self.timed_usage = self.profiled_usage = (0, 0.0)
+        self._usage_from: resource.struct_rusage | None = None
+
+    def _usage_since(self) -> tuple[int, float]:
+        """The process's minor page faults and system seconds since `_usage_from`."""
+        now, then = resource.getrusage(resource.RUSAGE_SELF), self._usage_from
+        assert then is not None
+        return now.ru_minflt - then.ru_minflt, now.ru_stime - then.ru_stime
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Starts the clock, then the profiler, at their first step."""
         if state.global_step == self.warmup:
+            self._usage_from = resource.getrusage(resource.RUSAGE_SELF)
             self.timed_from = time.perf_counter()
         elif state.global_step == self.warmup + self.steps:
             self.profiler = profile(
                 activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True
             )
             self.profiler.__enter__()
+            self._usage_from = resource.getrusage(resource.RUSAGE_SELF)
             self._profiled_from = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Stops the clock, then the profiler, after their last step."""
         if state.global_step == self.warmup + self.steps and self.timed_from is not None:
             self.timed_seconds = time.perf_counter() - self.timed_from
+            self.timed_usage = self._usage_since()
         elif state.global_step == self.warmup + 2 * self.steps and self.profiler is not None:
             self.profiled_seconds = time.perf_counter() - self._profiled_from
+            self.profiled_usage = self._usage_since()
             self.profiler.__exit__(None, None, None)
 
 
@@ -141,6 +163,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "step_seconds": step,
             "profiled_step_seconds": window.profiled_seconds / args.steps,
+            # the whole process's, per step: page faults, and the system time they mostly are
+            "page_faults_per_step": window.timed_usage[0] / args.steps,
+            "system_seconds_per_step": window.timed_usage[1] / args.steps,
+            "profiled_page_faults_per_step": window.profiled_usage[0] / args.steps,
+            "profiled_system_seconds_per_step": window.profiled_usage[1] / args.steps,
             "matmul_peak_gflops": peak,
             "matmul_time_share": matmul_share,
             # the step with nothing but its matmuls, at the speed they ran, and at the peak
@@ -157,6 +184,16 @@ def _table(f: dict[str, Any]) -> str:
         ("threads", str(f["threads"])),
         ("step (unprofiled)", f"{f['step_seconds']:.3f} s"),
         ("step (profiled)", f"{f['profiled_step_seconds']:.3f} s"),
+        (
+            "page faults a step",
+            f"{f['page_faults_per_step']:,.0f} "
+            f"(profiled: {f['profiled_page_faults_per_step']:,.0f})",
+        ),
+        (
+            "system time a step",
+            f"{f['system_seconds_per_step']:.3f} s "
+            f"(profiled: {f['profiled_system_seconds_per_step']:.3f} s)",
+        ),
         ("matmul share of CPU time", f"{100 * f['matmul_time_share']:.0f}%"),
         (
             "matmuls",

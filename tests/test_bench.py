@@ -2,6 +2,7 @@
 peer (the plain Hugging Face script) works on our sets and runs beside it."""
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -303,3 +304,9 @@ def test_quick_step_profile_splits_a_steps_time_and_writes_its_figures(tmp_path:
     assert {row["op"].split()[0] for row in figures["matmul_shapes"]} <= MATMULS
     assert not MATMULS & set(figures["other_ops"])
     assert "matmul share of CPU time" in done.stdout
+    # the page faults and system time of the timed and the profiled steps, each within the
+    # CPU time the process could have spent in them
+    for prefix, step in (("", "step_seconds"), ("profiled_", "profiled_step_seconds")):
+        assert figures[f"{prefix}page_faults_per_step"] >= 0
+        assert 0 <= figures[f"{prefix}system_seconds_per_step"] <= figures[step] * os.cpu_count()
+    assert "page faults a step" in done.stdout
