@@ -4,6 +4,7 @@ and our dataflow, side by side on the same data and model.
     python -m bench.compare                      # flan-t5-small's shape, 400 records, 1 epoch
     python -m bench.compare --quick              # a tiny model: checks the comparison runs
     python -m bench.compare --family llama       # a decoder-only model of the same size
+    python -m bench.compare --rounds 3           # three rounds: each side's median, each ratio
 
 The benchmark's model and dataset are built once (`bench.benchmark.prepare`), then the peer
 (`bench.peer`; with `--family`, a decoder-only model and `bench.peer_causal`) and our dataflow
@@ -20,10 +21,17 @@ less memory).
   up to the target cap: the peer's two `trainer.predict` calls (each also computes a loss; the
   decoder-only peer's `model.generate` in batches), our `finetuned_answers` node.
 - peak memory: each process's peak resident set.
+
+On a shared machine either side's time varies by several percent from one run to the next,
+and not with the other's, so one run's ratio can be off by as much. `--rounds N` runs both
+sides N times, alternating which goes first (the peer in the first round, ours in the second,
+...), and gives each figure's median over the rounds on each side, the median of the rounds'
+ratios, and every round's figures (`rounds`).
 """
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +77,7 @@ def compare(
     max_new_tokens: int = 0,
     peer_flush_subnormals: bool = False,
     family: str | None = None,
+    us_first: bool = False,
 ) -> dict[str, Any]:
     """Runs the peer and our dataflow back to back on the benchmark's model and data (built in
     `work` unless already there) and returns the comparison: each side's figures by the
@@ -87,6 +96,7 @@ def compare(
     :param family: a decoder-only model of this family (`bench.benchmark.DECODER_FAMILIES`),
         and the decoder-only peer (`bench.peer_causal`), instead of the sequence-to-sequence
         ones.
+    :param us_first: our dataflow runs first, then the peer.
     """
     data_path, model_dir = prepare(work, quick, records, family)
     common = ["--epochs", str(epochs), "--batch-size", str(batch_size)]
@@ -97,12 +107,15 @@ def compare(
     peer_run = work / "peer-run"
     flush = ["--flush-subnormals"] if peer_flush_subnormals else []
     peer_script = "bench.peer_causal" if family else "bench.peer"
-    _run(peer_script, ["--data", str(data_path), "--model", str(model_dir),
-                       "--output-dir", str(peer_run), "--out", str(peer_out),
-                       *common, *flush])  # fmt: skip
     ours = (["--quick"] if quick else []) + (["--family", family] if family else [])
-    _run("bench.benchmark", ["--workdir", str(work), "--records", str(records),
-                             "--out", str(us_out), *common, *ours])  # fmt: skip
+    sides = [
+        (peer_script, ["--data", str(data_path), "--model", str(model_dir),
+                       "--output-dir", str(peer_run), "--out", str(peer_out), *common, *flush]),
+        ("bench.benchmark", ["--workdir", str(work), "--records", str(records),
+                             "--out", str(us_out), *common, *ours]),
+    ]  # fmt: skip
+    for module, arguments in reversed(sides) if us_first else sides:
+        _run(module, arguments)
     load_after = _load_average()
     peer = json.loads(peer_out.read_text(encoding="utf-8"))
     us = json.loads(us_out.read_text(encoding="utf-8"))
@@ -130,8 +143,39 @@ def compare(
             "us": {"validation": us["rouge"], "hold_out": us["hold_out_rouge"]},
         },
         "load_average": {"before": load_before, "after": load_after, "cores": os.cpu_count()},
+        "us_first": us_first,
         "peer_figures": peer,
         "us_figures": us,
+    }
+
+
+def compare_rounds(work: Path, rounds: int, **settings: Any) -> dict[str, Any]:
+    """`compare` run `rounds` times, our dataflow first in every second round; one round's
+    comparison as it is, several summed up by `medians`."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
+    runs = [compare(work, **settings, us_first=index % 2 == 1) for index in range(rounds)]
+    return runs[0] if rounds == 1 else medians(runs)
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several rounds' comparisons as one: each side's median of each figure (`peer`, `us`),
+    the median of the rounds' ratios (`peer_over_us`, not the ratio of the medians: a round's
+    ratio is of two runs made minutes apart), the load before the first round and after the
+    last, and each round's figures, ratios, load and order (`rounds`); the rest (the model,
+    the scores, each side's full figures) is the last round's."""
+    last = runs[-1]
+    by_side = {
+        side: {name: statistics.median(run[side][name] for run in runs) for name in last[side]}
+        for side in ("peer", "us", "peer_over_us")
+    }
+    load = {**last["load_average"], "before": runs[0]["load_average"]["before"]}
+    kept = ("peer", "us", "peer_over_us", "load_average", "us_first")
+    return {
+        **last,
+        **by_side,
+        "load_average": load,
+        "rounds": [{key: run[key] for key in kept} for run in runs],
     }
 
 
@@ -160,6 +204,13 @@ def table(c: dict[str, Any]) -> str:
         )
         for row in rows
     ]
+    rounds = c.get("rounds", [])
+    if rounds:
+        lines += ["", f"medians of {len(rounds)} rounds; each round's peer / us, in order:"]
+        lines += [
+            f"  {label}: " + ", ".join(f"{run['peer_over_us'][p]:.2f}x" for run in rounds)
+            for label, p, _, _ in FIGURES
+        ]
     rouge, load = c["rouge"], c["load_average"]
     answers = c["us_figures"]["finetuned_generated_answers"]
     lines += [
@@ -208,9 +259,19 @@ def main(argv: list[str] | None = None) -> int:
         help="a decoder-only model of this family, of flan-t5-small's size, and the plain "
         "script for a decoder-only model (bench.peer_causal)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run both sides this many times, alternating which goes first, and give the "
+        "medians (default: %(default)s)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    comparison = compare(
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    comparison = compare_rounds(
         Path(args.workdir or tempfile.mkdtemp(prefix="finetune-compare-")),
+        args.rounds,
         quick=args.quick,
         records=args.records or (24 if args.quick else 400),
         epochs=args.epochs,

@@ -22,6 +22,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from bench import compare
 from bench.benchmark import DECODER_FAMILIES, forward_flops, step_bands
 from bench.data import TOKENIZER_VOCABULARY, build_dataset, training_texts
 from bench.peer import tokenized_sets
@@ -253,6 +254,62 @@ def test_quick_comparison_runs_both_and_writes_every_figure(
     # the peer trained the same kind of model: the decoder-only script for a family
     assert adapter["task_type"] == ("CAUSAL_LM" if family else "SEQ_2_SEQ_LM")
     assert "peer / us" in done.stdout and "whole job" in done.stdout
+
+
+def _fake_sides(monkeypatch: pytest.MonkeyPatch, whole: dict[str, list[float]]) -> list[str]:
+    """`bench.compare` with its two sides replaced: each run of a side writes the figures a
+    real one would, its whole job's seconds the next of `whole[side]`; returns the sides in
+    the order they ran."""
+    ran: list[str] = []
+    rouge = {key: 0.5 for key in ROUGE_KEYS}
+    shared = {"train_examples": 22, "steps": 3, "source_length_cap": 40, "target_length_cap": 9}
+
+    def run(module: str, arguments: list[str]) -> None:
+        side = "us" if module == "bench.benchmark" else "peer"
+        seconds = whole[side][sum(s == side for s in ran)]
+        ran.append(side)
+        if side == "peer":
+            figures = {**shared, "whole_seconds": seconds, "train_seconds": seconds - 5,
+                       "generation_seconds": 4.0, "peak_rss_gb": 5.0, "generated_answers": 2,
+                       "flush_subnormals": False, "generated_tokens": 18, "best_eval_loss": 3.0,
+                       "rouge": {"validation": rouge, "hold_out": rouge}}  # fmt: skip
+        else:
+            figures = {**shared, "dag_seconds": seconds, "train_seconds": seconds - 5,
+                       "finetuned_answers_seconds": 1.0, "peak_rss_gb": 2.0,
+                       "finetuned_generated_answers": 2, "model": "tiny",
+                       "finetuned_generated_tokens": 18, "base_answers_seconds": 1.0,
+                       "eval_loss": 3.0, "rouge": rouge, "hold_out_rouge": rouge}  # fmt: skip
+        out = Path(arguments[arguments.index("--out") + 1])
+        out.write_text(json.dumps(figures), encoding="utf-8")
+
+    monkeypatch.setattr(compare, "prepare", lambda work, *args: (work / "d", work / "m"))
+    monkeypatch.setattr(compare, "_run", run)
+    return ran
+
+
+def test_comparison_rounds_alternate_the_sides_and_give_the_median_of_their_ratios(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = _fake_sides(monkeypatch, {"peer": [200.0, 180.0, 230.0], "us": [90.0, 100.0, 120.0]})
+    summary = compare.compare_rounds(tmp_path, 3)
+    assert ran == ["peer", "us", "us", "peer", "peer", "us"]
+    assert [r["us_first"] for r in summary["rounds"]] == [False, True, False]
+    # each side's median, and the median of the rounds' ratios (2.22, 1.80, 1.92), which is
+    # not the ratio of the medians (200 / 100)
+    assert summary["peer"]["whole_seconds"] == 200.0 and summary["us"]["whole_seconds"] == 100.0
+    assert summary["peer_over_us"]["whole_seconds"] == pytest.approx(230.0 / 120.0)
+    assert [r["peer_over_us"]["whole_seconds"] for r in summary["rounds"]] == pytest.approx(
+        [200 / 90, 180 / 100, 230 / 120]
+    )
+    text = compare.table(summary)
+    assert "medians of 3 rounds" in text and "whole job: 2.22x, 1.80x, 1.92x" in text
+    # one round is the comparison as it was, and no rounds is refused
+    ran.clear()
+    single = compare.compare_rounds(tmp_path, 1)
+    assert "rounds" not in single and "medians of" not in compare.table(single)
+    assert single["peer_over_us"]["whole_seconds"] == pytest.approx(200.0 / 90.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        compare.compare_rounds(tmp_path, 0)
 
 
 @pytest.mark.parametrize(
