@@ -6,15 +6,15 @@
     python -m bench.benchmark --nproc 2          # data-parallel: 2 processes under torchrun
     python -m bench.benchmark --family llama     # a decoder-only model of the same size
 
-It builds the model locally (random weights; flan-t5-small's shape: d_model 512, 8+8 layers,
-6 heads, gated-GELU d_ff 1024, vocabulary 32128) and a ~400-record dataset with a real support
-set's length spread, runs the real DAG (start=base, 2 epochs, batch 8), and prints throughput,
-wall time per stage, peak memory and the share of the machine's measured matmul FLOP/s that
-training achieves in useful FLOPs. The figures are also written as JSON (--out). `--family`
-takes a Llama-like decoder-only family of `finetune_module.tiny_model` instead (`DECODER_FAMILIES`),
-built with flan-t5-small's width, depth and vocabulary (d_model 512, 8 layers, 8 heads, gated
-d_ff 1024, a learned tokenizer's vocabulary padded to 32128), trained on each question's prompt
-followed by its answer.
+It builds the model locally (random weights; flan-t5-small's shape: d_model 512, 8+8 layers, 6
+heads, gated-GELU d_ff 1024, vocabulary 32128) and a ~400-record dataset with a real support set's
+length spread, runs the real DAG (start=base, 2 epochs, batch 8), and prints throughput, wall time
+per stage (per node in the JSON's `node_seconds`), peak memory and the share of the machine's
+measured matmul FLOP/s that training achieves in useful FLOPs. The figures are also written as JSON
+(--out). `--family` takes a Llama-like decoder-only family of `finetune_module.tiny_model` instead
+(`DECODER_FAMILIES`), built with flan-t5-small's width, depth and vocabulary (d_model 512, 8 layers,
+8 heads, gated d_ff 1024, a learned tokenizer's vocabulary padded to 32128), trained on each
+question's prompt followed by its answer.
 
 Useful training FLOPs count real tokens only (no padding): 2 x the forward pass's
 multiply-adds of every example (weights, attention scores, the LM head over the answer's
@@ -535,6 +535,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "finetuned_answers_seconds": timer.seconds.get("finetuned_answers", 0.0),
         "base_answers_seconds": timer.seconds.get("base_answers", 0.0),
         "stage_seconds": dict(sorted(stages.items(), key=lambda kv: -kv[1])),
+        "node_seconds": dict(sorted(timer.seconds.items(), key=lambda kv: -kv[1])),
         "dag_seconds": dag_seconds,
         "peak_rss_gb": _summed_over_processes(
             {"gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}

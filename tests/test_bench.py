@@ -104,6 +104,10 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path, family: str
     assert sum(band["seconds"] for band in bands) <= figures["train_seconds"]
     assert all(band["parts"] >= band["steps"] for band in bands)
     assert {"training", "evaluation", "tokenization"} <= set(figures["stage_seconds"])
+    nodes = figures["node_seconds"]
+    assert {"fitted_weights", "finetuned_answers", "base_answers"} <= set(nodes)
+    assert nodes["fitted_weights"] <= figures["stage_seconds"]["training"]
+    assert sum(nodes.values()) == pytest.approx(sum(figures["stage_seconds"].values()))
     assert "train samples/s" in done.stdout
 
 
