@@ -202,6 +202,48 @@ def _counting_generation(counts: dict[str, dict[str, float]], timer: _NodeTimer)
         GenerationMixin.generate, generation.greedy_generate = stock, lean
 
 
+def cpu() -> dict[str, Any]:
+    """This machine's CPU as the figures depend on it: its `name`, `vendor`, `family` and
+    `model` (from /proc/cpuinfo; None where the system has none), its `cores`, the vector
+    instructions torch's own kernels use here (`torch_kernels`: "AVX2", "AVX512", ...), and
+    whether oneDNN multiplies bfloat16 natively (`bf16_products`). Two machines that both
+    call themselves "AMD EPYC" can differ in all but the name: one with AVX2 only, one with
+    AVX-512 and bf16, and their figures with them."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block ends here
+            fields.setdefault(key.strip(), value.strip())
+    return {
+        "name": fields.get("model name") or platform.processor() or None,
+        "vendor": fields.get("vendor_id"),
+        "family": fields.get("cpu family"),
+        "model": fields.get("model"),
+        "cores": os.cpu_count(),
+        "torch_kernels": torch.backends.cpu.get_cpu_capability(),
+        "bf16_products": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    }
+
+
+def machine_line(c: dict[str, Any]) -> str:
+    """`cpu()`'s figures as one line, e.g. "AMD EPYC (AuthenticAMD, family 25, model 17), 2
+    cores, torch's kernels AVX512, bf16 products native"."""
+    where = ", ".join(
+        part
+        for part in (
+            c["vendor"],
+            f"family {c['family']}" if c["family"] else None,
+            f"model {c['model']}" if c["model"] else None,
+        )
+        if part
+    )
+    name = f"{c['name'] or platform.machine()}" + (f" ({where})" if where else "")
+    bf16 = "native" if c["bf16_products"] else "not native"
+    return f"{name}, {c['cores']} cores, torch's kernels {c['torch_kernels']}, bf16 products {bf16}"
+
+
 def matmul_gflops(
     n: int = 2048, repeats: int = 8, trials: int = 3, dtype: torch.dtype = torch.float32
 ) -> float:
@@ -502,6 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stage = modules.get(node, "other")
         stages[stage] = stages.get(stage, 0.0) + seconds
     achieved = useful_flops / train_seconds / 1e9
+    this_cpu = cpu()
     eval_per_answer = counts["seconds"] / max(1, counts["answers"])
     figures = {
         "ablation": args.ablate,
@@ -543,7 +586,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "processes": distributed.world_size(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_line(this_cpu),
+        "cpu": this_cpu,
         "eval_loss": metrics["eval_loss"],
         "rouge": {k: metrics[k] for k in ROUGE_KEYS},
         "hold_out_rouge": {k: result["finetuned_hold_out_metrics"][k] for k in ROUGE_KEYS},
@@ -568,6 +612,7 @@ def _table(f: dict[str, Any]) -> str:
     """The figures as a short text table."""
     rows = [
         ("model / ablation", f"{f['model']} / {f['ablation']}"),
+        ("machine", f["machine"]),
         ("processes x torch threads", f"{f['processes']} x {f['torch_threads']}"),
         (
             "train examples x epochs",

@@ -227,6 +227,7 @@ def table(c: dict[str, Any]) -> str:
         f"{rouge['us']['validation']['rougeL']:.2f} / {rouge['us']['hold_out']['rougeL']:.2f} (us)",
         f"load average (1 min) before / after: {load['before']:.2f} / {load['after']:.2f} "
         f"on {load['cores']} cores",
+        f"machine: {c['us_figures']['machine']}",
     ]
     return "\n".join(lines)
 

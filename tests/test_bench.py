@@ -108,6 +108,17 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path, family: str
     assert {"fitted_weights", "finetuned_answers", "base_answers"} <= set(nodes)
     assert nodes["fitted_weights"] <= figures["stage_seconds"]["training"]
     assert sum(nodes.values()) == pytest.approx(sum(figures["stage_seconds"].values()))
+    machine = figures["cpu"]
+    assert machine["cores"] == os.cpu_count() and machine["bf16_products"] in (True, False)
+    assert machine["torch_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert figures["machine"].endswith(
+        f"{os.cpu_count()} cores, torch's kernels {machine['torch_kernels']}, bf16 products "
+        + ("native" if machine["bf16_products"] else "not native")
+    )
+    if Path("/proc/cpuinfo").is_file():  # Linux: the CPU's name, vendor, family and model
+        assert all(machine[key] for key in ("name", "vendor", "family", "model"))
+        assert f"family {machine['family']}, model {machine['model']}" in figures["machine"]
+    assert figures["machine"] in done.stdout
     assert "train samples/s" in done.stdout
 
 
@@ -282,7 +293,8 @@ def _fake_sides(monkeypatch: pytest.MonkeyPatch, whole: dict[str, list[float]]) 
                        "finetuned_answers_seconds": 1.0, "peak_rss_gb": 2.0,
                        "finetuned_generated_answers": 2, "model": "tiny",
                        "finetuned_generated_tokens": 18, "base_answers_seconds": 1.0,
-                       "eval_loss": 3.0, "rouge": rouge, "hold_out_rouge": rouge}  # fmt: skip
+                       "eval_loss": 3.0, "rouge": rouge, "hold_out_rouge": rouge,
+                       "machine": "a CPU, 2 cores"}  # fmt: skip
         out = Path(arguments[arguments.index("--out") + 1])
         out.write_text(json.dumps(figures), encoding="utf-8")
 
@@ -307,6 +319,7 @@ def test_comparison_rounds_alternate_the_sides_and_give_the_median_of_their_rati
     )
     text = compare.table(summary)
     assert "medians of 3 rounds" in text and "whole job: 2.22x, 1.80x, 1.92x" in text
+    assert "machine: a CPU, 2 cores" in text
     # one round is the comparison as it was, and no rounds is refused
     ran.clear()
     single = compare.compare_rounds(tmp_path, 1)
