@@ -230,16 +230,9 @@ def cpu() -> dict[str, Any]:
 def machine_line(c: dict[str, Any]) -> str:
     """`cpu()`'s figures as one line, e.g. "AMD EPYC (AuthenticAMD, family 25, model 17), 2
     cores, torch's kernels AVX512, bf16 products native"."""
-    where = ", ".join(
-        part
-        for part in (
-            c["vendor"],
-            f"family {c['family']}" if c["family"] else None,
-            f"model {c['model']}" if c["model"] else None,
-        )
-        if part
-    )
-    name = f"{c['name'] or platform.machine()}" + (f" ({where})" if where else "")
+    labelled = (("", c["vendor"]), ("family ", c["family"]), ("model ", c["model"]))
+    where = ", ".join(label + value for label, value in labelled if value)
+    name = (c["name"] or platform.machine()) + (f" ({where})" if where else "")
     bf16 = "native" if c["bf16_products"] else "not native"
     return f"{name}, {c['cores']} cores, torch's kernels {c['torch_kernels']}, bf16 products {bf16}"
 
