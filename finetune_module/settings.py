@@ -141,8 +141,10 @@ def settings(
         fine-tune, a LoRA adapter (`adapter_config.json`) or a full model (`config.json`), such
         as a `best_model/` or a Trainer `checkpoint-N/` folder (default: output_dir's best
         model).
-    :param bf16: train in bfloat16 mixed precision (a CUDA GPU with bf16 support); the safe
-        choice for T5, whose activations can overflow in fp16.
+    :param bf16: train in bfloat16 mixed precision (a CUDA GPU with bf16 support, or the
+        CPU, where it is fast on CPUs that multiply bf16 natively: AVX512-BF16, as AMD Zen 4
+        and later, or AMX, as Intel Sapphire Rapids and later); the safe choice for T5, whose
+        activations can overflow in fp16. The answers are generated in fp32 either way.
     :param fp16: train in float16 mixed precision with loss scaling (any CUDA GPU).
     :param load_in_4bit: QLoRA: load the frozen base model in 4 bits (NF4, double
         quantization; a CUDA GPU and bitsandbytes).

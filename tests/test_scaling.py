@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,16 @@ import pytest
 import torch
 from hamilton import driver
 from peft import PeftModel
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, PreTrainedModel
 
 import finetune_module
-import run
-from finetune_module.engine import distributed, models
+from finetune_module.engine import distributed, models, speedups
 from finetune_module.engine import settings as checked
 from finetune_module.engine.settings import ModelSettings, TrainingSettings
 from finetune_module.engine.trainer import scaling_arguments
 from finetune_module.errors import SettingsError
 from finetune_module.model import lora_config, model_recipe__lora
-from tests.conftest import EXAMPLE_DATA, REPO, read_json, run_dag
+from tests.conftest import EXAMPLE_DATA, QUICK, REPO, cpu_path_only, read_json, run_dag
 from tests.test_pipeline import N_HOLD_OUT, N_TRAIN, N_VALIDATION
 
 CUDA = torch.device("cuda")  # a device object only: nothing runs on it in these tests
@@ -166,7 +166,6 @@ def tokenizer_only_model_dir(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"bf16": True}, r"^bf16 needs a CUDA GPU with bf16 support; this machine has none"),
         ({"fp16": True}, r"^fp16 needs a CUDA GPU; this machine has none"),
         ({"bf16": True, "fp16": True}, r"^bf16 and fp16 exclude each other"),
         ({"load_in_4bit": True}, r"^load_in_4bit \(a bitsandbytes-quantized .*\) needs a CUDA GPU"),
@@ -189,14 +188,71 @@ def test_gpu_options_refuse_on_cpu_before_the_model_loads(
     assert not (tmp_path / "best_model").exists()
 
 
-def test_cli_refuses_bf16_on_cpu_with_exit_2(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_bf16_on_the_cpu_is_accepted_and_warns_where_the_cpu_does_not_multiply_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    argv = ["--data", str(EXAMPLE_DATA), "--model-id", str(tiny_model_dir), "--bf16"]
-    assert run.main([*argv, "--output-dir", str(tmp_path)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: bf16 needs a CUDA GPU with bf16 support; this machine has none")
-    assert "\n" not in error
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(checked, "cpu_multiplies_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger=checked.__name__):
+        assert checked.mixed_precision(cpu, bf16=True) == "bf16"
+    assert not caplog.records
+    monkeypatch.setattr(checked, "cpu_multiplies_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger=checked.__name__):
+        assert checked.mixed_precision(cpu, bf16=True) == "bf16"
+    assert "no native bf16 products" in caplog.text and "slower" in caplog.text
+    with pytest.raises(SettingsError, match=r"^fp16 needs a CUDA GPU; this machine has none"):
+        checked.mixed_precision(cpu, fp16=True)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # the check agrees with the CPU's flags as Linux names them
+        words = set(cpuinfo.read_text().split())
+        monkeypatch.undo()
+        assert checked.cpu_multiplies_bf16() == bool(words & {"avx512_bf16", "amx_bf16"})
+
+
+@cpu_path_only
+def test_bf16_trains_on_the_cpu_with_the_speed_layer_and_answers_in_fp32(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 on the CPU: the Trainer's autocast around the model on each thread that runs it,
+    the step shared between threads, the loss without logits in fp32; the answers in fp32
+    (no autocast); the result close to the fp32 run's."""
+    autocast: list[tuple[bool, int, bool]] = []  # (autocast on, thread, gradients)
+
+    def seen(module: torch.nn.Module, *_: Any) -> None:
+        autocast.append(
+            (torch.is_autocast_enabled("cpu"), threading.get_ident(), torch.is_grad_enabled())
+        )
+
+    def recorded(module: torch.nn.Module, *_: Any) -> None:
+        if isinstance(module, PreTrainedModel):
+            seen(module)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(recorded)
+    losses: list[torch.dtype] = []
+    fused = speedups.linear_cross_entropy
+    monkeypatch.setattr(
+        speedups,
+        "linear_cross_entropy",
+        lambda hidden, *rest: (losses.append(hidden.dtype), fused(hidden, *rest))[1],
+    )
+    common = {"data_path": str(EXAMPLE_DATA), "model_id": str(tiny_model_dir), **QUICK}
+    common["r"] = 2  # an adapter small beside the tiny model: the workers share its steps
+    try:
+        ours = run_dag("base", output_dir=str(tmp_path / "bf16"), bf16=True, **common)
+    finally:
+        hook.remove()
+    trained = [(on, thread) for on, thread, grads in autocast if grads]
+    assert trained and all(on for on, _ in trained)
+    assert len({thread for _, thread in trained}) == 2  # the step's rows on two threads
+    answering = [on for on, _, grads in autocast if not grads]
+    assert answering and not any(answering[-4:])  # the answers: no autocast
+    assert losses and set(losses) == {torch.float32}
+    assert (tmp_path / "bf16" / "best_model" / "adapter_model.safetensors").is_file()
+    fp32 = run_dag("base", output_dir=str(tmp_path / "fp32"), **common)
+    for key in ("train_loss", "eval_loss"):
+        value = ours["training_and_validation_set_metrics"][key]
+        assert math.isfinite(value)
+        assert value == pytest.approx(fp32["training_and_validation_set_metrics"][key], rel=0.05)
 
 
 def test_mixed_precision_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,10 @@ unproven families and other devices run the stock path."""
 
 import json
 import math
+import os
 import platform
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +35,7 @@ from finetune_module.engine.models import lora_config
 from finetune_module.engine.settings import LoraSettings, speedups_requested
 from finetune_module.engine.trainer import FinetuneTrainer
 from finetune_module.tiny_model import FAMILIES, build_causal, build_t5
-from tests.conftest import EXAMPLE_DATA, QUICK, cpu_path_only, run_dag
+from tests.conftest import EXAMPLE_DATA, QUICK, REPO, cpu_path_only, run_dag
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -132,6 +135,66 @@ def test_keep_freed_memory_applies_on_glibc() -> None:
     assert speedups.give_back_freed_memory() is False  # nothing kept: nothing to give back
     assert speedups.keep_freed_memory() is True
     assert speedups.give_back_freed_memory() is True
+
+
+def test_onednn_caches_are_bounded_unless_the_environment_sizes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    speedups.bounded_onednn_caches.cache_clear()
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")  # the user's own size is kept
+    try:
+        assert speedups.bounded_onednn_caches() is True
+        entries = str(speedups.ONEDNN_CACHED_PRODUCTS)
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == entries
+        assert os.environ["LRU_CACHE_CAPACITY"] == "512"
+        speedups.bounded_onednn_caches.cache_clear()
+        assert speedups.bounded_onednn_caches() is False  # both sized already
+    finally:
+        speedups.bounded_onednn_caches.cache_clear()
+
+
+# a process multiplies bf16 matrices of 600 shapes, one after another (as training's products
+# change shape with every batch), and prints how much its resident memory grew, in MB
+_SHAPES_GROWTH = """
+import sys, torch
+from finetune_module.engine import speedups
+if sys.argv[1] == "bounded":
+    speedups.bounded_onednn_caches()
+def resident():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+weight = torch.randn(1024, 512).bfloat16()
+(torch.randn(8, 512).bfloat16() @ weight.T).sum()
+before = resident()
+for rows in range(100, 700):
+    (torch.randn(rows, 512).bfloat16() @ weight.T).sum()
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(
+    not (Path("/proc/self/status").is_file() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="oneDNN multiplies bf16 here only on a CPU with AVX-512 (and Linux's /proc to read "
+    "a process's memory)",
+)
+def test_bounded_onednn_caches_keep_a_process_from_growing_with_each_product_shape() -> None:
+    """oneDNN keeps each shape's compiled product with buffers sized by the shape; bounded,
+    the process stays within a fraction of what it grows to otherwise."""
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    }
+    grown = {}
+    for caches in ("bounded", "default"):
+        done = subprocess.run(
+            [sys.executable, "-c", _SHAPES_GROWTH, caches],
+            capture_output=True, text=True, cwd=REPO, env=environment, timeout=300, check=True,
+        )  # fmt: skip
+        grown[caches] = float(done.stdout)
+    assert grown["default"] > 200, grown  # ~560 MB on a Zen 4 CPU
+    assert grown["bounded"] < grown["default"] / 3, grown
 
 
 class _Attending(nn.Module):
@@ -622,7 +685,8 @@ def _switch_on(
     before = [m for m in model.modules() if replaced is not None and type(m) is replaced]
     speedups.apply_to_model(model, (piece,), training=True)
     if piece == "attention_dropout":
-        return lambda: model.config._attn_implementation == speedups.CHEAP_DROPOUT_ATTENTION
+        # (the name within another's where a later piece wraps it: `unpadded`)
+        return lambda: speedups.CHEAP_DROPOUT_ATTENTION in model.config._attn_implementation
     return lambda: bool(before) and not any(type(m) is replaced for m in model.modules())
 
 
@@ -704,3 +768,38 @@ def test_an_unproven_family_trains_on_the_stock_path(
     result = run_dag("base", output_dir=str(tmp_path), **common)
     assert touched == []
     assert np.isfinite(result["training_and_validation_set_metrics"]["train_loss"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_proven_pieces_train_as_the_stock_path_does_in_bf16_on_the_cpu(
+    family: str, family_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Under the CPU's bf16 mixed precision (autocast entered by the Trainer's model, on each
+    thread that runs it), every piece proven for the family at once (the fused loss in fp32,
+    training on unpadded tokens, threads sharing the step within a budget, the cheaper dropout
+    and attention, ...) gives the stock path's loss and gradients up to bf16 rounding, where a
+    wrong piece (a lost mask, a missing term) is off by far more."""
+    model = _family_model(family_model(family))
+    batch = _batch(model)
+    arguments = Seq2SeqTrainingArguments(
+        str(tmp_path / "run"), use_cpu=True, report_to="none", bf16=True
+    )
+    trainer = FinetuneTrainer(model=model, args=arguments)
+    wrapped = trainer.accelerator.prepare_model(model)  # the model as the Trainer trains it
+    assert wrapped.forward is not type(wrapped).forward  # autocast around every call
+    stock_loss, stock_grads = _loss_and_gradients(wrapped, batch, trainer)
+    skipped = ("allocator", "activation_budget")  # the process's; every layer recomputing
+    proven = [p for p in speedups.PROVEN[model.config.model_type] if p not in skipped]
+    switched = {piece: _switch_on(piece, model, batch, trainer) for piece in proven}
+    loss, grads = _loss_and_gradients(wrapped, batch, trainer)
+    took_part = {piece: changed() for piece, changed in switched.items()}
+    assert all(took_part.values()), took_part  # each piece took part in the step
+    torch.testing.assert_close(loss, stock_loss, rtol=2e-2, atol=1e-3)
+    assert len(grads) == len(stock_grads) > 0
+    for grad, stock_grad in zip(grads, stock_grads, strict=True):
+        if stock_grad.abs().max() == 0:  # LoRA's B starts at zero: A's gradient is zero
+            assert grad.abs().max() == 0
+            continue
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), stock_grad.flatten(), 0)
+        assert float(cosine) > 0.99
+        assert float(grad.norm()) == pytest.approx(float(stock_grad.norm()), rel=0.05)

@@ -350,6 +350,7 @@ def build_model(
     (safetensors bytes) loaded into it."""
     if "allocator" in recipe.speedups:
         speedups.keep_freed_memory()
+        speedups.bounded_onednn_caches()
     quantization_config = bitsandbytes_config(recipe.quantization, recipe.precision)
     model = load_model(
         recipe.model_type, recipe.model_id, device, recipe.trust_remote_code, quantization_config

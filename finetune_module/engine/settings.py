@@ -7,6 +7,7 @@ the checked groups. A value outside what it may be is one `SettingsError` naming
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -22,6 +23,8 @@ TASKS = ("auto", "classification", "generation")  # values of the input "task"
 PRECISIONS = ("no", "bf16", "fp16")
 QUANTIZATIONS = ("4bit", "8bit")
 AUTO = "auto"  # activation_memory_gb: a budget derived from the model's own size
+
+logger = logging.getLogger(__name__)
 
 
 def _check_positive(**settings: Any) -> None:
@@ -240,17 +243,35 @@ class EvaluationSettings:
         _check_choice("task", self.task, TASKS)
 
 
+def cpu_multiplies_bf16() -> bool:
+    """Whether this machine's CPU multiplies bfloat16 natively (AVX512-BF16, as on AMD Zen 4
+    and Intel Cooper Lake or later, or AMX tiles, as on Intel Sapphire Rapids or later); where
+    it does not, oneDNN converts bf16 to fp32 for every product, which is slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def mixed_precision(device: torch.device, bf16: bool = False, fp16: bool = False) -> str:
     """The number format of training's matrix products: "no" (fp32 throughout), "bf16" or
-    "fp16" (autocast on a CUDA GPU, the weights kept in fp32); refused where it cannot run."""
+    "fp16" (autocast, the weights kept in fp32): bf16 on a CUDA GPU with bf16 support or on
+    the CPU (with a warning where the CPU does not multiply bf16 natively), fp16 on a CUDA GPU;
+    refused where it cannot run."""
     if bf16 and fp16:
         raise SettingsError("bf16 and fp16 exclude each other; set at most one of them.")
     if not (bf16 or fp16):
         return "no"
+    if bf16 and device.type == "cpu":
+        if not cpu_multiplies_bf16():
+            logger.warning(
+                "bf16: this CPU has no native bf16 products (AVX512-BF16 or AMX), so training "
+                "in bf16 is likely slower here than in fp32 (leave bf16 off)."
+            )
+        return "bf16"
     name = "bf16" if bf16 else "fp16"
     if device.type != "cuda":
         raise SettingsError(
-            f"{name} needs a CUDA GPU{' with bf16 support' if bf16 else ''}; this machine has "
+            f"{name} needs a CUDA GPU{' or a CPU' if bf16 else ''}; this machine has "
             f"none (it trains in fp32 on the CPU: leave {name} off)."
         )
     if bf16 and not torch.cuda.is_bf16_supported():

@@ -484,14 +484,14 @@ class FinetuneTrainer(Seq2SeqTrainer):
     ) -> Any:
         """With `logit_free_loss`, the loss alone (no outputs) of a model whose output layer
         has no bias of its own (BART's separate logits bias is fine) and is frozen or gets no
-        gradient, in fp32, computed without keeping its logits
-        (`speedups.linear_cross_entropy`: the same cross-entropy; a decoder-only model's is of
-        each token given those before it, over the step's count of tokens where the Trainer
-        gives one, as its own loss is); anything else as the Trainer computes it. In training,
-        a model with `unpadded` installed computes either loss on the batch's real tokens laid
-        end to end where the batch allows it (`unpadded.laid_out_inputs`). Without gradients
-        (evaluation), an encoder-decoder model reads the batch's questions in length groups
-        (`generation.questions_read_in_groups`)."""
+        gradient, in fp32 (also under the CPU's bf16; on a GPU not under mixed precision),
+        computed without keeping its logits (`speedups.linear_cross_entropy`: the same
+        cross-entropy; a decoder-only model's is of each token given those before it, over the
+        step's count of tokens where the Trainer gives one, as its own loss is); anything else
+        as the Trainer computes it. In training, a model with `unpadded` installed computes
+        either loss on the batch's real tokens laid end to end where the batch allows it
+        (`unpadded.laid_out_inputs`). Without gradients (evaluation), an encoder-decoder model
+        reads the batch's questions in length groups (`generation.questions_read_in_groups`)."""
         if not model.training:
             inputs = questions_read_in_groups(self.accelerator.unwrap_model(model), inputs)
         base = self.accelerator.unwrap_model(model)
@@ -515,7 +515,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             or (head.weight.requires_grad and torch.is_grad_enabled())
             or (seq2seq and not hasattr(base, "prepare_decoder_input_ids_from_labels"))  # NLLB
             or getattr(base.config, "final_logit_softcapping", None) is not None  # tanh cap
-            or self.args.bf16
+            or (self.args.bf16 and self.args.device.type != "cpu")
             or self.args.fp16
             or self.is_fsdp_enabled
             or self.is_deepspeed_enabled
@@ -531,6 +531,9 @@ class FinetuneTrainer(Seq2SeqTrainer):
             forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
         with within(), speedups.output_layer_off(base) as (_, bias):
             hidden = model(**forward).logits  # the last hidden states, as the head gets them
+        # in fp32 also under the CPU's bf16 autocast (which the Trainer's model returns its
+        # outputs from in fp32 already): the loss's products are the output layer's, in fp32
+        hidden = hidden.to(head.weight.dtype)
         return speedups.linear_cross_entropy(hidden, head.weight, labels, bias, divisor)
 
     def prediction_step(
@@ -634,8 +637,8 @@ def fit(
     Unless every layer recomputes its activations already (gradient_checkpointing), a batch
     keeps at most about `activation_memory_gb` of them (None: no limit). Each checkpoint holds
     `checkpoint_settings` (length caps, prompt template) as its finetune_settings.json. With
-    `worker_threads`, a budgeted fp32 run of an adapter in one process on a CPU shares each
-    step between threads (`workers`). The trainer also gets the callbacks of an enclosing
+    `worker_threads`, a budgeted fp32 or bf16 run of an adapter in one process on a CPU shares
+    each step between threads (`workers`). The trainer also gets the callbacks of an enclosing
     `trainer_callbacks` block."""
     trainer = FinetuneTrainer(
         model=model,
@@ -661,7 +664,7 @@ def fit(
         worker_threads
         and trainer.activation_budget is not None
         and world_size() == 1
-        and not (training_arguments.bf16 or training_arguments.fp16)
+        and not training_arguments.fp16
         and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
         and workers.few_weights_train(model)
     ):
