@@ -5,6 +5,7 @@ and our dataflow, side by side on the same data and model.
     python -m bench.compare --quick              # a tiny model: checks the comparison runs
     python -m bench.compare --family llama       # a decoder-only model of the same size
     python -m bench.compare --rounds 3           # three rounds: each side's median, each ratio
+    python -m bench.compare --bf16               # both sides in bf16 mixed precision
 
 The benchmark's model and dataset are built once (`bench.benchmark.prepare`), then the peer
 (`bench.peer`; with `--family`, a decoder-only model and `bench.peer_causal`) and our dataflow
@@ -54,6 +55,7 @@ SHARED = (
     ("source_length_cap", "source_length_cap"),
     ("target_length_cap", "target_length_cap"),
     ("generated_answers", "finetuned_generated_answers"),
+    ("precision", "precision"),
 )
 
 
@@ -77,6 +79,7 @@ def compare(
     max_new_tokens: int = 0,
     peer_flush_subnormals: bool = False,
     family: str | None = None,
+    bf16: bool = False,
     us_first: bool = False,
 ) -> dict[str, Any]:
     """Runs the peer and our dataflow back to back on the benchmark's model and data (built in
@@ -96,10 +99,13 @@ def compare(
     :param family: a decoder-only model of this family (`bench.benchmark.DECODER_FAMILIES`),
         and the decoder-only peer (`bench.peer_causal`), instead of the sequence-to-sequence
         ones.
+    :param bf16: both sides train in bf16 mixed precision (the Trainer's `bf16`, ours `bf16`;
+        on a CPU, fast where it multiplies bf16 natively).
     :param us_first: our dataflow runs first, then the peer.
     """
     data_path, model_dir = prepare(work, quick, records, family)
     common = ["--epochs", str(epochs), "--batch-size", str(batch_size)]
+    common += ["--bf16"] if bf16 else []
     if max_new_tokens:
         common += ["--max-new-tokens", str(max_new_tokens)]
     load_before = _load_average()
@@ -129,6 +135,7 @@ def compare(
         "epochs": epochs,
         "batch_size": batch_size,
         "peer_flush_subnormals": peer["flush_subnormals"],
+        "precision": us["precision"],
         "peer": {p: peer[p] for _, p, _, _ in FIGURES},
         "us": {p: us[u] for _, p, u, _ in FIGURES},
         "peer_over_us": {p: peer[p] / us[u] for _, p, u, _ in FIGURES},
@@ -216,6 +223,7 @@ def table(c: dict[str, Any]) -> str:
     lines += [
         "",
         f"{c['model']}, {c['records']} records, {c['epochs']:g} epoch(s), batch {c['batch_size']}"
+        + f", {c.get('precision', 'fp32')} on both sides"
         + ("; the peer flushed subnormal floats to zero" if c["peer_flush_subnormals"] else ""),
         f"answers: {answers:.0f} on each side, {c['generated_tokens']['peer']:.0f} tokens (peer) "
         f"vs {c['generated_tokens']['us']:.0f} (us); ours also answers with the base model "
@@ -267,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run both sides this many times, alternating which goes first, and give the "
         "medians (default: %(default)s)",
     )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="both sides train in bf16 mixed precision (on a CPU: fast where it multiplies "
+        "bf16 natively, AVX512-BF16 or AMX)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -280,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens or (16 if args.quick else 0),
         peer_flush_subnormals=args.peer_flush_subnormals,
         family=args.family,
+        bf16=args.bf16,
     )
     print(table(comparison))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,7 @@ def run(
     epochs: float = 1.0,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Fine-tunes the decoder-only model on the data as the plain script does, and returns
     its figures (`bench.peer.finished`).
@@ -100,6 +101,7 @@ def run(
     :param epochs: training epochs.
     :param batch_size: training, evaluation and generation batch size.
     :param max_new_tokens: the longest answer, in tokens (default: the reply's cap).
+    :param bf16: train in bf16 mixed precision (the Trainer's `bf16`; on a CPU too).
     """
     started = time.perf_counter()
     records = json.loads(Path(data_path).read_text(encoding="utf-8"))
@@ -113,7 +115,7 @@ def run(
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["q_proj", "v_proj"], **LORA)
     model = get_peft_model(model, lora)
 
-    args = TrainingArguments(**training_arguments(output_dir, epochs, batch_size))
+    args = TrainingArguments(**training_arguments(output_dir, epochs, batch_size, bf16))
     trainer = Trainer(
         model=model,
         args=args,

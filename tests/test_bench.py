@@ -230,20 +230,25 @@ def test_peer_can_flush_subnormal_floats_on_every_thread(flushed: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [None, "llama"])
+@pytest.mark.parametrize(("family", "bf16"), [(None, False), ("llama", False), (None, True)])
 def test_quick_comparison_runs_both_and_writes_every_figure(
-    tmp_path: Path, family: str | None
+    tmp_path: Path, family: str | None, bf16: bool
 ) -> None:
     out = tmp_path / "comparison.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--quick",
          "--workdir", str(tmp_path / "work"), "--out", str(out),
-         *(["--family", family] if family else [])],
+         *(["--family", family] if family else []), *(["--bf16"] if bf16 else [])],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     comparison = json.loads(out.read_text())
     assert comparison["family"] == family
+    # both sides trained in the precision asked (the comparison refuses sides that differ)
+    precision = "bf16 autocast" if bf16 else "fp32"
+    assert comparison["precision"] == precision
+    assert comparison["peer_figures"]["precision"] == comparison["us_figures"]["precision"]
+    assert f"{precision} on both sides" in done.stdout
     assert comparison["model"] == ("llama, tiny" if family else "tiny")
     figures = {"whole_seconds", "train_seconds", "generation_seconds", "peak_rss_gb"}
     for side in ("peer", "us", "peer_over_us"):
@@ -283,13 +288,16 @@ def _fake_sides(monkeypatch: pytest.MonkeyPatch, whole: dict[str, list[float]]) 
         side = "us" if module == "bench.benchmark" else "peer"
         seconds = whole[side][sum(s == side for s in ran)]
         ran.append(side)
+        precision = "bf16 autocast" if "--bf16" in arguments else "fp32"
         if side == "peer":
-            figures = {**shared, "whole_seconds": seconds, "train_seconds": seconds - 5,
+            figures = {**shared, "precision": precision,
+                       "whole_seconds": seconds, "train_seconds": seconds - 5,
                        "generation_seconds": 4.0, "peak_rss_gb": 5.0, "generated_answers": 2,
                        "flush_subnormals": False, "generated_tokens": 18, "best_eval_loss": 3.0,
                        "rouge": {"validation": rouge, "hold_out": rouge}}  # fmt: skip
         else:
-            figures = {**shared, "dag_seconds": seconds, "train_seconds": seconds - 5,
+            figures = {**shared, "precision": precision,
+                       "dag_seconds": seconds, "train_seconds": seconds - 5,
                        "finetuned_answers_seconds": 1.0, "peak_rss_gb": 2.0,
                        "finetuned_generated_answers": 2, "model": "tiny",
                        "finetuned_generated_tokens": 18, "base_answers_seconds": 1.0,
