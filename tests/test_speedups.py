@@ -379,6 +379,34 @@ def test_linear_cross_entropy_equals_cross_entropy_and_its_gradient(
     torch.testing.assert_close(hidden.grad, 2 * expected_grad)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_in_bf16_is_autocasts_output_layer_and_cross_entropy(
+    with_bias: bool,
+) -> None:
+    """With `precision` bf16 the loss is the cross-entropy of the logits as autocast's bf16
+    output layer makes them (bf16 products, the loss in fp32), its gradient as autocast's."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 300, 64, requires_grad=True)  # more rows than one chunk
+    weight = torch.randn(1000, 64)
+    bias = torch.randn(1, 1000) if with_bias else None
+    labels = torch.randint(0, 1000, (3, 300))
+    labels[:, 250:] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = nn.functional.linear(hidden, weight).reshape(-1, 1000)
+    logits = logits.float() + (bias if bias is not None else 0)
+    reference = nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
+    reference.backward()
+    expected_grad, hidden.grad = hidden.grad.clone(), None
+    loss = speedups.linear_cross_entropy(hidden, weight, labels, bias, precision=torch.bfloat16)
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-3, atol=1e-3)
+    assert hidden.grad.dtype == torch.float32
+    # bf16's 8 bits of mantissa: each gradient within a few of its roundings
+    torch.testing.assert_close(hidden.grad, expected_grad, rtol=2e-2, atol=2e-5)
+    fp32 = speedups.linear_cross_entropy(hidden, weight, labels, bias)
+    assert not torch.equal(fp32, loss)  # the products did run in bf16
+
+
 def test_linear_cross_entropy_hands_its_gradient_product_no_subnormal_float(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

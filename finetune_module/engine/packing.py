@@ -15,6 +15,7 @@ layer of the logit-free training loss (`speedups.linear_cross_entropy`, `FrozenP
 
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -64,22 +65,25 @@ def product(
 
 
 class FrozenPacks:
-    """Packed copies of weights that stay frozen across calls (the output layer under LoRA),
-    packed the first time they are asked for and again only if the weight changes (another
-    storage or an in-place change). A copy lives as long as its weight. Threads that train at
-    once share the copies (the first to ask packs)."""
+    """Copies of weights that stay frozen across calls (the output layer under LoRA), made by
+    `make` (by default `pack`) the first time they are asked for and again only if the weight
+    changes (another storage or an in-place change). A copy lives as long as its weight.
+    Threads that train at once share the copies (the first to ask makes them)."""
 
-    def __init__(self) -> None:
-        # id(weight) -> (a reference to the weight, its stamp, the packed copy)
+    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor] = pack) -> None:
+        self._make = make
+        # id(weight) -> (a reference to the weight, its stamp, the copy)
         self._packs: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` (out x in) packed, for `product(x, ...)` = `x @ weight.T`."""
+        """`weight` (out x in) as `make` makes it: packed, by default, for `product(x, ...)` =
+        `x @ weight.T`."""
         with self._lock:
             self._packs = {k: v for k, v in self._packs.items() if v[0]() is not None}
             stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
             found = self._packs.get(id(weight))
             if found is None or found[0]() is not weight or found[1] != stamp:
-                found = self._packs[id(weight)] = (weakref.ref(weight), stamp, pack(weight))
+                copy = self._make(weight.detach())
+                found = self._packs[id(weight)] = (weakref.ref(weight), stamp, copy)
             return found[2]

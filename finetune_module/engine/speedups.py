@@ -543,6 +543,10 @@ def give_back_freed_memory() -> bool:
 _LOSS_ROWS = 256  # target tokens whose logits are computed at a time
 #: The frozen output layers' weights packed for oneDNN (`packing`), kept across steps
 _OUTPUT_PACKS = packing.FrozenPacks()
+#: ... and in bfloat16, packed (the logits' product) and as it is (the gradient's), for the
+#: loss under the CPU's bf16 mixed precision
+_OUTPUT_BF16_PACKS = packing.FrozenPacks(lambda weight: packing.pack(weight.bfloat16()))
+_OUTPUT_BF16 = packing.FrozenPacks(lambda weight: weight.bfloat16())
 
 
 def _exp_floor(vocabulary: int, count: float, dtype: torch.dtype) -> float:
@@ -575,7 +579,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     gradient take ~19% less time (28.5 -> 23.1 s over 120 batches of 100-900 targets; in the
     benchmark's first 24 steps 4.7-4.9 -> 4.3 s). The gradient's product stays torch's:
     packing the transposed weight too gained another 8% for another 66 MB and more of
-    oneDNN's working memory, at the training's peak."""
+    oneDNN's working memory, at the training's peak. With `precision` (bfloat16, the CPU's
+    mixed precision) both products run in it, as autocast runs the output layer, on bf16
+    copies of the weight kept across steps (packed for the logits, 33 MB each for T5's);
+    the logits' softmax and the loss stay in fp32."""
 
     @staticmethod
     def forward(
@@ -585,19 +592,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         labels: torch.Tensor,
         bias: torch.Tensor | None,
         divisor: float | None,
+        precision: torch.dtype | None,
     ) -> torch.Tensor:
         positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         count = divisor if divisor is not None else max(1, positions.numel())
         labelled, targets = hidden.index_select(0, positions), labels.index_select(0, positions)
         total = hidden.new_zeros(())
         grad_labelled = torch.empty_like(labelled) if hidden.requires_grad else None
-        packed = None
-        if packing.packs(weight) and not weight.requires_grad:
+        packed, product_weight = None, weight
+        low = precision is not None and packing.available() and weight.device.type == "cpu"
+        if low:
+            packed, product_weight = _OUTPUT_BF16_PACKS.weight(weight), _OUTPUT_BF16.weight(weight)
+        elif packing.packs(weight) and not weight.requires_grad:
             packed = _OUTPUT_PACKS.weight(weight)
         floor = _exp_floor(weight.shape[0], count, hidden.dtype)
         for start in range(0, labelled.shape[0], _LOSS_ROWS):
             rows = slice(start, start + _LOSS_ROWS)
-            if packed is not None:
+            if low:  # the product in bf16, the logits from here on in fp32
+                logits = packing.product(labelled[rows].bfloat16(), packed).float()
+                if bias is not None:
+                    logits += bias
+            elif packed is not None:
                 logits = packing.product(labelled[rows], packed, bias)
             else:
                 logits = labelled[rows] @ weight.T
@@ -614,7 +629,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = exps.div_(sums)  # the softmax
                 minus_one = torch.full_like(row_targets, -1, dtype=probs.dtype)
                 probs.scatter_add_(1, row_targets, minus_one).div_(count)
-                torch.matmul(probs, weight, out=grad_labelled[rows])
+                if low:
+                    grad_labelled[rows] = probs.bfloat16() @ product_weight
+                else:
+                    torch.matmul(probs, weight, out=grad_labelled[rows])
         grad = None
         if grad_labelled is not None:
             grad = torch.zeros_like(hidden).index_copy_(0, positions, grad_labelled)
@@ -624,9 +642,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output if grad is not None else None), None, None, None, None
+        return (grad * grad_output if grad is not None else None), None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -635,16 +653,18 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     divisor: torch.Tensor | float | None = None,
+    precision: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, labels, ignore_index=-100)` (the mean over the
     labelled tokens; with `divisor`, their sum over it) without keeping the logits; `weight`
-    and `bias` must be frozen."""
+    and `bias` must be frozen. `precision`: the products' (bfloat16 under the CPU's mixed
+    precision; None: `hidden`'s)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     if bias is not None:
         bias = bias.reshape(-1)
     if isinstance(divisor, torch.Tensor):
         divisor = float(divisor)
-    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), bias, divisor)
+    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), bias, divisor, precision)
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:

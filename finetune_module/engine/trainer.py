@@ -484,8 +484,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
     ) -> Any:
         """With `logit_free_loss`, the loss alone (no outputs) of a model whose output layer
         has no bias of its own (BART's separate logits bias is fine) and is frozen or gets no
-        gradient, in fp32 (also under the CPU's bf16; on a GPU not under mixed precision),
-        computed without keeping its logits (`speedups.linear_cross_entropy`: the same
+        gradient, in fp32 (its products in bf16 under the CPU's bf16; on a GPU not under mixed
+        precision), computed without keeping its logits (`speedups.linear_cross_entropy`: the same
         cross-entropy; a decoder-only model's is of each token given those before it, over the
         step's count of tokens where the Trainer gives one, as its own loss is); anything else
         as the Trainer computes it. In training, a model with `unpadded` installed computes
@@ -531,10 +531,11 @@ class FinetuneTrainer(Seq2SeqTrainer):
             forward["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
         with within(), speedups.output_layer_off(base) as (_, bias):
             hidden = model(**forward).logits  # the last hidden states, as the head gets them
-        # in fp32 also under the CPU's bf16 autocast (which the Trainer's model returns its
-        # outputs from in fp32 already): the loss's products are the output layer's, in fp32
+        # fp32 states (as the Trainer's model returns its outputs under autocast too); under
+        # the CPU's bf16 the loss's products (the output layer's) in bf16, as autocast's are
         hidden = hidden.to(head.weight.dtype)
-        return speedups.linear_cross_entropy(hidden, head.weight, labels, bias, divisor)
+        precision = torch.bfloat16 if self.args.bf16 else None  # (only the CPU gets here)
+        return speedups.linear_cross_entropy(hidden, head.weight, labels, bias, divisor, precision)
 
     def prediction_step(
         self,
