@@ -49,6 +49,7 @@ from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, traini
 from finetune_module.engine import batching, distributed, generation, speedups, unpadded
 from finetune_module.engine.decoding import transformers_model
 from finetune_module.engine.metrics import ROUGE_KEYS
+from finetune_module.engine.settings import cpu_multiplies_bf16
 from finetune_module.engine.trainer import FinetuneTrainer, trainer_callbacks
 from finetune_module.tiny_model import Sizes, build, build_t5
 
@@ -207,9 +208,9 @@ def cpu() -> dict[str, Any]:
     """This machine's CPU as the figures depend on it: its `name`, `vendor`, `family` and
     `model` (from /proc/cpuinfo; None where the system has none), its `cores`, the vector
     instructions torch's own kernels use here (`torch_kernels`: "AVX2", "AVX512", ...), and
-    whether oneDNN multiplies bfloat16 natively (`bf16_products`). Two machines that both
-    call themselves "AMD EPYC" can differ in all but the name: one with AVX2 only, one with
-    AVX-512 and bf16, and their figures with them."""
+    whether it multiplies bfloat16 natively (`bf16_products`, as the `bf16` setting checks
+    it). Two machines that both call themselves "AMD EPYC" can differ in all but the name:
+    one with AVX2 only, one with AVX-512 and bf16, and their figures with them."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
@@ -224,7 +225,7 @@ def cpu() -> dict[str, Any]:
         "model": fields.get("model"),
         "cores": os.cpu_count(),
         "torch_kernels": torch.backends.cpu.get_cpu_capability(),
-        "bf16_products": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "bf16_products": cpu_multiplies_bf16(),
     }
 
 

@@ -397,7 +397,7 @@ def test_linear_cross_entropy_in_bf16_is_autocasts_output_layer_and_cross_entrop
     reference = nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
     reference.backward()
     expected_grad, hidden.grad = hidden.grad.clone(), None
-    loss = speedups.linear_cross_entropy(hidden, weight, labels, bias, precision=torch.bfloat16)
+    loss = speedups.linear_cross_entropy(hidden, weight, labels, bias, bf16=True)
     loss.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-3, atol=1e-3)
     assert hidden.grad.dtype == torch.float32

@@ -247,9 +247,8 @@ def cpu_multiplies_bf16() -> bool:
     """Whether this machine's CPU multiplies bfloat16 natively (AVX512-BF16, as on AMD Zen 4
     and Intel Cooper Lake or later, or AMX tiles, as on Intel Sapphire Rapids or later); where
     it does not, oneDNN converts bf16 to fp32 for every product, which is slower than fp32."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own probes
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def mixed_precision(device: torch.device, bf16: bool = False, fp16: bool = False) -> str:

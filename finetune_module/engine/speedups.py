@@ -579,8 +579,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     gradient take ~19% less time (28.5 -> 23.1 s over 120 batches of 100-900 targets; in the
     benchmark's first 24 steps 4.7-4.9 -> 4.3 s). The gradient's product stays torch's:
     packing the transposed weight too gained another 8% for another 66 MB and more of
-    oneDNN's working memory, at the training's peak. With `precision` (bfloat16, the CPU's
-    mixed precision) both products run in it, as autocast runs the output layer, on bf16
+    oneDNN's working memory, at the training's peak. With `bf16` (the CPU's mixed precision)
+    both products run in bfloat16, as autocast runs the output layer, on bf16
     copies of the weight kept across steps (packed for the logits, 33 MB each for T5's);
     the logits' softmax and the loss stay in fp32."""
 
@@ -592,7 +592,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         labels: torch.Tensor,
         bias: torch.Tensor | None,
         divisor: float | None,
-        precision: torch.dtype | None,
+        bf16: bool,
     ) -> torch.Tensor:
         positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         count = divisor if divisor is not None else max(1, positions.numel())
@@ -600,7 +600,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros(())
         grad_labelled = torch.empty_like(labelled) if hidden.requires_grad else None
         packed, product_weight = None, weight
-        low = precision is not None and packing.available() and weight.device.type == "cpu"
+        low = bf16 and packing.available() and weight.device.type == "cpu"
         if low:
             packed, product_weight = _OUTPUT_BF16_PACKS.weight(weight), _OUTPUT_BF16.weight(weight)
         elif packing.packs(weight) and not weight.requires_grad:
@@ -653,18 +653,18 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     divisor: torch.Tensor | float | None = None,
-    precision: torch.dtype | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """`cross_entropy(hidden @ weight.T + bias, labels, ignore_index=-100)` (the mean over the
     labelled tokens; with `divisor`, their sum over it) without keeping the logits; `weight`
-    and `bias` must be frozen. `precision`: the products' (bfloat16 under the CPU's mixed
-    precision; None: `hidden`'s)."""
+    and `bias` must be frozen. `bf16`: its products in bfloat16 (under the CPU's mixed
+    precision), the rest in `hidden`'s precision."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     if bias is not None:
         bias = bias.reshape(-1)
     if isinstance(divisor, torch.Tensor):
         divisor = float(divisor)
-    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), bias, divisor, precision)
+    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), bias, divisor, bf16)
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:

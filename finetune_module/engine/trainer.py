@@ -534,8 +534,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
         # fp32 states (as the Trainer's model returns its outputs under autocast too); under
         # the CPU's bf16 the loss's products (the output layer's) in bf16, as autocast's are
         hidden = hidden.to(head.weight.dtype)
-        precision = torch.bfloat16 if self.args.bf16 else None  # (only the CPU gets here)
-        return speedups.linear_cross_entropy(hidden, head.weight, labels, bias, divisor, precision)
+        bf16 = self.args.bf16  # (only the CPU's gets here)
+        return speedups.linear_cross_entropy(hidden, head.weight, labels, bias, divisor, bf16)
 
     def prediction_step(
         self,
