@@ -577,7 +577,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stage_seconds": dict(sorted(stages.items(), key=lambda kv: -kv[1])),
         "node_seconds": dict(sorted(timer.seconds.items(), key=lambda kv: -kv[1])),
         "dag_seconds": dag_seconds,
-        "peak_rss_gb": _summed_over_processes(
+        "peak_rss_gb": _summed_over_processes(  # in GiB: ru_maxrss is in KiB
             {"gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
         )["gb"],
         "processes": distributed.world_size(),
@@ -647,7 +647,7 @@ def _table(f: dict[str, Any]) -> str:
         ),
         ("generated tokens/s", f"{f['generated_tokens_per_second']:.0f}"),
         ("whole DAG wall", f"{f['dag_seconds']:.1f} s"),
-        ("peak RSS", f"{f['peak_rss_gb']:.2f} GB"),
+        ("peak RSS", f"{f['peak_rss_gb']:.2f} GiB"),
     ]
     rows += [(f"  stage {k}", f"{v:.1f} s") for k, v in f["stage_seconds"].items()]
     if "speedup_vs_reference" in f:

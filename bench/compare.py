@@ -46,7 +46,7 @@ FIGURES = (
     ("whole job", "whole_seconds", "dag_seconds", "s"),
     ("training", "train_seconds", "train_seconds", "s"),
     ("generation", "generation_seconds", "finetuned_answers_seconds", "s"),
-    ("peak memory", "peak_rss_gb", "peak_rss_gb", "GB"),
+    ("peak memory", "peak_rss_gb", "peak_rss_gb", "GiB"),  # ru_maxrss / 2**20
 )
 # what both sides must share for the comparison to be fair: (the peer's figure, our figure)
 SHARED = (
@@ -188,7 +188,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _value(value: float, unit: str) -> str:
     """A figure with its unit."""
-    return f"{value:.2f} {unit}" if unit == "GB" else f"{value:.1f} {unit}"
+    return f"{value:.2f} {unit}" if unit == "GiB" else f"{value:.1f} {unit}"
 
 
 def table(c: dict[str, Any]) -> str:

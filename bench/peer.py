@@ -318,7 +318,7 @@ def main(
         f"peer: training {figures['train_seconds']:.1f} s ({figures['steps']} steps), "
         f"generation {figures['generation_seconds']:.1f} s ({figures['generated_answers']} "
         f"answers), whole job {figures['whole_seconds']:.1f} s, "
-        f"peak RSS {figures['peak_rss_gb']:.2f} GB; figures written to {args.out}"
+        f"peak RSS {figures['peak_rss_gb']:.2f} GiB; figures written to {args.out}"
     )
     return 0
 

@@ -88,7 +88,7 @@ def _prepare(records: int, family: str, work: Path) -> dict[str, str]:
 
 
 def _peak_gb() -> float:
-    """This process's peak resident memory so far, in GB (Linux reports KiB)."""
+    """This process's peak resident memory so far, in GiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
