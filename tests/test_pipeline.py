@@ -1,5 +1,6 @@
 """The whole dataflow on a tiny local model, in both configs, as a user's run file runs it."""
 
+import gc
 import math
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,14 @@ import torch
 from hamilton import driver
 from huggingface_hub import utils as hub_utils
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 from transformers.generation.utils import GenerationMixin
 from transformers.utils import logging as transformers_logging
 
 import finetune_module
 from finetune_module.engine import generation
 from finetune_module.engine.records import split_sizes
+from finetune_module.engine.trainer import trainer_callbacks
 from finetune_module.errors import ModelNotAvailableError, SettingsError
 from tests.conftest import EXAMPLE_DATA, QUICK, read_json, run_dag
 
@@ -240,6 +243,40 @@ def test_a_quiet_run_prints_nothing_and_leaves_the_libraries_as_they_were(
     libraries = [w for w in recwarn if "site-packages" in w.filename]
     assert not libraries, [f"{w.filename}: {w.message}" for w in libraries]
     assert _library_output_settings() == before
+
+
+class _FreezeProbe(TrainerCallback):
+    """Records how many objects the garbage collector leaves out (frozen) at each step."""
+
+    def __init__(self) -> None:
+        self.frozen: list[int] = []
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.frozen.append(gc.get_freeze_count())
+
+
+@pytest.mark.parametrize("program_froze", [False, True])
+def test_training_keeps_the_objects_alive_before_it_out_of_the_collectors_passes(
+    tiny_model_dir: Path, tmp_path: Path, program_froze: bool
+) -> None:
+    probe = _FreezeProbe()
+    inputs = {"data_path": str(EXAMPLE_DATA), "model_id": str(tiny_model_dir), **QUICK}
+    if program_froze:
+        gc.freeze()
+    before = gc.get_freeze_count()
+    try:
+        with trainer_callbacks([probe]):
+            run_dag("base", **inputs, output_dir=str(tmp_path), quiet=True)
+        after = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    assert len(probe.frozen) == QUICK["max_steps"]
+    if program_froze:  # the program's own freeze is left as it was, neither added to nor
+        # undone (frozen objects that are freed leave it, so it may only shrink)
+        assert all(0 < count <= before for count in [*probe.frozen, after])
+    else:  # the libraries, the model and the data: far more objects than a run makes
+        assert before == 0 and after == 0
+        assert min(probe.frozen) > 10_000
 
 
 def test_presaved_without_a_saved_model_is_a_clear_error(tmp_path: Path) -> None:
