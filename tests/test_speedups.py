@@ -154,25 +154,28 @@ def test_onednn_caches_are_bounded_unless_the_environment_sizes_them(
         speedups.bounded_onednn_caches.cache_clear()
 
 
-# a process multiplies bf16 matrices of 600 shapes, one after another (as training's products
+# a process multiplies bf16 matrices of 1200 shapes, one after another (as training's products
 # change shape with every batch), and prints how much its resident memory grew, in MB
 _SHAPES_GROWTH = """
 import sys, torch
+torch.set_num_threads(1)  # on two threads a busy machine's scheduling moved the growth more
 from finetune_module.engine import speedups
 if sys.argv[1] == "bounded":
     speedups.bounded_onednn_caches()
 def resident():
     status = open("/proc/self/status").read()
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
-weight = torch.randn(1024, 512).bfloat16()
-(torch.randn(8, 512).bfloat16() @ weight.T).sum()
+weights = [torch.randn(outputs, 512).bfloat16() for outputs in (1024, 768)]
+(torch.randn(8, 512).bfloat16() @ weights[0].T).sum()
 before = resident()
 for rows in range(100, 700):
-    (torch.randn(rows, 512).bfloat16() @ weight.T).sum()
+    for weight in weights:
+        (torch.randn(rows, 512).bfloat16() @ weight.T).sum()
 print(resident() - before)
 """
 
 
+@pytest.mark.slow  # two processes of 1200 products: 25-45 s
 @pytest.mark.skipif(
     not (Path("/proc/self/status").is_file() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     reason="oneDNN multiplies bf16 here only on a CPU with AVX-512 (and Linux's /proc to read "
@@ -180,7 +183,10 @@ print(resident() - before)
 )
 def test_bounded_onednn_caches_keep_a_process_from_growing_with_each_product_shape() -> None:
     """oneDNN keeps each shape's compiled product with buffers sized by the shape; bounded,
-    the process stays within a fraction of what it grows to otherwise."""
+    the process stays within a fraction of what it grows to otherwise. (How much the bounded
+    process grows varies from run to run, 50-190 MB over 600 shapes, for reasons not
+    measured; with twice the shapes the unbounded one grows twice as much, 610-800 MB, and
+    the bounded one no more: 60-130 MB.)"""
     environment = {
         k: v
         for k, v in os.environ.items()
@@ -193,7 +199,7 @@ def test_bounded_onednn_caches_keep_a_process_from_growing_with_each_product_sha
             capture_output=True, text=True, cwd=REPO, env=environment, timeout=300, check=True,
         )  # fmt: skip
         grown[caches] = float(done.stdout)
-    assert grown["default"] > 200, grown  # ~560 MB on a Zen 4 CPU
+    assert grown["default"] > 400, grown
     assert grown["bounded"] < grown["default"] / 3, grown
 
 
