@@ -46,7 +46,14 @@ from transformers.generation.utils import GenerationMixin
 
 import finetune_module
 from bench.data import DATA_VERSION, TOKENIZER_VOCABULARY, build_dataset, training_texts
-from finetune_module.engine import batching, distributed, generation, speedups, unpadded
+from finetune_module.engine import (
+    batching,
+    distributed,
+    generation,
+    mkl_kernels,
+    speedups,
+    unpadded,
+)
 from finetune_module.engine.decoding import transformers_model
 from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.engine.settings import cpu_multiplies_bf16
@@ -98,6 +105,7 @@ ABLATIONS = {
     "python-gelu": "T5's tanh GELU as five tensor operations instead of one kernel",
     "system-malloc": "glibc's default allocator settings (big blocks mapped and unmapped) "
     "and oneDNN's default cache sizes",
+    "mkl-avx2": "MKL's own choice of kernels (its AVX2 ones on an AMD processor with AVX-512)",
     "eval-logits": "the trainer's evaluations keep every logit (prediction_loss_only off)",
     "input-grouping": "Hugging Face's group_by_length batches (input length only)",
     "no-swaps": "batches as the windows sorted them, no examples swapped between them",
@@ -114,6 +122,7 @@ _SPEEDUPS_OFF = {
     "sdpa-dropout": ("attention_dropout",),
     "python-gelu": ("fused_gelu",),
     "system-malloc": ("allocator",),
+    "mkl-avx2": ("mkl_avx512",),
     "stock-loss": ("logit_free_loss",),
     "padded": ("unpadded",),
     "one-worker": ("worker_threads",),
@@ -211,13 +220,7 @@ def cpu() -> dict[str, Any]:
     whether it multiplies bfloat16 natively (`bf16_products`, as the `bf16` setting checks
     it). Two machines that both call themselves "AMD EPYC" can differ in all but the name:
     one with AVX2 only, one with AVX-512 and bf16, and their figures with them."""
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition(":")
-            if not key.strip():
-                break  # the first processor's block ends here
-            fields.setdefault(key.strip(), value.strip())
+    fields = mkl_kernels.cpu_fields()
     return {
         "name": fields.get("model name") or platform.processor() or None,
         "vendor": fields.get("vendor_id"),
@@ -452,8 +455,10 @@ def decoder_model(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds the model and data, runs the DAG once, and returns the figures."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.ablate != "system-malloc":  # as the DAG's model does, before any oneDNN product
-        speedups.bounded_onednn_caches()  # (the matmul peak's below, in bf16)
+    # as the DAG's model does, before any oneDNN or MKL product (the matmul peak's below)
+    if args.ablate != "system-malloc":
+        speedups.bounded_onednn_caches()
+    mkl_avx512 = args.ablate != "mkl-avx2" and mkl_kernels.use_avx512_kernels()
     if args.ablate == "one-thread":
         torch.set_num_threads(1)
     if args.ablate == "input-grouping":
@@ -585,6 +590,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "machine": machine_line(this_cpu),
         "cpu": this_cpu,
+        "mkl_avx512": mkl_avx512,
         "eval_loss": metrics["eval_loss"],
         "rouge": {k: metrics[k] for k in ROUGE_KEYS},
         "hold_out_rouge": {k: result["finetuned_hold_out_metrics"][k] for k in ROUGE_KEYS},
@@ -610,6 +616,7 @@ def _table(f: dict[str, Any]) -> str:
     rows = [
         ("model / ablation", f"{f['model']} / {f['ablation']}"),
         ("machine", f["machine"]),
+        ("MKL's AVX-512 kernels", "taken (an AMD CPU with AVX-512)" if f["mkl_avx512"] else "no"),
         ("processes x torch threads", f"{f['processes']} x {f['torch_threads']}"),
         (
             "train examples x epochs",

@@ -78,6 +78,7 @@ def compare(
     batch_size: int = 8,
     max_new_tokens: int = 0,
     peer_flush_subnormals: bool = False,
+    peer_mkl_avx512: bool = False,
     family: str | None = None,
     bf16: bool = False,
     us_first: bool = False,
@@ -96,6 +97,8 @@ def compare(
     :param peer_flush_subnormals: the peer flushes subnormal floats to zero on every thread
         (`bench.peer --flush-subnormals`), which the plain script does not: our loss makes
         none, and on some CPUs the script's own loss makes them slow.
+    :param peer_mkl_avx512: the peer takes MKL's AVX-512 kernels on an AMD processor with
+        AVX-512 (`bench.peer --mkl-avx512`), as our dataflow does and the plain script does not.
     :param family: a decoder-only model of this family (`bench.benchmark.DECODER_FAMILIES`),
         and the decoder-only peer (`bench.peer_causal`), instead of the sequence-to-sequence
         ones.
@@ -111,12 +114,13 @@ def compare(
     load_before = _load_average()
     peer_out, us_out = work / "peer.json", work / "us.json"
     peer_run = work / "peer-run"
-    flush = ["--flush-subnormals"] if peer_flush_subnormals else []
+    options = ["--flush-subnormals"] if peer_flush_subnormals else []
+    options += ["--mkl-avx512"] if peer_mkl_avx512 else []
     peer_script = "bench.peer_causal" if family else "bench.peer"
     ours = (["--quick"] if quick else []) + (["--family", family] if family else [])
     sides = [
         (peer_script, ["--data", str(data_path), "--model", str(model_dir),
-                       "--output-dir", str(peer_run), "--out", str(peer_out), *common, *flush]),
+                       "--output-dir", str(peer_run), "--out", str(peer_out), *common, *options]),
         ("bench.benchmark", ["--workdir", str(work), "--records", str(records),
                              "--out", str(us_out), *common, *ours]),
     ]  # fmt: skip
@@ -135,6 +139,7 @@ def compare(
         "epochs": epochs,
         "batch_size": batch_size,
         "peer_flush_subnormals": peer["flush_subnormals"],
+        "peer_mkl_avx512": peer["mkl_avx512"],
         "precision": us["precision"],
         "peer": {p: peer[p] for _, p, _, _ in FIGURES},
         "us": {p: us[u] for _, p, u, _ in FIGURES},
@@ -224,7 +229,8 @@ def table(c: dict[str, Any]) -> str:
         "",
         f"{c['model']}, {c['records']} records, {c['epochs']:g} epoch(s), batch {c['batch_size']}"
         + f", {c.get('precision', 'fp32')} on both sides"
-        + ("; the peer flushed subnormal floats to zero" if c["peer_flush_subnormals"] else ""),
+        + ("; the peer flushed subnormal floats to zero" if c["peer_flush_subnormals"] else "")
+        + ("; the peer took MKL's AVX-512 kernels" if c.get("peer_mkl_avx512") else ""),
         f"answers: {answers:.0f} on each side, {c['generated_tokens']['peer']:.0f} tokens (peer) "
         f"vs {c['generated_tokens']['us']:.0f} (us); ours also answers with the base model "
         f"({c['our_base_answers_seconds']:.1f} s, within our whole job)",
@@ -263,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         "script does not (our loss makes none; the script's makes them, slow on some CPUs)",
     )
     p.add_argument(
+        "--peer-mkl-avx512",
+        action="store_true",
+        help="the peer takes MKL's AVX-512 kernels on an AMD processor with AVX-512, as our "
+        "dataflow does and the plain script does not",
+    )
+    p.add_argument(
         "--family",
         choices=DECODER_FAMILIES,
         help="a decoder-only model of this family, of flan-t5-small's size, and the plain "
@@ -293,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens or (16 if args.quick else 0),
         peer_flush_subnormals=args.peer_flush_subnormals,
+        peer_mkl_avx512=args.peer_mkl_avx512,
         family=args.family,
         bf16=args.bf16,
     )

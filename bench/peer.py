@@ -296,11 +296,22 @@ def main(
         "to measure what they cost it)",
     )
     p.add_argument(
+        "--mkl-avx512",
+        action="store_true",
+        help="MKL's AVX-512 kernels on an AMD processor with AVX-512, as our dataflow takes "
+        "them (not what the plain script does: to measure what they give it)",
+    )
+    p.add_argument(
         "--bf16", action="store_true", help="train in bf16 mixed precision (the Trainer's bf16)"
     )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.flush_subnormals and not flush_subnormals():
         raise SystemExit("This CPU cannot flush subnormal floats to zero.")
+    if args.mkl_avx512:  # imported only here: the plain script does without our package
+        from finetune_module.engine import mkl_kernels
+
+        if not mkl_kernels.use_avx512_kernels():
+            raise SystemExit(f"MKL's kernels stay its own choice here: {mkl_kernels.refusal()}.")
     figures = script(
         args.data,
         args.model,
@@ -311,6 +322,7 @@ def main(
         bf16=args.bf16,
     )
     figures["flush_subnormals"] = args.flush_subnormals
+    figures["mkl_avx512"] = args.mkl_avx512
     figures["precision"] = "bf16 autocast" if args.bf16 else "fp32"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

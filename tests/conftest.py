@@ -18,7 +18,14 @@ import torch
 from hamilton import driver
 
 import finetune_module
+from finetune_module.engine import mkl_kernels
 from finetune_module.tiny_model import Sizes, build, build_t5, texts_of
+
+# MKL's kernels as a fresh run of the dataflow takes them, before any test's first product: a
+# test that compares a run in a process of its own (the command) with one in this process to
+# the bit needs both on the same kernels (their sums round alike). Where they do not apply
+# (not an AMD processor with AVX-512), MKL's own choice holds in both.
+mkl_kernels.use_avx512_kernels()
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DATA = REPO / "example-support-dataset.json"

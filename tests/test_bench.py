@@ -29,6 +29,7 @@ from bench.peer import tokenized_sets
 from bench.peer_causal import tokenized_sets as causal_tokenized_sets
 from bench.step_profile import MATMULS
 from finetune_module import MODULES
+from finetune_module.engine import mkl_kernels
 from finetune_module.engine.metrics import ROUGE_KEYS
 from finetune_module.tiny_model import train_tokenizer
 from tests.conftest import EXAMPLE_DATA, REPO
@@ -120,6 +121,8 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path, family: str
         assert f"family {machine['family']}, model {machine['model']}" in figures["machine"]
     assert figures["machine"] in done.stdout
     assert "train samples/s" in done.stdout
+    # MKL's AVX-512 kernels, where this processor qualifies for them (a process of its own)
+    assert figures["mkl_avx512"] is (mkl_kernels.refusal() is None)
 
 
 def test_a_step_in_parts_is_banded_by_its_longest_part_and_counts_every_parts_work() -> None:
@@ -257,7 +260,8 @@ def test_quick_comparison_runs_both_and_writes_every_figure(
     for figure in figures:
         ratio = comparison["peer"][figure] / comparison["us"][figure]
         assert comparison["peer_over_us"][figure] == pytest.approx(ratio)
-    assert comparison["peer_flush_subnormals"] is False  # the plain script, as written
+    # the plain script, as written
+    assert comparison["peer_flush_subnormals"] is False and comparison["peer_mkl_avx512"] is False
     peer = comparison["peer_figures"]
     # 24 records: 22 to train on (3 steps of 8), 1 validation and 1 hold-out question
     assert peer["train_examples"] == 22 and peer["steps"] == 3
@@ -293,7 +297,8 @@ def _fake_sides(monkeypatch: pytest.MonkeyPatch, whole: dict[str, list[float]]) 
             figures = {**shared, "precision": precision,
                        "whole_seconds": seconds, "train_seconds": seconds - 5,
                        "generation_seconds": 4.0, "peak_rss_gb": 5.0, "generated_answers": 2,
-                       "flush_subnormals": False, "generated_tokens": 18, "best_eval_loss": 3.0,
+                       "flush_subnormals": False, "mkl_avx512": "--mkl-avx512" in arguments,
+                       "generated_tokens": 18, "best_eval_loss": 3.0,
                        "rouge": {"validation": rouge, "hold_out": rouge}}  # fmt: skip
         else:
             figures = {**shared, "precision": precision,
@@ -333,6 +338,12 @@ def test_comparison_rounds_alternate_the_sides_and_give_the_median_of_their_rati
     single = compare.compare_rounds(tmp_path, 1)
     assert "rounds" not in single and "medians of" not in compare.table(single)
     assert single["peer_over_us"]["whole_seconds"] == pytest.approx(200.0 / 90.0)
+    assert single["peer_mkl_avx512"] is False
+    # the peer given MKL's AVX-512 kernels, as ours takes them: said so in the table
+    ran.clear()
+    given = compare.compare_rounds(tmp_path, 1, peer_mkl_avx512=True)
+    assert given["peer_mkl_avx512"] is True
+    assert "the peer took MKL's AVX-512 kernels" in compare.table(given)
     with pytest.raises(ValueError, match="at least 1"):
         compare.compare_rounds(tmp_path, 0)
 

@@ -730,7 +730,9 @@ def _switch_on(
         (family, piece)
         for family in FAMILIES
         for piece in speedups.SPEEDUPS
-        if piece != "allocator"  # the process's allocator: no model involved (test above)
+        # the process's allocator and MKL's kernels: no model involved (tests above and in
+        # tests/test_mkl_kernels.py)
+        if piece not in ("allocator", "mkl_avx512")
     ],
 )
 def test_each_piece_gives_the_stock_loss_and_gradients_where_it_is_proven(
@@ -781,9 +783,9 @@ def test_the_layer_applies_only_where_proven_on_the_proven_release(
     assert speedups_requested(torch.device("cuda"), None) == ()
     assert speedups_requested(torch.device("cpu"), False) == ()
     assert speedups.applicable(("fused_gelu", "nonsense"), config) == ("fused_gelu",)
-    # a family no test proves gets the process-wide allocator only
+    # a family no test proves gets the process-wide pieces only: the allocator, MKL's kernels
     config.model_type = "bloom"
-    assert speedups.applicable(everything, config) == ("allocator",)
+    assert speedups.applicable(everything, config) == ("allocator", "mkl_avx512")
     # another transformers release: the stock path, with a warning
     config.model_type = "t5"
     monkeypatch.setattr(speedups.transformers, "__version__", "6.0.0")
@@ -822,7 +824,8 @@ def test_the_proven_pieces_train_as_the_stock_path_does_in_bf16_on_the_cpu(
     wrapped = trainer.accelerator.prepare_model(model)  # the model as the Trainer trains it
     assert wrapped.forward is not type(wrapped).forward  # autocast around every call
     stock_loss, stock_grads = _loss_and_gradients(wrapped, batch, trainer)
-    skipped = ("allocator", "activation_budget")  # the process's; every layer recomputing
+    # the process's; every layer recomputing
+    skipped = ("allocator", "mkl_avx512", "activation_budget")
     proven = [p for p in speedups.PROVEN[model.config.model_type] if p not in skipped]
     switched = {piece: _switch_on(piece, model, batch, trainer) for piece in proven}
     loss, grads = _loss_and_gradients(wrapped, batch, trainer)

@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from finetune_module.engine import speedups
+from finetune_module.engine import mkl_kernels, speedups
 from finetune_module.engine.files import BEST_MODEL_DIR, CHECKPOINTS_DIR, existing_directory
 from finetune_module.engine.loading import ADAPTER_CONFIG, load_pretrained, saved_adapter_dir
 from finetune_module.engine.settings import LoraSettings
@@ -351,6 +351,8 @@ def build_model(
     if "allocator" in recipe.speedups:
         speedups.keep_freed_memory()
         speedups.bounded_onednn_caches()
+    if "mkl_avx512" in recipe.speedups:  # before the model's first product
+        mkl_kernels.use_avx512_kernels()
     quantization_config = bitsandbytes_config(recipe.quantization, recipe.precision)
     model = load_model(
         recipe.model_type, recipe.model_id, device, recipe.trust_remote_code, quantization_config

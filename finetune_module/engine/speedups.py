@@ -5,6 +5,8 @@ equal for.
 The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
 - `allocator`: glibc's allocator keeps freed memory for reuse (`keep_freed_memory`), and
   oneDNN's caches of compiled products stay small (`bounded_onednn_caches`);
+- `mkl_avx512`: on an AMD processor with AVX-512, MKL runs torch's float32 products with its
+  AVX-512 kernels instead of its AVX2 ones for AMD (`mkl_kernels`);
 - `fused_gelu`: the tanh GELU in one kernel instead of five operations (`fuse_gelu`);
 - `cheap_dropout`: dropout with 16 random bits and a one-byte mask per value (`FastDropout`);
 - `attention_dropout`: the same cheaper dropout on the attention weights, keeping 5 bytes per
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 #: Every piece of the speed layer, in the order they are applied.
 SPEEDUPS = (
     "allocator",
+    "mkl_avx512",
     "fused_gelu",
     "cheap_dropout",
     "attention_dropout",
@@ -73,10 +76,12 @@ SPEEDUPS = (
 #: (tests/test_speedups.py), where it changes something: the fused GELU where the family has
 #: the five-operation GELU, the logit-free loss where the family computes its loss from its
 #: output layer's logits, training on unpadded tokens for T5's attention, the causal mask alone
-#: for a decoder-only model's attention. The allocator concerns the process, not the model.
-_WITHOUT_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "activation_budget",
+#: for a decoder-only model's attention. The allocator and MKL's kernels concern the process,
+#: not the model: every family gets them (`PROCESS_PIECES`).
+PROCESS_PIECES = ("allocator", "mkl_avx512")
+_WITHOUT_LOSS = (*PROCESS_PIECES, "cheap_dropout", "attention_dropout", "activation_budget",
                  "worker_threads")  # fmt: skip
-_WITH_LOSS = ("allocator", "cheap_dropout", "attention_dropout", "logit_free_loss",
+_WITH_LOSS = (*PROCESS_PIECES, "cheap_dropout", "attention_dropout", "logit_free_loss",
               "activation_budget", "worker_threads")  # fmt: skip
 _T5 = tuple(name for name in SPEEDUPS if name != "causal_mask")
 _DECODER_ONLY = tuple(name for name in SPEEDUPS if name not in ("fused_gelu", "unpadded"))
@@ -738,7 +743,7 @@ def applicable(requested: tuple[str, ...], config: PretrainedConfig) -> tuple[st
             installed,
         )
         return ()
-    proven = PROVEN.get(config.model_type, ("allocator",))
+    proven = PROVEN.get(config.model_type, PROCESS_PIECES)
     return tuple(name for name in SPEEDUPS if name in requested and name in proven)
 
 
