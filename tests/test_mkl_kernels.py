@@ -93,7 +93,8 @@ def test_the_loaded_library_and_its_slots_are_found(tmp_path: Path) -> None:
 # A fresh process (MKL settles its kernels at each function's first call): MKL's processor
 # type before and after the switch, whether it switched, the switch asked again, and a
 # product's largest difference from the same product in float64. With "taken", the slot
-# already points at another library's function first, as an LD_PRELOAD would have it.
+# already points at another library's function first, as an LD_PRELOAD would have it; with
+# "no-exec", the system refuses the executable page.
 _SWITCH = """
 import ctypes, json, sys
 import torch
@@ -106,6 +107,8 @@ if sys.argv[1] == "taken":
     elsewhere = ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value
     for offset in offsets:
         ctypes.c_uint64.from_address(base + offset).value = elsewhere
+if sys.argv[1] == "no-exec":
+    mkl_kernels._answering_function = lambda: None
 before = library.mkl_serv_get_cpu_type()
 switched = mkl_kernels.use_avx512_kernels()
 after = library.mkl_serv_get_cpu_type()
@@ -141,9 +144,13 @@ def test_on_an_amd_processor_with_avx512_mkl_sees_one_its_avx512_kernels_serve()
 @pytest.mark.skipif(
     mkl_kernels.refusal() is not None, reason=f"MKL's kernels stay: {mkl_kernels.refusal()}"
 )
-def test_a_check_already_answered_by_another_library_is_left_alone() -> None:
-    result = _switch("taken")
+@pytest.mark.parametrize("mode", ["taken", "no-exec"])
+def test_a_check_answered_by_another_library_or_a_system_without_pages_to_run_keeps_it(
+    mode: str,
+) -> None:
+    result = _switch(mode)
     assert result["switched"] is False and result["after"] == result["before"]
+    assert result["error"] < 1e-3
 
 
 def test_the_model_s_building_switches_only_with_its_piece(

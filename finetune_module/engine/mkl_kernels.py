@@ -166,48 +166,62 @@ def refusal() -> str | None:
     return None
 
 
-def _answering_function() -> int:
-    """The address of a function that returns 1, on a page of its own (read and execute)."""
+def _answering_function() -> int | None:
+    """The address of a function that returns 1, on a page of its own (read and execute);
+    None where the system refuses executable pages made at run time."""
     if not _ANSWER_PAGE:
         page = mmap.mmap(-1, mmap.PAGESIZE)
         page.write(_ANSWER_YES)
         address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         if libc.mprotect(address, mmap.PAGESIZE, _PROT_READ | _PROT_EXEC) != 0:
-            raise OSError(ctypes.get_errno(), "mprotect refused an executable page")
+            return None
         _ANSWER_PAGE.append(page)
     return ctypes.addressof(ctypes.c_char.from_buffer(_ANSWER_PAGE[0]))
+
+
+def _check_slots() -> tuple[list[int], str | None]:
+    """The addresses of `libtorch_cpu.so`'s slots for MKL's check, and why they cannot be
+    written (None where they can): the library's own, writable, still pointing into it."""
+    found = loaded_library(LIBRARY)
+    if found is None:
+        return [], f"{LIBRARY} is not loaded"
+    path, regions = found
+    offsets, defined = relocation_offsets(path, INTEL_CHECK)
+    function = getattr(ctypes.CDLL(str(path)), INTEL_CHECK, None)
+    own = ctypes.cast(function, ctypes.c_void_p).value if function is not None else None
+    if not offsets or own is None or defined is None:
+        return [], f"{LIBRARY} has no call to {INTEL_CHECK}"
+    base = own - defined  # the library's load address
+
+    def inside(address: int, writable: bool = False) -> bool:
+        return any(s <= address < e and (not writable or "w" in p) for s, e, p in regions)
+
+    slots = [base + offset for offset in offsets]
+    if not all(inside(slot, writable=True) for slot in slots):
+        return [], f"{LIBRARY}'s slot for {INTEL_CHECK} is read-only"
+    if not all(inside(ctypes.c_uint64.from_address(slot).value) for slot in slots):
+        return [], f"{INTEL_CHECK} is already another library's (LD_PRELOAD)"
+    return slots, None
 
 
 @functools.cache
 def use_avx512_kernels() -> bool:
     """Has MKL take its AVX-512 kernels on this AMD processor for the functions the process
     has not called yet (see the module's docstring); returns whether it did. Once per process."""
+    slots: list[int] = []
+    answer: int | None = None
     reason = refusal()
     if reason is None:
-        found = loaded_library(LIBRARY)
-        assert found is not None  # refusal() checked it
-        path, regions = found
-        offsets, defined = relocation_offsets(path, INTEL_CHECK)
-        # the load address: where the library's own definition is, less its offset
-        own = ctypes.cast(getattr(ctypes.CDLL(str(path)), INTEL_CHECK), ctypes.c_void_p).value
-        base = (own or 0) - (defined or 0)
-        slots = [base + offset for offset in offsets]
-
-        def inside(address: int, writable: bool = False) -> bool:
-            return any(s <= address < e and (not writable or "w" in p) for s, e, p in regions)
-
-        if not slots or own is None or defined is None:
-            reason = f"{LIBRARY} has no call to {INTEL_CHECK}"
-        elif not all(inside(slot, writable=True) for slot in slots):
-            reason = f"{LIBRARY}'s slot for {INTEL_CHECK} is read-only"
-        elif not all(inside(ctypes.c_uint64.from_address(slot).value) for slot in slots):
-            reason = f"{INTEL_CHECK} is already another library's (LD_PRELOAD)"
-    if reason is not None:
+        slots, reason = _check_slots()
+    if reason is None:
+        answer = _answering_function()
+        if answer is None:
+            reason = "the system refuses an executable page made at run time"
+    if reason is not None or answer is None:
         logger.debug("MKL keeps its own choice of kernels: %s.", reason)
         return False
-    answer = _answering_function()
     for slot in slots:
         ctypes.c_uint64.from_address(slot).value = answer
     logger.debug("MKL takes its AVX-512 kernels on this AMD processor.")
