@@ -18,6 +18,7 @@ from hamilton.function_modifiers import cache
 import finetune_module
 from finetune_module import timing
 from finetune_module.engine import html_report, run_info
+from finetune_module.engine.collector import objects_alive_frozen
 from finetune_module.engine.models import ModelRecipe
 from finetune_module.engine.records import DEFAULT_PROMPT_TEMPLATE
 from finetune_module.engine.tokens import TokenLists
@@ -127,6 +128,10 @@ def report_html(
         )
     ]
     lengths = (source_token_ids, target_token_ids, source_length_cap, target_length_cap)
+    with objects_alive_frozen():  # plotly's first figure reads its validators: many objects
+        losses = html_report.loss_figure(training_log)
+        scores = html_report.scores_figure(base_vs_finetuned_metrics)
+        histograms = html_report.lengths_figure(*lengths)
     return html_report.page(
         "Fine-tune report",
         [
@@ -151,21 +156,21 @@ def report_html(
                 "Both curves should fall. Validation loss rising while training loss keeps "
                 "falling means the model is memorising the training set (overfitting); the "
                 "checkpoint with the lowest validation loss is the one kept.",
-                html_report.loss_figure(training_log),
+                losses,
             ),
             (
                 "ROUGE: base model vs fine-tuned",
                 "Word overlap with the reference answers (0-100, higher is better), for the same "
                 "questions answered by the base model (adapter switched off) and by the "
                 "fine-tune; with accuracy and macro-F1 when the targets are class labels.",
-                html_report.scores_figure(base_vs_finetuned_metrics),
+                scores,
             ),
             (
                 "Token lengths and caps",
                 "Texts longer than a cap (dashed line) are cut to it: inputs when they are read, "
                 "targets in training; the target cap also bounds the length of generated "
                 "answers.",
-                html_report.lengths_figure(*lengths),
+                histograms,
             ),
             (
                 "Hold-out answers",

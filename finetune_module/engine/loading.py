@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import get_session
 
+from finetune_module.engine.collector import objects_alive_frozen
 from finetune_module.errors import ModelNotAvailableError
 
 DEFAULT_MODEL_ID = "google/flan-t5-small"
@@ -88,7 +89,8 @@ def load_pretrained(loader: Callable[..., Any], model_id: str, **kwargs: Any) ->
     if silent_hub:
         kwargs["local_files_only"] = True
     try:
-        return loader(model_id, **kwargs)
+        with objects_alive_frozen():  # a tokenizer's vocabulary: objects by the thousand
+            return loader(model_id, **kwargs)
     except ValueError as e:  # e.g. custom code that trust_remote_code=False refuses to run
         raise ModelNotAvailableError(f"Could not load {model_id!r}: {_one_line(e)}.") from e
     except OSError as e:

@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import gc
 import hashlib
 import json
 import logging
@@ -50,6 +49,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from finetune_module.engine import speedups, unpadded, workers
 from finetune_module.engine.batching import LengthGroupedBatches
+from finetune_module.engine.collector import objects_alive_frozen
 from finetune_module.engine.distributed import world_size
 from finetune_module.engine.files import SETTINGS_FILE, storage_error, take_umask, write_json
 from finetune_module.engine.generation import questions_read_in_groups
@@ -612,25 +612,6 @@ class FinetuneTrainer(Seq2SeqTrainer):
         return LengthGroupedBatches(sources, targets, self.args.train_batch_size)
 
 
-@contextlib.contextmanager
-def objects_alive_frozen() -> Iterator[None]:
-    """A block in which Python's cyclic garbage collector leaves out every object alive when
-    the block began (`gc.freeze`) and looks only at those made after; all are back in its care
-    after the block. Training makes objects by the thousand a step, and now and then enough of
-    them outlive the younger generations that the collector makes a full pass, over every
-    object of the process: in the benchmark's, 0.6 million (the libraries, the model, the
-    data), 0.3 s with the interpreter's lock held, while both workers wait for it; frozen, 2
-    ms. Nothing is frozen where the program froze objects itself (its `gc.freeze` stays)."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 @dataclasses.dataclass(frozen=True)
 class FittedWeights:
     """What training produced, as plain data that Hamilton's cache can store and fingerprint."""
@@ -661,60 +642,61 @@ def fit(
     `worker_threads`, a budgeted fp32 or bf16 run of an adapter in one process on a CPU shares
     each step between threads (`workers`). The trainer also gets the callbacks of an enclosing
     `trainer_callbacks` block."""
-    trainer = FinetuneTrainer(
-        model=model,
-        args=training_arguments,
-        data_collator=data_collator,
-        train_dataset=tokenized_train,
-        eval_dataset=tokenized_validation,
-        processing_class=tokenizer,
-        callbacks=[TrainingClock(), *_EXTRA_CALLBACKS.get()],
-    )
-    # Seq2seq models (T5, BART) average their loss over their own batch and ignore the
-    # Trainer's token count, so the Trainer must average over accumulation steps and processes
-    # itself; otherwise gradients and logged losses grow with both. (Decoder-only models are
-    # averaged the same way then: per batch, over accumulation steps and processes.)
-    trainer.model_accepts_loss_kwargs = False
-    trainer.logit_free_loss = logit_free_loss
-    if activation_memory_gb is not None and not training_arguments.gradient_checkpointing:
-        try:
-            trainer.activation_budget = ActivationBudget(model, activation_memory_gb)
-        except ValueError as e:  # a model without gradient checkpointing trains unbudgeted
-            logger.info("activation_memory_gb does not apply: %s", e)
-    if (
-        worker_threads
-        and trainer.activation_budget is not None
-        and world_size() == 1
-        and not training_arguments.fp16
-        and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
-        and workers.few_weights_train(model)
-    ):
-        trainer.worker_threads = workers.worker_count(training_arguments.device)
-    if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead
-        trainer.remove_callback(PrinterCallback)
-    trainer.run_identity = run_identity(model, tokenized_train)
-    trainer.checkpoint_settings = checkpoint_settings
-    resumed = training_arguments.resume_from_checkpoint
-    record = None
-    if resumed:
-        steps = planned_steps(training_arguments, len(tokenized_train), world_size())
-        record = check_resumable(resumed, trainer.run_identity, steps)
-        trainer.earlier_loss_sum = float(record["loss_sum"])
+    # the Trainer, its training and the gathered weights make objects by the thousand
     with objects_alive_frozen():
+        trainer = FinetuneTrainer(
+            model=model,
+            args=training_arguments,
+            data_collator=data_collator,
+            train_dataset=tokenized_train,
+            eval_dataset=tokenized_validation,
+            processing_class=tokenizer,
+            callbacks=[TrainingClock(), *_EXTRA_CALLBACKS.get()],
+        )
+        # Seq2seq models (T5, BART) average their loss over their own batch and ignore the
+        # Trainer's token count, so the Trainer must average over accumulation steps and processes
+        # itself; otherwise gradients and logged losses grow with both. (Decoder-only models are
+        # averaged the same way then: per batch, over accumulation steps and processes.)
+        trainer.model_accepts_loss_kwargs = False
+        trainer.logit_free_loss = logit_free_loss
+        if activation_memory_gb is not None and not training_arguments.gradient_checkpointing:
+            try:
+                trainer.activation_budget = ActivationBudget(model, activation_memory_gb)
+            except ValueError as e:  # a model without gradient checkpointing trains unbudgeted
+                logger.info("activation_memory_gb does not apply: %s", e)
+        if (
+            worker_threads
+            and trainer.activation_budget is not None
+            and world_size() == 1
+            and not training_arguments.fp16
+            and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+            and workers.few_weights_train(model)
+        ):
+            trainer.worker_threads = workers.worker_count(training_arguments.device)
+        if training_arguments.disable_tqdm:  # quiet: no bar, and no log lines printed instead
+            trainer.remove_callback(PrinterCallback)
+        trainer.run_identity = run_identity(model, tokenized_train)
+        trainer.checkpoint_settings = checkpoint_settings
+        resumed = training_arguments.resume_from_checkpoint
+        record = None
+        if resumed:
+            steps = planned_steps(training_arguments, len(tokenized_train), world_size())
+            record = check_resumable(resumed, trainer.run_identity, steps)
+            trainer.earlier_loss_sum = float(record["loss_sum"])
         trainer.train(resume_from_checkpoint=resumed)
-    speedups.give_back_freed_memory()  # what comes next (answers) allocates other sizes
-    if record is not None:  # the Trainer's train_loss covers the steps after the resume only
-        _whole_run_loss(trainer.state, record)
-    # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    if isinstance(trainer.model, PeftModel):
-        state_dict = get_peft_model_state_dict(trainer.model, state_dict=state_dict)
-    # copies on the CPU (tied weights become separate tensors, as safetensors wants)
-    weights = {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
-    payload = [safetensors_bytes(weights)]
-    if world_size() > 1:  # the gathered weights may live on the main process only: share them
-        broadcast_object_list(payload, from_process=0)
-    return FittedWeights(weights=payload[0], trainer_state=trainer.state)
+        speedups.give_back_freed_memory()  # what comes next (answers) allocates other sizes
+        if record is not None:  # the Trainer's train_loss covers the steps after the resume only
+            _whole_run_loss(trainer.state, record)
+        # gathered by every process: under FSDP or ZeRO-3 each one holds only a shard of the weights
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if isinstance(trainer.model, PeftModel):
+            state_dict = get_peft_model_state_dict(trainer.model, state_dict=state_dict)
+        # copies on the CPU (tied weights become separate tensors, as safetensors wants)
+        weights = {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
+        payload = [safetensors_bytes(weights)]
+        if world_size() > 1:  # the gathered weights may live on the main process only: share them
+            broadcast_object_list(payload, from_process=0)
+        return FittedWeights(weights=payload[0], trainer_state=trainer.state)
 
 
 def _whole_run_loss(state: TrainerState, record: dict[str, Any]) -> None:
