@@ -26,7 +26,6 @@ the library (a process started with such an `LD_PRELOAD` keeps it).
 """
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import mmap
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from finetune_module.engine import speedups
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +162,20 @@ def refusal() -> str | None:
         return f"the processor lacks {', '.join(missing)}"
     if not torch.backends.mkl.is_available():
         return "torch is not built with MKL"
-    if loaded_library(LIBRARY) is None:
-        return f"{LIBRARY} is not loaded"
     return None
 
 
 def _answering_function() -> int | None:
     """The address of a function that returns 1, on a page of its own (read and execute);
-    None where the system refuses executable pages made at run time."""
+    None where the system refuses executable pages made at run time (or its C library is not
+    glibc, whose `mprotect` makes the page executable)."""
     if not _ANSWER_PAGE:
         page = mmap.mmap(-1, mmap.PAGESIZE)
         page.write(_ANSWER_YES)
         address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = speedups.glibc()
+        if libc is None:
+            return None
         libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         if libc.mprotect(address, mmap.PAGESIZE, _PROT_READ | _PROT_EXEC) != 0:
             return None
@@ -218,7 +220,7 @@ def use_avx512_kernels() -> bool:
     if reason is None:
         answer = _answering_function()
         if answer is None:
-            reason = "the system refuses an executable page made at run time"
+            reason = "the system refuses an executable page made at run time (or is not glibc)"
     if reason is not None or answer is None:
         logger.debug("MKL keeps its own choice of kernels: %s.", reason)
         return False

@@ -485,7 +485,7 @@ def cheaper_attention_dropout(model: nn.Module) -> nn.Module:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
     """The C library, if it is glibc (it has `mallopt` and `malloc_trim`)."""
     name = ctypes.util.find_library("c")
     try:
@@ -501,7 +501,7 @@ def keep_freed_memory() -> bool:
     """Tells glibc's allocator to keep freed memory for reuse instead of giving it back to the
     system and taking it again (zeroed pages, page faults) at every training step; returns
     whether it applied (glibc only). Peak memory is unchanged: what is kept is reused."""
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
     mallopt = libc.mallopt
@@ -538,7 +538,7 @@ def give_back_freed_memory() -> bool:
     peak. Returns whether it did."""
     if keep_freed_memory.cache_info().currsize == 0 or not keep_freed_memory():
         return False
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
     libc.malloc_trim(0)
