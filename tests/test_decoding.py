@@ -361,13 +361,15 @@ def test_settings_that_do_not_change_greedy_answers_keep_the_loop(
     t.same(6)
 
 
-def test_beam_search_and_unproven_families_go_to_generate(
+def test_unproven_families_go_to_generate(
     tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     t = tiny("t5")
-    assert not lean_decoding_applies(t.model, num_beams=2)
+    assert lean_decoding_applies(t.model, num_beams=2)  # beam search: tests/test_beam_search.py
+    assert not lean_decoding_applies(t.model, num_beams=0)
     monkeypatch.setattr(decoding, "PROVEN", decoding.PROVEN - {"t5"})
     assert not lean_decoding_applies(t.model, num_beams=1)
+    assert not lean_decoding_applies(t.model, num_beams=2)
     assert lean_decoding_applies(tiny("llama").model, num_beams=1)
     monkeypatch.setattr(decoding, "PROVEN_ON", "0.0")
     assert not lean_decoding_applies(tiny("llama").model, num_beams=1)

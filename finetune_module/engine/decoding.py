@@ -17,10 +17,11 @@ different `generation_batch_size` does); `tests/test_decoding.py` proves them eq
 
 The loop calls the model's forward pass (T5's decode steps are written out in `t5_steps`,
 with the same logits), so it applies only where `tests/test_decoding.py` proves it
-equal to `generate`: the families in `PROVEN`, on the transformers release `PROVEN_ON`, greedy
-(beam search runs the stock path), a LoRA adapter or none, and a generation config with nothing
-the loop does not implement (`stock_only_settings`). `lean_decoding_applies` says whether a
-model qualifies; `generation.generate` falls back to `generate` everywhere else.
+equal to `generate`: the families in `PROVEN`, on the transformers release `PROVEN_ON`, a LoRA
+adapter or none, and a generation config with nothing the loop does not implement
+(`stock_only_settings`). Beam search runs the same steps in `beam_search.beam_generate`.
+`lean_decoding_applies` says whether a model qualifies; `generation.generate` falls back to
+`generate` everywhere else.
 """
 
 import contextlib
@@ -108,6 +109,22 @@ def stock_only_settings(generation_config: GenerationConfig) -> list[str]:
     return unknown
 
 
+#: Beam-search settings `beam_search.beam_generate` does not implement, with the value it
+#: implements (any other needs `generate`): beam groups and their diversity penalty.
+_BEAM_DEFAULTS = {"num_beam_groups": 1, "diversity_penalty": 0.0}
+
+
+def stock_only_beam_settings(generation_config: GenerationConfig) -> list[str]:
+    """The names of the generation config's beam-search settings that lean beam search does
+    not implement (`_BEAM_DEFAULTS`), set to another value. (Its `length_penalty` and
+    `early_stopping` it implements; every other setting is `stock_only_settings`'.)"""
+    return [
+        name
+        for name, value in _BEAM_DEFAULTS.items()
+        if getattr(generation_config, name, None) not in (None, value)
+    ]
+
+
 def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model that runs the forward pass: the model itself, or the one a LoRA
     adapter sits in (whose layers hold the adapter, switched on or off)."""
@@ -125,13 +142,14 @@ def longest_proven(config: PretrainedConfig) -> int | None:
 
 
 def lean_decoding_applies(model: torch.nn.Module, num_beams: int, longest: int = 0) -> bool:
-    """Whether `greedy_generate` gives `model`'s greedy answers exactly as `generate` does, for
-    sequences of up to `longest` tokens (a decoder-only model's prompt and answer): greedy
-    decoding (`num_beams` 1), transformers `PROVEN_ON`, a family in `PROVEN`, within its
-    `longest_proven` length, a LoRA adapter or none (prompt-learning adapters need `generate`),
-    weights whole on one device and not quantized, and nothing in the generation config that
-    needs `generate`."""
-    if num_beams != 1 or not transformers.__version__.startswith(PROVEN_ON + "."):
+    """Whether the lean loop gives `model`'s answers exactly as `generate` does, for sequences
+    of up to `longest` tokens (a decoder-only model's prompt and answer): `greedy_generate`
+    with `num_beams` 1, `beam_search.beam_generate` with more; transformers `PROVEN_ON`, a
+    family in `PROVEN`, within its `longest_proven` length, a LoRA adapter or none
+    (prompt-learning adapters need `generate`), weights whole on one device and not
+    quantized, and nothing in the generation config that needs `generate`
+    (`stock_only_settings`, and for beam search `stock_only_beam_settings`)."""
+    if num_beams < 1 or not transformers.__version__.startswith(PROVEN_ON + "."):
         return False
     if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
         return False
@@ -143,6 +161,7 @@ def lean_decoding_applies(model: torch.nn.Module, num_beams: int, longest: int =
         and getattr(net, "hf_quantizer", None) is None
         and len(set(getattr(net, "hf_device_map", {"": None}).values())) == 1
         and not stock_only_settings(net.generation_config)
+        and (num_beams == 1 or not stock_only_beam_settings(net.generation_config))
     )
 
 
@@ -199,11 +218,19 @@ def _next_tokens(
     logits: torch.Tensor, rules: GreedyRules, length: int, new: int, max_length: int
 ) -> torch.Tensor:
     """The greedy choice of every sequence's next token from its last position's `logits`
-    (batch x vocabulary), where each sequence is `length` tokens long, `new` of them generated,
-    and may grow to `max_length`: the rules that apply at this length, in `generate`'s order and
-    on float32 scores as its logits processors work, then the argmax. (The logits are changed
-    in place.)"""
-    scores = logits.float()
+    (batch x vocabulary): `ruled_scores` on them as float32, then the argmax. (The logits are
+    changed in place.)"""
+    return ruled_scores(logits.float(), rules, length, new, max_length).argmax(dim=-1)
+
+
+def ruled_scores(
+    scores: torch.Tensor, rules: GreedyRules, length: int, new: int, max_length: int
+) -> torch.Tensor:
+    """Every sequence's next-token `scores` (batch x vocabulary, float32: greedy decoding's
+    logits, beam search's log-probabilities) under the rules that apply where each sequence
+    is `length` tokens long, `new` of them generated, and may grow to `max_length`, in
+    `generate`'s order, as its logits processors apply them. (Changed in place, unless a token
+    is forced: then a new tensor.)"""
     if rules.bad_words:
         scores[:, list(rules.bad_words)] += float("-inf")  # an added bias, as generate does
     if rules.eos_token_ids and (length < rules.min_length or new < rules.min_new_tokens):
@@ -218,7 +245,7 @@ def _next_tokens(
         scores[:, list(forced)] = 0.0
     if rules.suppressed:
         scores[:, _in_vocabulary(rules.suppressed, scores)] = float("-inf")
-    return scores.argmax(dim=-1)
+    return scores
 
 
 def _in_vocabulary(ids: tuple[int, ...], scores: torch.Tensor) -> list[int]:
@@ -253,6 +280,14 @@ class PreallocatedLayer(DynamicLayer):
         self.keys = self._key_storage[:, :, :end]
         self.values = self._value_storage[:, :, :end]
         return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Puts the rows in the order `beam_idx` (for each row, the row it takes), in place:
+        the tokens written so far only, not the whole storage."""
+        if self.is_initialized and self.length:
+            held = slice(0, self.length)
+            self._key_storage[:, :, held] = self._key_storage[beam_idx, :, held]
+            self._value_storage[:, :, held] = self._value_storage[beam_idx, :, held]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keeps the rows `indices` only (storage and all)."""
@@ -670,7 +705,7 @@ def greedy_generate(
     """
     net = transformers_model(model)
     rules = greedy_rules(net.generation_config, pad_token_id)
-    prompt, kwargs, written, step, mask = _first_step(
+    prompt, kwargs, written, step, mask = first_step(
         net, rules, input_ids, attention_mask, max_new_tokens, encoder_outputs, past_key_values
     )
     batch = input_ids.shape[0]
@@ -682,7 +717,7 @@ def greedy_generate(
     ends = torch.tensor(rules.eos_token_ids, dtype=torch.long, device=prompt.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
     rows = torch.arange(batch, device=prompt.device)  # the rows of `sequences` still answering
-    retires = len(ends) > 0 and (written is not None or _retirable(kwargs["past_key_values"]))
+    retires = len(ends) > 0 and (written is not None or retirable(kwargs["past_key_values"]))
     length = prompt_length
     while length < max_length:
         if written is not None:
@@ -712,11 +747,11 @@ def greedy_generate(
             step = {name: value[keep] for name, value in step.items()}
             if mask is not None:
                 mask = mask[keep]
-            _keep_rows(kwargs, keep, written)
+            keep_rows(kwargs, keep, written)
     return sequences[:, :length]
 
 
-def _first_step(
+def first_step(
     net: PreTrainedModel,
     rules: GreedyRules,
     input_ids: torch.Tensor,
@@ -771,7 +806,7 @@ def _first_step(
 RETIRE_SHARE = 4
 
 
-def _retirable(cache: DynamicCache | EncoderDecoderCache) -> bool:
+def retirable(cache: DynamicCache | EncoderDecoderCache) -> bool:
     """Whether rows can leave this cache: each of its layers is one of `DynamicCache`'s own
     (sliding-window ones included) or a `PreallocatedLayer`, which select rows by index."""
     caches = (
@@ -786,7 +821,7 @@ def _retirable(cache: DynamicCache | EncoderDecoderCache) -> bool:
     )
 
 
-def _keep_rows(kwargs: dict[str, Any], keep: torch.Tensor, written: T5Steps | None) -> None:
+def keep_rows(kwargs: dict[str, Any], keep: torch.Tensor, written: T5Steps | None) -> None:
     """Keeps the rows `keep` of the batch in the written steps where they run, else in a decode
     step's arguments (`greedy_generate`'s): the key/value caches, and an encoder-decoder
     model's encoder states and question mask."""

@@ -1,8 +1,9 @@
 """Answers from a model: batched greedy (or beam) decoding of tokenized questions.
 
 Questions are sorted by length so that each batch pads little, then the answers are put back
-in order. Greedy answers come from the lean decoding loop (`engine.decoding`) where it is
-proven to give `generate`'s answers, from Hugging Face `generate` everywhere else. Where the
+in order. Greedy answers come from the lean decoding loop (`engine.decoding`), beam search's
+from its lean form (`engine.beam_search`), where they are proven to give `generate`'s
+answers; from Hugging Face `generate` everywhere else. Where the
 loop is proven for an encoder-decoder model, its encoder reads each batch's questions in
 smaller groups of similar length (`decoding.read_in_length_groups`) and the decoder answers the
 whole batch at once, each group attending only to its own questions' length
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from finetune_module.engine.beam_search import beam_generate
 from finetune_module.engine.decoding import (
     greedy_generate,
     keys_read_in_groups,
@@ -79,16 +81,19 @@ def questions_read_in_groups(model: torch.nn.Module, inputs: Mapping[str, Any]) 
 
 
 def _read_in_groups(
-    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], max_new_tokens: int
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], max_new_tokens: int, num_beams: int
 ) -> dict[str, Any]:
     """The batch's questions read in length groups, as the arguments both paths take: an
     encoder-decoder model's encoder states (`encoder_outputs`), or a decoder-only model's
     key/value cache of its prompts but their last column (`past_key_values`, with room for
-    `max_new_tokens` more); none where one group is best."""
+    `max_new_tokens` more; greedy answers only: beam search reads a prompt once a beam, as
+    `generate` does); none where one group is best."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if model.config.is_encoder_decoder:
         read = read_in_length_groups(model, ids, mask)
         return {} if read is None else {"encoder_outputs": read}
+    if num_beams > 1:
+        return {}
     cache = prompts_read_in_length_groups(model, ids, mask, ids.shape[1] + max_new_tokens)
     return {} if cache is None else {"past_key_values": cache}
 
@@ -110,8 +115,9 @@ def generate(
     several processes each answers its share of the same batches, so the answers do not depend
     on how many processes there are. A decoder-only model's prompts are padded on the left, so
     that its answer follows on. A progress bar named `desc` counts the answers (the main
-    process's share) unless `quiet`. With `lean`, greedy answers come from the lean decoding
-    loop where `uses_lean_decoding` (the same answers, with less work per token); where it is
+    process's share) unless `quiet`. With `lean`, answers come from the lean decoding loop
+    where `uses_lean_decoding` (greedy or beam search: the same answers, with less work per
+    token); where it is
     proven for the model (`lean` or not), an encoder-decoder model's encoder reads each batch in
     length groups, the decode steps attend to questions (or prompts) in length groups, and their
     linear layers multiply by their weights packed for oneDNN (`packed_weights`).
@@ -142,8 +148,18 @@ def generate(
                 padding_side="left" if decoder_only else None,
                 return_tensors="pt",
             ).to(device)
-            read = _read_in_groups(model, batch, max_new_tokens) if proven else {}
-            if lean:
+            read = _read_in_groups(model, batch, max_new_tokens, num_beams) if proven else {}
+            if lean and num_beams > 1:
+                generated = beam_generate(
+                    model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    max_new_tokens,
+                    num_beams,
+                    tokenizer.pad_token_id,
+                    **read,
+                )
+            elif lean:
                 generated = greedy_generate(
                     model,
                     batch["input_ids"],

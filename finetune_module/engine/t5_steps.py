@@ -77,7 +77,8 @@ Fuse = Callable[[Sequence[torch.nn.Module]], Callable[[torch.Tensor], torch.Tens
 class T5Steps:
     """A T5 model's decode steps for one batch of questions (`written_steps_apply`): call it
     with each step's tokens (one a row) to get the logits of the next; `keep` drops the rows
-    that have ended. Make it, and call it, under `torch.inference_mode()`."""
+    that have ended, `reorder` follows beam search's beams. Make it, and call it, under
+    `torch.inference_mode()`."""
 
     def __init__(
         self,
@@ -161,6 +162,15 @@ class T5Steps:
         self.cross_values = [values[rows] for values in self.cross_values]
         self.question_lengths = [self.question_lengths[row] for row in rows.tolist()]
         self._group()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Puts the self-attention caches of the tokens so far in the order `rows` (for each
+        row, the row it continues: beam search's beams, each continuing a beam of its own
+        question, so that the questions' keys and values stay as they are)."""
+        held = slice(0, self.length)
+        for keys, values in zip(self.self_keys, self.self_values, strict=True):
+            keys[:, :, held] = keys[rows, :, held]
+            values[:, :, held] = values[rows, :, held]
 
     def _cross_attention(self, query: torch.Tensor, layer: int) -> torch.Tensor:
         """Attention of each row's query (rows x heads x 1 x key width) to its questions'
