@@ -134,16 +134,8 @@ def beam_generate(
         _setting(config, "early_stopping"),
     )
     beams, questions = num_beams, input_ids.shape[0]
-    if net.config.is_encoder_decoder:
-        if encoder_outputs is None:
-            encoder_outputs = net.get_encoder()(
-                input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-            )
-        states = encoder_outputs.last_hidden_state.repeat_interleave(beams, dim=0)
-        encoder_outputs = BaseModelOutput(last_hidden_state=states)
-    ids, mask = input_ids.repeat_interleave(beams, 0), attention_mask.repeat_interleave(beams, 0)
     prompt, kwargs, written, step, step_mask = first_step(
-        net, rules, ids, mask, max_new_tokens, encoder_outputs, None
+        net, rules, input_ids, attention_mask, max_new_tokens, encoder_outputs, None, beams
     )
     prompt_length = prompt.shape[1]
     max_length = prompt_length + max_new_tokens

@@ -283,11 +283,14 @@ class PreallocatedLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Puts the rows in the order `beam_idx` (for each row, the row it takes), in place:
-        the tokens written so far only, not the whole storage."""
-        if self.is_initialized and self.length:
-            held = slice(0, self.length)
-            self._key_storage[:, :, held] = self._key_storage[beam_idx, :, held]
-            self._value_storage[:, :, held] = self._value_storage[beam_idx, :, held]
+        the tokens written so far only, not the whole storage, of the rows that take another
+        row's."""
+        own = torch.arange(len(beam_idx), device=beam_idx.device)
+        moved = (beam_idx != own).nonzero().squeeze(1)
+        if self.is_initialized and self.length and len(moved):
+            held, sources = slice(0, self.length), beam_idx[moved]
+            self._key_storage[moved, :, held] = self._key_storage[sources, :, held]
+            self._value_storage[moved, :, held] = self._value_storage[sources, :, held]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keeps the rows `indices` only (storage and all)."""
@@ -759,6 +762,7 @@ def first_step(
     max_new_tokens: int,
     encoder_outputs: BaseModelOutput | None,
     past_key_values: DynamicCache | None,
+    beams: int = 1,
 ) -> tuple[
     torch.Tensor,
     dict[str, Any],
@@ -772,10 +776,16 @@ def first_step(
     written steps where they apply, the first step's own inputs and a decoder-only model's
     attention mask over the prompts and every new token. The encoder reads the questions
     unless `encoder_outputs` holds their states; a decoder-only model's prompts go in whole
-    unless `past_key_values` holds all but their last column."""
+    unless `past_key_values` holds all but their last column. With `beams` (beam search),
+    every question is that many rows in a row (`repeat_interleave`, as `generate` lays them
+    out): the encoder reads each question once, the written steps attend to each question's
+    keys once for all its beams (a decoder-only model reads its prompt once a beam)."""
     kwargs: dict[str, Any] = {"use_cache": True, "return_dict": True}
     if "logits_to_keep" in inspect.signature(net.forward).parameters:
         kwargs["logits_to_keep"] = 1  # as generate passes it
+    if beams > 1 and not net.config.is_encoder_decoder:
+        input_ids = input_ids.repeat_interleave(beams, dim=0)
+        attention_mask = attention_mask.repeat_interleave(beams, dim=0)
     if not net.config.is_encoder_decoder:
         cache = past_key_values
         if cache is None:
@@ -784,16 +794,20 @@ def first_step(
         cached = past_key_values is not None
         step, mask = _prompt_inputs(input_ids, attention_mask, max_new_tokens, cached)
         return input_ids, kwargs, None, step, mask
-    batch = input_ids.shape[0]
-    prompt = torch.full((batch, 1), rules.decoder_start_token_id, device=input_ids.device)
+    rows = input_ids.shape[0] * beams
+    prompt = torch.full((rows, 1), rules.decoder_start_token_id, device=input_ids.device)
     if encoder_outputs is None:
         encoder_outputs = net.get_encoder()(
             input_ids=input_ids, attention_mask=attention_mask, return_dict=True
         )
+    states = encoder_outputs.last_hidden_state
+    written = written_steps(net, states, attention_mask, max_new_tokens, fused_product, beams)
+    if beams > 1:
+        states = states.repeat_interleave(beams, dim=0)
+        encoder_outputs = BaseModelOutput(last_hidden_state=states)
+        attention_mask = attention_mask.repeat_interleave(beams, dim=0)
     kwargs["encoder_outputs"] = encoder_outputs
     kwargs["attention_mask"] = attention_mask
-    states = encoder_outputs.last_hidden_state
-    written = written_steps(net, states, attention_mask, max_new_tokens, fused_product)
     self_attention = _self_attention_cache(net.config, max_new_tokens)
     cache = EncoderDecoderCache(self_attention, DynamicCache(config=net.config))
     kwargs["past_key_values"] = cache

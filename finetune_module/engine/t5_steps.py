@@ -87,14 +87,18 @@ class T5Steps:
         attention_mask: torch.Tensor,
         capacity: int,
         fuse: Fuse | None = None,
+        beams: int = 1,
     ) -> None:
-        """`encoder_states` (rows x questions' length x width) and `attention_mask` (rows x
-        length, right padding) are the questions as the encoder read them; `capacity` is the
-        most tokens a row's decoder sequence will hold (the decoder start included). Where
-        `fuse` makes one product of each layer's self-attention q, k and v, and of its
-        feed-forward's two input layers (gated), those run as one."""
+        """`encoder_states` (questions x their length x width) and `attention_mask`
+        (questions x length, right padding) are the questions as the encoder read them;
+        `capacity` is the most tokens a row's decoder sequence will hold (the decoder start
+        included). Where `fuse` makes one product of each layer's self-attention q, k and v,
+        and of its feed-forward's two input layers (gated), those run as one. With `beams`,
+        every question is that many rows in a row (beam search's beams), which attend to
+        their question's keys and values together, read once for all of them."""
         config = net.config
         self.net = net
+        self.beams = beams
         self.heads, self.key_width = config.num_heads, config.d_kv
         self.blocks = [block.layer for block in net.decoder.block]
         self.embed = net.decoder.embed_tokens
@@ -107,7 +111,7 @@ class T5Steps:
         # the self-attention's position bias, (1, heads, query position, key position)
         self.bias = first.compute_bias(capacity, capacity, device=encoder_states.device)
         self.length = 0
-        rows = encoder_states.shape[0]
+        rows = encoder_states.shape[0] * beams
         shape = (rows, self.heads, capacity, self.key_width)
         self.self_keys = [encoder_states.new_empty(shape) for _ in self.blocks]
         self.self_values = [encoder_states.new_empty(shape) for _ in self.blocks]
@@ -120,7 +124,7 @@ class T5Steps:
         # the cross-attention's keys and values, computed group by group up to the group's
         # longest question (zero past it: masked, and never read by the group)
         self.cross_keys, self.cross_values = [], []
-        shape = (rows, self.heads, encoder_states.shape[1], self.key_width)
+        shape = (encoder_states.shape[0], self.heads, encoder_states.shape[1], self.key_width)
         for layers in self.blocks:
             attention = layers[1].EncDecAttention
             keys, values = encoder_states.new_zeros(shape), encoder_states.new_zeros(shape)
@@ -137,8 +141,8 @@ class T5Steps:
         return states.view(*states.shape[:2], self.heads, self.key_width).transpose(1, 2)
 
     def _group(self) -> None:
-        """The rows' groups of similar question length (`tokens.length_ranges`; all the rows
-        as one where they are not in order of length), each a range of rows with the keys it
+        """The questions' groups of similar length (`tokens.length_ranges`; all of them as
+        one where they are not in order of length), each a range of questions with the keys it
         attends to and its additive mask over them: 0 on a question's tokens and the float's
         least value past them, a row per head, as the model's SDPA mask holds them."""
         lengths = self.question_lengths
@@ -155,26 +159,43 @@ class T5Steps:
             self.groups.append((start, end, keys, mask))
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keeps only the rows `rows` (indices of the rows still in the batch)."""
+        """Keeps only the rows `rows` (indices of the rows still in the batch; with beams,
+        every beam of the questions kept, in order)."""
         self.self_keys = [keys[rows] for keys in self.self_keys]
         self.self_values = [values[rows] for values in self.self_values]
-        self.cross_keys = [keys[rows] for keys in self.cross_keys]
-        self.cross_values = [values[rows] for values in self.cross_values]
-        self.question_lengths = [self.question_lengths[row] for row in rows.tolist()]
+        questions = rows[:: self.beams] // self.beams
+        self.cross_keys = [keys[questions] for keys in self.cross_keys]
+        self.cross_values = [values[questions] for values in self.cross_values]
+        self.question_lengths = [self.question_lengths[q] for q in questions.tolist()]
         self._group()
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Puts the self-attention caches of the tokens so far in the order `rows` (for each
         row, the row it continues: beam search's beams, each continuing a beam of its own
-        question, so that the questions' keys and values stay as they are)."""
-        held = slice(0, self.length)
+        question, so that the questions' keys and values stay as they are). Only the rows
+        that take another row's tokens are copied."""
+        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        if len(moved) == 0:
+            return
+        held, sources = slice(0, self.length), rows[moved]
         for keys, values in zip(self.self_keys, self.self_values, strict=True):
-            keys[:, :, held] = keys[rows, :, held]
-            values[:, :, held] = values[rows, :, held]
+            keys[moved, :, held] = keys[sources, :, held]
+            values[moved, :, held] = values[sources, :, held]
 
     def _cross_attention(self, query: torch.Tensor, layer: int) -> torch.Tensor:
         """Attention of each row's query (rows x heads x 1 x key width) to its questions'
-        keys, group by group."""
+        keys, group by group; with beams, a question's beams' queries together (questions x
+        heads x beams x key width)."""
+        if self.beams == 1:
+            return self._question_attention(query, layer)
+        rows, heads, _, width = query.shape
+        together = query.view(rows // self.beams, self.beams, heads, width).transpose(1, 2)
+        out = self._question_attention(together, layer)
+        return out.transpose(1, 2).reshape(rows, heads, 1, width)
+
+    def _question_attention(self, query: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention of each question's queries (questions x heads x queries x key width) to
+        its keys, group by group."""
         sdpa = torch.nn.functional.scaled_dot_product_attention
         keys, values = self.cross_keys[layer], self.cross_values[layer]
         if len(self.groups) == 1:
@@ -269,9 +290,10 @@ def written_steps(
     attention_mask: torch.Tensor,
     capacity: int,
     fuse: Fuse | None = None,
+    beams: int = 1,
 ) -> T5Steps | None:
     """`T5Steps` for a batch of questions (as `T5Steps` takes them) where
     `written_steps_apply` to `net`; else None (the forward pass runs the steps)."""
     if not written_steps_apply(net):
         return None
-    return T5Steps(net, encoder_states, attention_mask, capacity, fuse)
+    return T5Steps(net, encoder_states, attention_mask, capacity, fuse, beams)
