@@ -1,14 +1,17 @@
-"""Time greedy decoding: Hugging Face `generate` against the lean loop, side by side in one
-process, and both against the bound of streaming the weights once per decode step.
+"""Time greedy decoding (or beam search): Hugging Face `generate` against the lean loop, side
+by side in one process, and both against the bound of streaming the weights once per decode
+step.
 
     python -m bench.decoding                  # flan-t5-small's shape: 20 answers, cap 118
     python -m bench.decoding --quick          # a tiny model: checks the script itself runs
     python -m bench.decoding --threads 2,1    # the comparison under each torch thread count
     python -m bench.decoding --family llama   # a decoder-only model of the same width
+    python -m bench.decoding --num-beams 4    # beam search: generate's against the lean search
 
 The model, data and questions are the benchmark's (`bench.benchmark`): its fine-tune as the
 evaluation stage holds it (the recipe's model with a fresh LoRA adapter), answering the
-validation and hold-out questions with `generation.generate`, batch 32, greedy, to the cap.
+validation and hold-out questions with `generation.generate`, batch 32, greedy (`--num-beams`:
+beam search, `beam_search.beam_generate` against `generate`'s), to the cap.
 `--family` takes a decoder-only family of `finetune_module.tiny_model` instead, built with
 flan-t5-small's width and depth (d_model 512, 8 layers, 8 heads, d_ff 1024) and the
 benchmark's tokenizer vocabulary: its prompts (the questions in the prompt template, padded
@@ -121,12 +124,16 @@ def weight_bytes_per_step(model: torch.nn.Module, input_ids: torch.Tensor) -> in
     )
 
 
-def cache_bytes_per_step(config: Any, batches: list[list[int]], steps: list[int]) -> float:
+def cache_bytes_per_step(
+    config: Any, batches: list[list[int]], steps: list[int], beams: int = 1
+) -> float:
     """The mean bytes of keys and values a decode step of a T5 or a Llama-shaped model reads:
     per batch of question (or prompt) lengths, the questions (a T5's encoder states, a
     decoder-only model's prompt) each padded to the longest of its length group
     (`tokens.length_groups`, the groups the steps attend in) and, on average, half the
-    answers' length, over the steps each batch ran (float32)."""
+    answers' length, over the steps each batch ran (float32). With `beams` (beam search),
+    every answer is that many rows, and so is a decoder-only model's prompt (a T5's written
+    steps read each question's once for all its beams)."""
     if config.is_encoder_decoder:
         layers, width = config.num_decoder_layers, config.num_heads * config.d_kv
     else:
@@ -137,7 +144,8 @@ def cache_bytes_per_step(config: Any, batches: list[list[int]], steps: list[int]
     for lengths, n in zip(batches, steps, strict=True):
         groups = length_groups(lengths)
         keys = sum(len(rows) * max(lengths[row] for row in rows) for rows in groups)
-        read += (keys + len(lengths) * n / 2) * per_token * n
+        questions = keys * (1 if config.is_encoder_decoder else beams)
+        read += (questions + beams * len(lengths) * n / 2) * per_token * n
     return read / max(1, sum(steps))
 
 
@@ -254,8 +262,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         model_dir, kind = decoder_model(work_dir, data_path, args.family, args.quick), "causal"
     work = benchmark_questions(data_path, model_dir, kind)
     model = build_model(work["recipe"], torch.device("cpu"))
-    settings = {"max_new_tokens": args.max_new_tokens, "num_beams": 1, "batch_size": args.batch}
-    if not generation.uses_lean_decoding(model, num_beams=1):
+    beams = args.num_beams
+    settings = {"max_new_tokens": args.max_new_tokens, "num_beams": beams, "batch_size": args.batch}
+    if not generation.uses_lean_decoding(model, num_beams=beams):
         raise SystemExit("The lean loop does not apply to this model.")
     if args.padding_ends:  # answers that end at different steps (see --padding-ends)
         config = transformers_model(model).generation_config
@@ -271,8 +280,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     first = by_threads[args.threads[0]]["runs"]["lean"][0]
     lengths = sorted(len(x["input_ids"]) for x in work["examples"])
     batches = [lengths[i : i + args.batch] for i in range(0, len(lengths), args.batch)]
-    caches = cache_bytes_per_step(transformers_model(model).config, batches, first["batch_steps"])
-    rows = sum(len(b) * n for b, n in zip(batches, first["batch_steps"], strict=True))
+    config = transformers_model(model).config
+    caches = cache_bytes_per_step(config, batches, first["batch_steps"], beams)
+    rows = beams * sum(len(b) * n for b, n in zip(batches, first["batch_steps"], strict=True))
     flops = 2 * weights / 4 * rows / first["steps"]  # float32 weights, mean rows a step
     return {
         "model": args.family or ("tiny" if args.quick else "flan-t5-small shape"),
@@ -307,7 +317,11 @@ def _table(f: dict[str, Any]) -> str:
     bound = f["bound_seconds_per_step"]
     rows = [
         ("model", f["model"] + (", padding ends answers" if f["padding_ends"] else "")),
-        ("answers x cap, batch", f"{f['answers']} x {f['max_new_tokens']}, {f['batch_size']}"),
+        (
+            "answers x cap, batch",
+            f"{f['answers']} x {f['max_new_tokens']}, {f['batch_size']}"
+            + (f", {f['num_beams']} beams" if f["num_beams"] > 1 else ", greedy"),
+        ),
         ("decode steps", f"{f['decode_steps']}"),
         ("memory bandwidth", f"{f['memory_bandwidth_gb_s']:.1f} GB/s"),
         ("weights read per step", f"{f['weight_mb_per_step']:.1f} MB"),
@@ -349,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         "--family",
         choices=[name for name, family in FAMILIES.items() if family.kind == "causal"],
         help="a decoder-only model of this family, of flan-t5-small's width, instead",
+    )
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams (default: %(default)s, greedy)",
     )
     p.add_argument("--rounds", type=int, help="passes of each path (default: 4, --quick: 2)")
     p.add_argument(

@@ -354,6 +354,7 @@ def test_comparison_rounds_alternate_the_sides_and_give_the_median_of_their_rati
         pytest.param([], id="t5"),
         pytest.param(["--family", "llama"], id="llama", marks=pytest.mark.slow),
         pytest.param(["--padding-ends"], id="t5-padding-ends", marks=pytest.mark.slow),
+        pytest.param(["--num-beams", "2"], id="t5-beams", marks=pytest.mark.slow),
     ],
 )
 def test_quick_decoding_benchmark_runs_and_writes_its_figures(
@@ -375,6 +376,7 @@ def test_quick_decoding_benchmark_runs_and_writes_its_figures(
     assert measured["speedup"] > 0 and set(measured["seconds_per_step"]) == {"stock", "lean"}
     assert "stock / lean" in done.stdout
     assert figures["padding_ends"] == ("--padding-ends" in family)
+    assert figures["num_beams"] == (2 if "--num-beams" in family else 1)
 
 
 @pytest.mark.slow
