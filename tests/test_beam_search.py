@@ -174,6 +174,36 @@ def test_a_batch_of_many_questions_searches_as_generate(
             _same(t, 4, 12, f"end token {token}, early_stopping {early}, penalty {penalty}")
 
 
+@pytest.mark.parametrize("family", ["t5", "llama", "qwen3"])
+def test_questions_read_in_length_groups_search_as_generate_reading_them_whole(
+    family: str, tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder reads each question once, a decoder-only model each prompt once (laid out
+    once a beam), in length groups; both beam searches (the lean one and `generate`'s) on
+    what they read give `generate`'s answers reading the batch whole, once a beam."""
+    t = tiny(family)
+    padding = "left" if family != "t5" else None
+    batch = t.tokenizer.pad(
+        {"input_ids": sorted(test_decoding._unlike_lengths(t), key=len)},  # as generate sorts
+        padding_side=padding,
+        return_tensors="pt",
+    )
+    monkeypatch.setattr(t, "batch", batch)
+    ends = _ending_at_different_steps(t, monkeypatch)
+    whole = _stock(t, 3, 8)
+    for path in ("lean", "generate"):
+        with torch.inference_mode(), decoding.keys_read_in_groups(t.model):
+            read = generation._read_in_groups(t.model, batch, 8, num_beams=3)
+            assert read, "the batch is read in groups"
+            if path == "lean":
+                found = beam_generate(t.model, **batch, max_new_tokens=8, num_beams=3,
+                                      pad_token_id=t.tokenizer.pad_token_id, **read)  # fmt: skip
+            else:
+                found = t.model.generate(**batch, max_new_tokens=8, num_beams=3, do_sample=False,
+                                         pad_token_id=t.tokenizer.pad_token_id, **read)  # fmt: skip
+        assert torch.equal(found, whole), f"{path}, ends {ends}:\n{found}\nwhole:\n{whole}"
+
+
 def test_settings_the_search_does_not_implement_go_to_generate(
     tiny: Callable[[str], Tiny], monkeypatch: pytest.MonkeyPatch
 ) -> None:

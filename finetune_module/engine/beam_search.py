@@ -38,12 +38,13 @@ question, no beam groups); `tests/test_beam_search.py` proves its answers equal 
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 from transformers.modeling_outputs import BaseModelOutput
 
 from finetune_module.engine.decoding import (
     RETIRE_SHARE,
     GreedyRules,
+    PreallocatedLayer,
     first_step,
     greedy_rules,
     keep_rows,
@@ -113,6 +114,7 @@ def beam_generate(
     num_beams: int,
     pad_token_id: int | None,
     encoder_outputs: BaseModelOutput | None = None,
+    past_key_values: DynamicCache | None = None,
 ) -> torch.Tensor:
     """The sequences `model.generate(input_ids=..., attention_mask=..., max_new_tokens=...,
     num_beams=num_beams, do_sample=False, pad_token_id=..., encoder_outputs=...)` returns (for
@@ -120,7 +122,9 @@ def beam_generate(
     encoder-decoder model's decoder start and answer tokens, a decoder-only model's
     left-padded prompt and answer tokens), filled after its end with `fill_token`, as long as
     the longest of them. An encoder-decoder model's encoder reads the questions once (not once
-    a beam) unless `encoder_outputs` holds their states.
+    a beam) unless `encoder_outputs` holds their states; a decoder-only model reads its
+    prompts unless `past_key_values` holds all but their last column, once a beam (as
+    `generation.generate` lays out each prompt read once).
 
     Call it under `torch.inference_mode()`.
     """
@@ -135,7 +139,14 @@ def beam_generate(
     )
     beams, questions = num_beams, input_ids.shape[0]
     prompt, kwargs, written, step, step_mask = first_step(
-        net, rules, input_ids, attention_mask, max_new_tokens, encoder_outputs, None, beams
+        net,
+        rules,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        encoder_outputs,
+        past_key_values,
+        beams,
     )
     prompt_length = prompt.shape[1]
     max_length = prompt_length + max_new_tokens
@@ -172,7 +183,7 @@ def beam_generate(
         done = ~state.improvable[:, 0] | (state.is_finished.all(dim=-1) & (early is True))
         if bool(hits.all()) or bool(done.all()):
             break
-        _reorder(kwargs, written, source_rows, length)
+        _reorder(kwargs, written, source_rows, prompt_length)
         step = _next_step(net, step, tokens, step_mask, length)
         if retires and int(done.sum()) * RETIRE_SHARE >= len(done):
             _answer(state, searching, done.nonzero().squeeze(1), answers, answer_lengths)
@@ -257,18 +268,25 @@ def _step(
 
 
 def _reorder(
-    kwargs: dict[str, Any], written: T5Steps | None, rows: torch.Tensor, length: int
+    kwargs: dict[str, Any], written: T5Steps | None, rows: torch.Tensor, prompt_length: int
 ) -> None:
     """Puts the self-attention caches of the tokens so far in the order of the beams that
-    carry on (`rows`: for each, the row it continues). An encoder-decoder model's
-    cross-attention keys and values stay: a beam continues a beam of its own question."""
+    carry on (`rows`: for each, the row it continues). A beam continues a beam of its own
+    question, so what its question holds stays: an encoder-decoder model's cross-attention
+    keys and values, and a decoder-only model's keys and values of its prompt (the first
+    `prompt_length` columns) in a preallocated cache."""
     if written is not None:
         written.reorder(rows)
         return
     cache = kwargs["past_key_values"]
     if "encoder_outputs" in kwargs:
-        cache = cache.self_attention_cache
-    cache.reorder_cache(rows)
+        cache.self_attention_cache.reorder_cache(rows)
+        return
+    for layer in cache.layers:  # a decoder-only model's: its prompt's columns stay
+        if type(layer) is PreallocatedLayer:
+            layer.reorder_cache(rows, start=prompt_length)
+        else:
+            layer.reorder_cache(rows)
 
 
 def _next_step(

@@ -281,16 +281,26 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self._value_storage[:, :, :end]
         return self.keys, self.values
 
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+    def reorder_cache(self, beam_idx: torch.Tensor, start: int = 0) -> None:
         """Puts the rows in the order `beam_idx` (for each row, the row it takes), in place:
         the tokens written so far only, not the whole storage, of the rows that take another
-        row's."""
+        row's, from position `start` on (those before it are the same in every row a row may
+        take: beam search's beams of one prompt)."""
         own = torch.arange(len(beam_idx), device=beam_idx.device)
         moved = (beam_idx != own).nonzero().squeeze(1)
-        if self.is_initialized and self.length and len(moved):
-            held, sources = slice(0, self.length), beam_idx[moved]
+        if self.is_initialized and self.length > start and len(moved):
+            held, sources = slice(start, self.length), beam_idx[moved]
             self._key_storage[moved, :, held] = self._key_storage[sources, :, held]
             self._value_storage[moved, :, held] = self._value_storage[sources, :, held]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Makes each row `repeats` rows in a row (storage and all): beam search's beams of a
+        prompt read once."""
+        if self.is_initialized:
+            self._key_storage = self._key_storage.repeat_interleave(repeats, dim=0)
+            self._value_storage = self._value_storage.repeat_interleave(repeats, dim=0)
+            self.keys = self._key_storage[:, :, : self.length]
+            self.values = self._value_storage[:, :, : self.length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keeps the rows `indices` only (storage and all)."""
@@ -779,7 +789,8 @@ def first_step(
     unless `past_key_values` holds all but their last column. With `beams` (beam search),
     every question is that many rows in a row (`repeat_interleave`, as `generate` lays them
     out): the encoder reads each question once, the written steps attend to each question's
-    keys once for all its beams (a decoder-only model reads its prompt once a beam)."""
+    keys once for all its beams; a decoder-only model's `past_key_values` holds them once a
+    beam already (else it reads its prompt once a beam, as `generate` does)."""
     kwargs: dict[str, Any] = {"use_cache": True, "return_dict": True}
     if "logits_to_keep" in inspect.signature(net.forward).parameters:
         kwargs["logits_to_keep"] = 1  # as generate passes it

@@ -86,16 +86,18 @@ def _read_in_groups(
     """The batch's questions read in length groups, as the arguments both paths take: an
     encoder-decoder model's encoder states (`encoder_outputs`), or a decoder-only model's
     key/value cache of its prompts but their last column (`past_key_values`, with room for
-    `max_new_tokens` more; greedy answers only: beam search reads a prompt once a beam, as
-    `generate` does); none where one group is best."""
+    `max_new_tokens` more; with beam search, each prompt's read once and laid out once a beam,
+    as `generate` lays out its rows); none where one group is best."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if model.config.is_encoder_decoder:
         read = read_in_length_groups(model, ids, mask)
         return {} if read is None else {"encoder_outputs": read}
-    if num_beams > 1:
-        return {}
     cache = prompts_read_in_length_groups(model, ids, mask, ids.shape[1] + max_new_tokens)
-    return {} if cache is None else {"past_key_values": cache}
+    if cache is None:
+        return {}
+    if num_beams > 1:
+        cache.batch_repeat_interleave(num_beams)
+    return {"past_key_values": cache}
 
 
 def generate(
