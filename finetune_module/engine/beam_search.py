@@ -20,11 +20,16 @@ Where this saves work against `generate`:
 - the steps are the lean loop's: T5's written out (`t5_steps`), the others the model's forward
   pass against a cache allocated once, every linear layer on packed weights, the questions
   read in length groups (`generation.generate` sets these up, as for greedy answers);
-- after each step, `generate` copies every layer's key/value caches into the order of the
-  beams that carry on, the cross-attention's keys and values of an encoder-decoder model's
-  questions included. A beam only ever continues a beam of its own question, whose
-  cross-attention keys and values are the same, so only the self-attention caches are
-  reordered here, each up to the tokens it holds (not its whole preallocated length);
+- a question is read once, not once a beam: an encoder-decoder model's encoder states are
+  laid out once a beam after its pass (as `generate` does), and a decoder-only model's prompt
+  keys and values after its pass over the prompts (where `generate` reads each prompt `k`
+  times); T5's written steps hold a question's cross-attention keys and values once, and its
+  beams attend to them together (one SDPA call with `k` queries a question);
+- after each step, `generate` copies every layer's whole key/value caches into the order of
+  the beams that carry on, the cross-attention's keys and values and a decoder-only model's
+  prompts included. A beam only ever continues a beam of its own question, whose question's
+  keys and values are the same, so here only the answers' self-attention keys and values are
+  reordered, up to the tokens they hold, and only in the rows that take another beam's;
 - questions that are done leave the batch (`decoding.RETIRE_SHARE` of it at a time), as
   ended greedy answers do: the steps after compute only the questions still searching, whose
   answers stay `generate`'s up to float rounding (a smaller batch's products may round
