@@ -53,6 +53,7 @@ from finetune_module.engine.decoding import (
     first_step,
     greedy_rules,
     keep_rows,
+    next_step_inputs,
     retirable,
     ruled_scores,
     transformers_model,
@@ -92,10 +93,9 @@ class _Beams:
 
     def keep(self, questions: torch.Tensor) -> None:
         """Keeps the questions `questions` (indices among those still searching)."""
-        for name in ("running", "scores", "finished", "finished_scores", "finished_lengths"):
-            setattr(self, name, getattr(self, name)[questions])
-        self.is_finished = self.is_finished[questions]
-        self.improvable = self.improvable[questions]
+        for name, held in vars(self).items():
+            if isinstance(held, torch.Tensor):
+                setattr(self, name, held[questions])
 
 
 def _setting(config: GenerationConfig, name: str) -> Any:
@@ -189,7 +189,7 @@ def beam_generate(
         if bool(hits.all()) or bool(done.all()):
             break
         _reorder(kwargs, written, source_rows, prompt_length)
-        step = _next_step(net, step, tokens, step_mask, length)
+        step = next_step_inputs(net, step, tokens, step_mask, length)
         if retires and int(done.sum()) * RETIRE_SHARE >= len(done):
             _answer(state, searching, done.nonzero().squeeze(1), answers, answer_lengths)
             on = (~done).nonzero().squeeze(1)
@@ -292,20 +292,3 @@ def _reorder(
             layer.reorder_cache(rows, start=prompt_length)
         else:
             layer.reorder_cache(rows)
-
-
-def _next_step(
-    net: torch.nn.Module,
-    step: dict[str, torch.Tensor],
-    tokens: torch.Tensor,
-    mask: torch.Tensor | None,
-    length: int,
-) -> dict[str, torch.Tensor]:
-    """The next step's inputs: the beams' new `tokens` (one a row), each row now `length`
-    tokens long (a decoder-only model's positions and mask; a beam's are its question's)."""
-    if net.config.is_encoder_decoder:
-        return {"decoder_input_ids": tokens[:, None]}
-    following = {"input_ids": tokens[:, None], "position_ids": step["position_ids"][:, -1:] + 1}
-    if mask is not None:
-        following["attention_mask"] = mask[:, :length]
-    return following

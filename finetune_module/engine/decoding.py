@@ -109,19 +109,20 @@ def stock_only_settings(generation_config: GenerationConfig) -> list[str]:
     return unknown
 
 
-#: Beam-search settings `beam_search.beam_generate` does not implement, with the value it
-#: implements (any other needs `generate`): beam groups and their diversity penalty.
-_BEAM_DEFAULTS = {"num_beam_groups": 1, "diversity_penalty": 0.0}
+#: Beam-search settings `beam_search.beam_generate` implements at their defaults only (any
+#: other value needs `generate`): beam groups and their diversity penalty.
+_BEAM_DEFAULTS_ONLY = ("num_beam_groups", "diversity_penalty")
 
 
 def stock_only_beam_settings(generation_config: GenerationConfig) -> list[str]:
     """The names of the generation config's beam-search settings that lean beam search does
-    not implement (`_BEAM_DEFAULTS`), set to another value. (Its `length_penalty` and
-    `early_stopping` it implements; every other setting is `stock_only_settings`'.)"""
+    not implement (`_BEAM_DEFAULTS_ONLY`), set away from their defaults. (Its `length_penalty`
+    and `early_stopping` it implements; every other setting is `stock_only_settings`'.)"""
+    defaults = generation_config._get_default_generation_params()
     return [
         name
-        for name, value in _BEAM_DEFAULTS.items()
-        if getattr(generation_config, name, None) not in (None, value)
+        for name in _BEAM_DEFAULTS_ONLY
+        if getattr(generation_config, name, None) not in (None, defaults[name])
     ]
 
 
@@ -746,12 +747,7 @@ def greedy_generate(
             unfinished &= ~torch.isin(tokens, ends)
             if not unfinished.any():
                 break
-        if net.config.is_encoder_decoder:
-            step = {"decoder_input_ids": tokens[:, None]}
-        else:
-            step = {"input_ids": tokens[:, None], "position_ids": step["position_ids"][:, -1:] + 1}
-            if mask is not None:
-                step["attention_mask"] = mask[:, :length]
+        step = next_step_inputs(net, step, tokens, mask, length)
         ended = len(unfinished) - int(unfinished.sum())
         if retires and ended * RETIRE_SHARE >= len(unfinished):
             keep = unfinished.nonzero().squeeze(1)
@@ -762,6 +758,24 @@ def greedy_generate(
                 mask = mask[keep]
             keep_rows(kwargs, keep, written)
     return sequences[:, :length]
+
+
+def next_step_inputs(
+    net: PreTrainedModel,
+    step: dict[str, torch.Tensor],
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None,
+    length: int,
+) -> dict[str, torch.Tensor]:
+    """A decode step's inputs after the step `step`: its new `tokens` (one a row), each row
+    now `length` tokens long; for a decoder-only model with the positions after the step's
+    and its attention `mask`'s first `length` columns (a beam's are its question's)."""
+    if net.config.is_encoder_decoder:
+        return {"decoder_input_ids": tokens[:, None]}
+    following = {"input_ids": tokens[:, None], "position_ids": step["position_ids"][:, -1:] + 1}
+    if mask is not None:
+        following["attention_mask"] = mask[:, :length]
+    return following
 
 
 def first_step(
