@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hamilton import driver
+from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoConfig,
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from bench import compare
-from bench.benchmark import DECODER_FAMILIES, forward_flops, step_bands
+from bench.benchmark import DECODER_FAMILIES, forward_flops, step_bands, training_flops
 from bench.data import TOKENIZER_VOCABULARY, build_dataset, training_texts
 from bench.peer import tokenized_sets
 from bench.peer_causal import tokenized_sets as causal_tokenized_sets
@@ -35,13 +36,18 @@ from finetune_module.tiny_model import train_tokenizer
 from tests.conftest import EXAMPLE_DATA, REPO
 
 
-def test_flop_formula_matches_torchs_flop_counter() -> None:
+def _tiny_t5() -> T5ForConditionalGeneration:
     config = T5Config(
         vocab_size=500, d_model=48, d_kv=16, num_heads=4, d_ff=80, num_layers=2,
         num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
         decoder_start_token_id=0, attn_implementation="eager",
     )  # fmt: skip
-    model = T5ForConditionalGeneration(config).eval()
+    return T5ForConditionalGeneration(config)
+
+
+def test_flop_formula_matches_torchs_flop_counter() -> None:
+    model = _tiny_t5().eval()
+    config = model.config
     for source, target in ((37, 11), (90, 40)):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(
@@ -64,6 +70,61 @@ def test_decoder_only_flop_formula_matches_torchs_flop_counter(family: str) -> N
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(input_ids=torch.randint(3, 500, (1, prompt + answer)), logits_to_keep=answer)
         assert forward_flops(config, prompt, answer) == counter.get_total_flops()
+
+
+def _counted_training_pass(model: torch.nn.Module, source: int, target: int) -> int:
+    """torch's count of the products of one training pass (forward and backward) over one
+    example, written out here apart from the benchmark's own counting."""
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        if model.config.is_encoder_decoder:
+            out = model(
+                input_ids=torch.randint(3, 500, (1, source)),
+                labels=torch.randint(3, 500, (1, target)),
+            )
+        else:
+            ids = torch.randint(3, 500, (1, source + target))
+            out = model(input_ids=ids, logits_to_keep=target)
+        out.logits.square().mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+@pytest.mark.parametrize("targets", [["q", "v"], ["k", "o", "wi_1"]], ids=["q-v", "k-o-ffn"])
+def test_training_flop_count_is_autograds_at_any_length(family: str, targets: list[str]) -> None:
+    """The useful FLOPs of a training pass with LoRA, counted at a few short lengths and
+    fitted, are torch's count of a real pass at long ones, and more than twice the forward
+    pass: the attention's and the adapters' backward passes take two products each (less
+    where the first layer's query, key and value read the embeddings, which need no
+    gradient)."""
+    if family == "t5":
+        model = _tiny_t5()
+    else:
+        config = AutoConfig.for_model(
+            family, vocab_size=500, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, intermediate_size=80, num_hidden_layers=2, attn_implementation="eager",
+        )  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config)
+        names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "wi_1": "up_proj"}
+        targets = [names[t] for t in targets]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    per_example = training_flops(model)
+    for source, target in ((37, 11), (90, 40)):
+        counted = _counted_training_pass(model, source, target)
+        assert per_example(source, target) == pytest.approx(counted, rel=1e-12)
+        twice_forward = 2 * forward_flops(model.get_base_model().config, source, target)
+        assert 1.01 < counted / twice_forward < 1.5
+
+
+def test_training_flop_count_of_a_full_fine_tune_is_three_forward_passes() -> None:
+    """Fully fine-tuned, every weight's gradient is a product too, and the embeddings train,
+    so every input needs its gradient: three forward passes exactly."""
+    model = _tiny_t5()
+    per_example = training_flops(model)
+    for source, target in ((37, 11), (90, 40)):
+        counted = _counted_training_pass(model, source, target)
+        assert per_example(source, target) == pytest.approx(counted, rel=1e-12)
+        assert counted == 3 * forward_flops(model.config, source, target)
 
 
 def test_dataset_has_the_reference_length_spread(tmp_path: Path) -> None:
