@@ -138,7 +138,10 @@ def test_cli_bad_inputs_exit_2_with_the_message(
         ([*data, *model, "--train-size", "1"], "train_size must be between 0 and 1"),
         ([*data, *model, "--num_train_epochs", "0"], "num_train_epochs must be a positive"),
         ([*data, *model, "--resume", str(tmp_path)], "is not a complete Trainer checkpoint"),
-        ([*data, "--model-id", "./no-such-model"], "Model directory './no-such-model' does not"),
+        (
+            [*data, "--model-id", "./no-such-model", "--output-dir", str(out)],
+            "Model directory './no-such-model' does not",
+        ),
     ]
     for args, message in cases:
         status, last_line = _cli(args, capsys)

@@ -388,7 +388,8 @@ def test_a_hub_that_does_not_answer_fails_fast_with_one_line(
 
 
 def test_hub_log_lines_are_printed_once(failing_hub: str, tmp_path: Path) -> None:
-    out = _cli("--data", str(EXAMPLE_DATA), env=hub_env(failing_hub, tmp_path / "hf-home"))
+    env = hub_env(failing_hub, tmp_path / "hf-home")
+    out = _cli("--data", str(EXAMPLE_DATA), "--output-dir", str(tmp_path / "out"), env=env)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.splitlines()
     assert "HTTP Error 503 thrown while requesting HEAD" in lines[0]  # huggingface_hub's own
@@ -407,16 +408,20 @@ def test_unknown_config_key_and_missing_data_are_refused(tmp_path: Path) -> None
 
 
 def test_database_errors_exit_2_and_never_show_the_password(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     pytest.importorskip("psycopg")
     url = "postgresql://finetune:s3cret-pw@127.0.0.1:1/qa"
-    assert run.main(["--source", "sql", "--data", url, "--sql-table", "qa"]) == 2
+    # its own output_dir: a failed run in this process holds its directory until the garbage
+    # collector frees the run, and the default one (in the cwd) is shared with other tests
+    read = ["--source", "sql", "--data", url, "--sql-table", "qa"]
+    read += ["--output-dir", str(tmp_path / "out")]
+    assert run.main(read) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: postgresql://finetune:***@127.0.0.1:1/qa table 'qa': ")
     assert "cannot connect to the database" in err and "s3cret-pw" not in err
     # --debug: Hamilton logs the failing node's inputs, and the traceback follows; still masked
-    out = _cli("--source", "sql", "--data", url, "--sql-table", "qa", "--debug")
+    out = _cli(*read, "--debug")
     assert out.returncode != 0 and "Node inputs" in out.stderr
     assert "s3cret-pw" not in out.stdout + out.stderr
 
