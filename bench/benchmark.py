@@ -338,7 +338,6 @@ def training_flops(trained: torch.nn.Module) -> Callable[[int, int], float]:
     config = copy.deepcopy(base.config)
     config._attn_implementation = "eager"
     kind = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    torch.manual_seed(0)
     model = kind.from_config(config)
     if isinstance(trained, PeftModel):
         model = get_peft_model(model, copy.deepcopy(trained.peft_config["default"]))
