@@ -207,26 +207,37 @@ class _Attending(nn.Module):
     """A stand-in for an attention layer: only its training flag is read."""
 
 
+@pytest.mark.parametrize("heads_first", [False, True], ids=["rows-first", "heads-first"])
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 20], ids=["a-row-a-chunk", "one-chunk"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_drops_out_weights_and_its_gradients_follow_the_mask(
-    causal: bool, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+    causal: bool, chunk_bytes: int, heads_first: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The attention, its dropout and the gradients of query, key, value and a trained position
-    bias are those of the plain formula with the same mask, however the batch is chunked."""
+    bias are those of the plain formula with the same mask, however the batch is chunked and
+    whether its operands are laid out rows first (as torch lays them out) or heads first (as
+    `unpadded` does; then the output is returned where it lies, heads first, not copied)."""
     monkeypatch.setattr(speedups, "_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(2)
-    q, k, v = (torch.randn(3, 3, 7, 8, requires_grad=True) for _ in range(3))
-    bias = torch.randn(1, 3, 7, 7, requires_grad=True)
-    padding = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    rows, heads = 3, 2
+    if heads_first:
+        q, k, v = (torch.randn(heads, rows, 7, 8).transpose(0, 1) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(rows, heads, 7, 8) for _ in range(3))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    bias = torch.randn(1, heads, 7, 7, requires_grad=True)
+    padding = torch.ones(rows, 1, 1, 7, dtype=torch.bool)
     padding[1, ..., 5:] = False  # the second row's last two keys are padding
-    mask = None if causal else padding.expand(3, 1, 7, 7)
+    mask = None if causal else padding.expand(rows, 1, 7, 7)
     module = _Attending().train()
     module.is_causal = causal
     torch.manual_seed(3)
     out, _ = speedups.attention(module, q, k, v, mask, dropout=0.3, scaling=0.5, position_bias=bias)
-    torch.manual_seed(3)  # the same mask, drawn again
-    keep = speedups._keep_mask(torch.Size((3, 3, 7, 7)), 0.3, q.device)
+    assert out.transpose(1, 2).transpose(0, 1).is_contiguous() == heads_first
+    torch.manual_seed(3)  # the same mask, drawn again, in the order the operands lie
+    drawn = (heads, rows) if heads_first else (rows, heads)
+    keep = speedups._keep_mask(torch.Size((*drawn, 7, 7)), 0.3, q.device)
+    keep = keep.transpose(0, 1) if heads_first else keep
     scores = q @ k.transpose(-1, -2) * 0.5 + bias
     allowed = torch.ones(7, 7, dtype=torch.bool).tril() if causal else padding
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)

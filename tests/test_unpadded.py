@@ -22,6 +22,7 @@ def test_texts_go_to_the_padded_layout_and_back() -> None:
     states = torch.arange(1.0, 1 + 2 * 6 * 4).view(1, 2, 6, 4)  # [1, heads, tokens, size]
     padded = texts.padded(states)
     assert padded.shape == (3, 2, 3, 4)
+    assert padded.transpose(0, 1).is_contiguous()  # heads first: a matrix per head and text
     torch.testing.assert_close(padded[1, :, 0], states[0, :, 3])  # the second text's token
     torch.testing.assert_close(padded[2, :, :2], states[0, :, 4:6])
     assert padded[1, :, 1:].abs().sum() == 0 and padded[2, :, 2].abs().sum() == 0

@@ -246,11 +246,17 @@ class _DroppedOutAttention(torch.autograd.Function):
     `FastDropout` draws it (16 random bits per score, not 32), for the whole batch at once
     (the same random stream whatever the chunks).
 
-    Dropout's scale 1 / (1 - p) multiplies the value (and, backwards, the incoming gradient)
-    instead of the scores: the product is the same, and a head's value is smaller than its
-    scores once a text has more tokens than a head has columns. `bias` (T5's position bias,
-    shared by the batch) gets a gradient when it is trained; `mask` is additive (0 or the
-    lowest float, see `_additive_mask`)."""
+    The products run as batched matrix products on the operands as they are laid out, with no
+    copies: query, key and value are taken in the order of their first two dimensions in
+    which they are contiguous (batch rows, then heads, as torch lays them out; or heads, then
+    batch rows, as `unpadded` lays out a batch of texts), made contiguous only when neither
+    is (one copy each), and chunked along the outer one; the output and the gradients come out
+    in the same layout. The bias and the mask are added first, into the scores' buffer, and
+    the product `query @ key.T * scaling` is added to them in the product itself (one pass
+    over the scores instead of three); dropout's scale 1 / (1 - p) multiplies the product with
+    the value (and, backwards, the products with the incoming gradient) in the product too.
+    `bias` (T5's position bias, shared by the batch) gets a gradient when it is trained;
+    `mask` is additive (0 or the lowest float, see `_additive_mask`)."""
 
     @staticmethod
     def forward(
@@ -263,52 +269,51 @@ class _DroppedOutAttention(torch.autograd.Function):
         p: float,
         scaling: float,
     ) -> torch.Tensor:
-        batch, heads, queries, _ = query.shape
+        flip = _heads_first(query)
+        query, key, value = (_framed(x, flip).contiguous() for x in (query, key, value))
+        bias, mask = _framed(bias, flip), _framed(mask, flip)
+        outer, inner, queries, _ = query.shape
         keys = key.shape[2]
-        keep = _keep_mask(torch.Size((batch, heads, queries, keys)), p, query.device)
-        weights = query.new_empty(batch, heads, queries, keys)
-        output = query.new_empty(batch, heads, queries, value.shape[-1])
+        keep = _keep_mask(torch.Size((outer, inner, queries, keys)), p, query.device)
+        weights = query.new_empty(outer, inner, queries, keys)
+        output = query.new_empty(outer, inner, queries, value.shape[-1])
         scale = 1.0 / (1.0 - p)
-        scaled_value = value * scale
-        rows = max(1, _CHUNK_BYTES // max(1, heads * queries * keys * query.element_size()))
-        for start in range(0, batch, rows):
+        rows = max(1, _CHUNK_BYTES // max(1, inner * queries * keys * query.element_size()))
+        for start in range(0, outer, rows):
             chunk = slice(start, start + rows)
-            scores = query[chunk] @ key[chunk].transpose(-1, -2)
-            if scaling != 1.0:
-                scores.mul_(scaling)
-            for added in (bias, mask):
-                if added is not None:
-                    scores.add_(added if added.shape[0] == 1 else added[chunk])
+            scores = query.new_empty(*query[chunk].shape[:2], queries, keys)
+            added = _add_into(scores, bias, mask, chunk)
+            _multiply(scores, query[chunk], key[chunk].transpose(-1, -2), scaling, added)
             torch.ops.aten._softmax.out(scores, -1, False, out=weights[chunk])
             dropped = _kept(weights[chunk], keep[chunk])
-            torch.matmul(dropped, scaled_value[chunk], out=output[chunk])
+            _multiply(output[chunk], dropped, value[chunk], scale)
         ctx.save_for_backward(query, key, value, weights, keep)
-        ctx.scale, ctx.scaling, ctx.rows = scale, scaling, rows
+        ctx.scale, ctx.scaling, ctx.rows, ctx.flip = scale, scaling, rows, flip
         ctx.bias_shape = bias.shape if bias is not None and bias.requires_grad else None
-        return output
+        return _framed(output, flip)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, weights, keep = ctx.saved_tensors
         needs_query, needs_key, needs_value, needs_bias = ctx.needs_input_grad[:4]
+        grad = _framed(grad, ctx.flip).contiguous()
         grad_query = torch.empty_like(query) if needs_query else None
         grad_key = torch.empty_like(key) if needs_key else None
         grad_value = torch.empty_like(value) if needs_value else None
         grad_bias = None
         if needs_bias and ctx.bias_shape is not None:
             grad_bias = weights.new_zeros(ctx.bias_shape)
-        scaled_grad = grad * ctx.scale
         for start in range(0, query.shape[0], ctx.rows):
             chunk = slice(start, start + ctx.rows)
             chunk_weights, chunk_keep = weights[chunk], keep[chunk]
             if grad_value is not None:
                 dropped = _kept(chunk_weights, chunk_keep)
-                torch.matmul(dropped.transpose(-1, -2), scaled_grad[chunk], out=grad_value[chunk])
+                _multiply(grad_value[chunk], dropped.transpose(-1, -2), grad[chunk], ctx.scale)
             if grad_query is None and grad_key is None and grad_bias is None:
                 continue
-            grad_dropped = _kept(
-                scaled_grad[chunk] @ value[chunk].transpose(-1, -2), chunk_keep, in_place=True
-            )
+            grad_dropped = chunk_weights.new_empty(chunk_weights.shape)
+            _multiply(grad_dropped, grad[chunk], value[chunk].transpose(-1, -2), ctx.scale)
+            _kept(grad_dropped, chunk_keep, in_place=True)
             grad_scores = torch.empty_like(grad_dropped)
             torch.ops.aten._softmax_backward_data.out(
                 grad_dropped, chunk_weights, -1, chunk_weights.dtype, grad_input=grad_scores
@@ -316,13 +321,51 @@ class _DroppedOutAttention(torch.autograd.Function):
             if grad_bias is not None:  # summed over what the bias is broadcast across
                 target = grad_bias if grad_bias.shape[0] == 1 else grad_bias[chunk]
                 target += grad_scores.sum_to_size(target.shape)
-            if ctx.scaling != 1.0:
-                grad_scores.mul_(ctx.scaling)
             if grad_query is not None:
-                torch.matmul(grad_scores, key[chunk], out=grad_query[chunk])
+                _multiply(grad_query[chunk], grad_scores, key[chunk], ctx.scaling)
             if grad_key is not None:
-                torch.matmul(grad_scores.transpose(-1, -2), query[chunk], out=grad_key[chunk])
-        return grad_query, grad_key, grad_value, grad_bias, None, None, None
+                _multiply(grad_key[chunk], grad_scores.transpose(-1, -2), query[chunk], ctx.scaling)
+        grads = (grad_query, grad_key, grad_value, grad_bias)
+        return (*(_framed(g, ctx.flip) for g in grads), None, None, None)
+
+
+def _heads_first(x: torch.Tensor) -> bool:
+    """Whether the attention operand `x` ([batch, heads, tokens, size]) is laid out heads
+    first: contiguous with its first two dimensions swapped, and not as it is."""
+    return not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
+
+
+def _framed(x: torch.Tensor | None, flip: bool) -> torch.Tensor | None:
+    """`x` with its first two dimensions swapped when `flip` (a view), else as it is."""
+    return x.transpose(0, 1) if flip and x is not None else x
+
+
+def _add_into(
+    out: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, chunk: slice
+) -> bool:
+    """Writes `bias + mask` for the rows of `chunk` (each broadcast; either may be None) into
+    `out`; returns whether there was anything to write (`out` is left as it is if not)."""
+    addends = [a if a.shape[0] == 1 else a[chunk] for a in (bias, mask) if a is not None]
+    if len(addends) == 2:
+        torch.add(addends[0].expand(out.shape), addends[1], out=out)
+    elif addends:
+        out.copy_(addends[0])
+    return bool(addends)
+
+
+def _multiply(
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, added: bool = False
+) -> None:
+    """`out = a @ b * alpha` (batched over the first two dimensions, `out` contiguous), or
+    `out += a @ b * alpha` when `added`, as one batched product (the scaling in the product,
+    not a pass of its own)."""
+    batch = out.shape[0] * out.shape[1]
+    out.view(batch, *out.shape[2:]).baddbmm_(
+        a.reshape(batch, *a.shape[2:]),
+        b.reshape(batch, *b.shape[2:]),
+        beta=1.0 if added else 0.0,
+        alpha=alpha,
+    )
 
 
 # the attribute of a boolean attention mask that holds the additive mask made from it
@@ -404,7 +447,9 @@ def attention(
     while mask is not None and mask.dim() < 4:
         mask = mask.unsqueeze(0)
     output = _DroppedOutAttention.apply(query, key, value, position_bias, mask, dropout, scaling)
-    return output.transpose(1, 2).contiguous(), None
+    # [batch, tokens, heads, size]; laid out heads first, as it came, for `unpadded` to gather
+    returned = output.transpose(1, 2)
+    return (returned if _heads_first(output) else returned.contiguous()), None
 
 
 CHEAP_DROPOUT_ATTENTION = "sdpa_cheap_cpu_dropout"

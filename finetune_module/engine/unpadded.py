@@ -80,39 +80,51 @@ class Texts:
 
     def padded(self, states: torch.Tensor) -> torch.Tensor:
         """Attention states of the texts laid end to end ([1, heads, tokens, size]) as a padded
-        batch ([texts, heads, width, size]; zeros over the padding)."""
+        batch ([texts, heads, width, size]; zeros over the padding), laid out heads first
+        (`_heads_first`)."""
         _, heads, tokens, size = states.shape
-        flat = states.transpose(1, 2).reshape(tokens, heads * size)
+        flat = states.transpose(1, 2).reshape(tokens, heads, size)
         out = _Scattered.apply(flat, self.index, self.rows * self.width)
-        return out.view(self.rows, self.width, heads, size).transpose(1, 2)
+        return out.view(heads, self.rows, self.width, size).transpose(0, 1)
 
     def unpadded(self, output: torch.Tensor) -> torch.Tensor:
         """An attention output of the padded batch ([texts, width, heads, size], as attention
-        implementations return it) for the texts laid end to end ([1, tokens, heads, size])."""
+        implementations return it) for the texts laid end to end ([1, tokens, heads, size]).
+        Read where it lies: an output laid out heads first, as `speedups.attention` returns
+        the states of `padded`, is not copied first."""
         _, _, heads, size = output.shape
-        flat = _Gathered.apply(output.reshape(self.rows * self.width, heads * size), self.index)
-        return flat.view(1, -1, heads, size)
+        flat = _Gathered.apply(output.reshape(self.rows * self.width, heads, size), self.index)
+        return flat.unsqueeze(0)
+
+
+def _heads_first(like: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zeros of `rows` rows shaped as the rows of `like` ([rows, heads, size]), laid out
+    heads first ([heads, rows, size]): an attention batch in this layout is one contiguous
+    matrix per head and text, which batched products read as it lies
+    (`speedups._DroppedOutAttention`)."""
+    _, heads, size = like.shape
+    return like.new_zeros(heads, rows, size).transpose(0, 1)
 
 
 class _Scattered(torch.autograd.Function):
-    """`rows` rows of zeros with `flat`'s rows at `index`. Keeps only the index for the
-    backward pass (torch's `index_copy` keeps `flat` itself: every layer's queries, keys and
-    values twice over)."""
+    """`rows` rows of zeros ([heads, rows, size]) with `flat`'s rows ([tokens, heads, size])
+    at `index`. Keeps only the index for the backward pass (torch's `index_copy` keeps `flat`
+    itself: every layer's queries, keys and values twice over)."""
 
     @staticmethod
     def forward(ctx: Any, flat: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
         ctx.save_for_backward(index)
-        return flat.new_zeros(rows, flat.shape[1]).index_copy_(0, index, flat)
+        return _heads_first(flat, rows).index_copy_(0, index, flat).transpose(0, 1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None
+        return grad.transpose(0, 1).index_select(0, index), None, None
 
 
 class _Gathered(torch.autograd.Function):
-    """The rows of `padded` at `index`, keeping only the index (and the row count) for the
-    backward pass."""
+    """The rows of `padded` ([rows, heads, size]) at `index`, keeping only the index (and the
+    row count) for the backward pass, whose gradient is laid out heads first."""
 
     @staticmethod
     def forward(ctx: Any, padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -123,7 +135,7 @@ class _Gathered(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy_(0, index, grad), None
+        return _heads_first(grad, ctx.rows).index_copy_(0, index, grad), None
 
 
 @dataclasses.dataclass(frozen=True)
