@@ -81,7 +81,7 @@ class Texts:
     def padded(self, states: torch.Tensor) -> torch.Tensor:
         """Attention states of the texts laid end to end ([1, heads, tokens, size]) as a padded
         batch ([texts, heads, width, size]; zeros over the padding), laid out heads first
-        (`_heads_first`)."""
+        (`_zeros_heads_first`)."""
         _, heads, tokens, size = states.shape
         flat = states.transpose(1, 2).reshape(tokens, heads, size)
         out = _Scattered.apply(flat, self.index, self.rows * self.width)
@@ -97,7 +97,7 @@ class Texts:
         return flat.unsqueeze(0)
 
 
-def _heads_first(like: torch.Tensor, rows: int) -> torch.Tensor:
+def _zeros_heads_first(like: torch.Tensor, rows: int) -> torch.Tensor:
     """Zeros of `rows` rows shaped as the rows of `like` ([rows, heads, size]), laid out
     heads first ([heads, rows, size]): an attention batch in this layout is one contiguous
     matrix per head and text, which batched products read as it lies
@@ -114,7 +114,7 @@ class _Scattered(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, flat: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
         ctx.save_for_backward(index)
-        return _heads_first(flat, rows).index_copy_(0, index, flat).transpose(0, 1)
+        return _zeros_heads_first(flat, rows).index_copy_(0, index, flat).transpose(0, 1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -135,7 +135,7 @@ class _Gathered(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors
-        return _heads_first(grad, ctx.rows).index_copy_(0, index, grad), None
+        return _zeros_heads_first(grad, ctx.rows).index_copy_(0, index, grad), None
 
 
 @dataclasses.dataclass(frozen=True)
