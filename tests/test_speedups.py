@@ -29,7 +29,7 @@ from transformers import (
 from transformers.activations import NewGELUActivation
 
 import finetune_module
-from finetune_module.engine import speedups, unpadded
+from finetune_module.engine import speedups, unpadded, workers
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.models import lora_config
 from finetune_module.engine.settings import LoraSettings, speedups_requested
@@ -94,6 +94,50 @@ def test_a_masks_blocks_each_have_their_own_stream_seeded_from_torch() -> None:
     # the last, partial block is drawn like the others
     tail = one.flatten()[3 * speedups._BLOCK_VALUES :]
     assert tail.float().mean().item() == pytest.approx(0.9, abs=0.01)
+
+
+def _equal_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each of the 64 bit positions, the share of the words of `a` and `b` that agree."""
+    same = ~(a ^ b)
+    return np.array([((same >> np.uint64(i)) & np.uint64(1)).mean() for i in range(64)])
+
+
+def test_mask_streams_of_neighbouring_seeds_and_blocks_are_unrelated() -> None:
+    words = 50_000
+    one = speedups._block_bits(12345, 0, words)
+    assert one.dtype == np.uint64 and one.shape == (words,)
+    assert np.array_equal(speedups._block_bits(12345, 0, words), one)  # the same stream again
+    # a seed one apart, the next block, a seed's negative twin (torch draws signed int64)
+    for other in (
+        speedups._block_bits(12346, 0, words),
+        speedups._block_bits(12345, 1, words),
+        speedups._block_bits(12345 - (1 << 64), 1, words),
+    ):
+        agree = _equal_bits(one, other)  # each bit agrees half the time, in every position
+        assert np.abs(agree - 0.5).max() < 0.012, agree
+    assert np.array_equal(speedups._block_bits(12345 - (1 << 64), 0, words), one)
+    # every bit position of one stream is a fair coin
+    ones = np.array([((one >> np.uint64(i)) & np.uint64(1)).mean() for i in range(64)])
+    assert np.abs(ones - 0.5).max() < 0.012
+
+
+def test_masks_drawn_on_threads_at_once_are_the_masks_drawn_one_after_another() -> None:
+    shape = torch.Size((7, speedups._BLOCK_VALUES // 3 + 5))  # three blocks, the last short
+    cpu = torch.device("cpu")
+
+    def drawn(seed: int) -> Callable[[], list[torch.Tensor]]:
+        def draw() -> list[torch.Tensor]:
+            with speedups.dropout_generator(torch.Generator().manual_seed(seed)):
+                return [speedups._keep_mask(shape, 0.1, cpu) for _ in range(3)]
+
+        return draw
+
+    alone = [drawn(seed)() for seed in (1, 2)]
+    for _ in range(3):
+        at_once = workers.run_at_once([drawn(1), drawn(2)])
+        for masks, expected in zip(at_once, alone, strict=True):
+            assert all(torch.equal(m, e) for m, e in zip(masks, expected, strict=True))
+    assert not torch.equal(alone[0][0], alone[1][0])
 
 
 def _tiny_t5(tiny_model_dir: Path) -> nn.Module:

@@ -140,6 +140,11 @@ def test_batches_and_models_the_layout_does_not_fit_run_padded(tiny_model_dir: P
     assert unpadded.laid_out_inputs(base, with_more) is None
     base.encoder.block[0].gradient_checkpointing = True  # recomputed after the layout is gone
     assert unpadded.laid_out_inputs(base, batch) is None
+    base.encoder.block[0].gradient_checkpointing = False  # each batch reads the switches anew
+    assert unpadded.laid_out_inputs(base, batch) is not None
+    base.decoder.gradient_checkpointing = True
+    assert unpadded.laid_out_inputs(base, batch) is None
+    base.decoder.gradient_checkpointing = False
     # without a layout (evaluation, generation) the model computes what it did before
     stock = _model(tiny_model_dir, lora=True).eval()
     model.eval()

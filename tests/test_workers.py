@@ -264,3 +264,29 @@ def test_only_an_adapters_steps_are_shared(tiny_model_dir: Path) -> None:
     for weight in model.parameters():
         weight.requires_grad_(True)
     assert not workers.few_weights_train(model)
+
+
+def test_the_trainer_unwraps_the_model_it_is_given_once(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every part of every step asks for the model inside the accelerator's wrappers; the
+    answer is kept for the same model object, and found again for another."""
+    model = _lora_t5(tiny_model_dir)
+    args = Seq2SeqTrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none")
+    trainer = FinetuneTrainer(model=model, args=args)
+    asked: list[torch.nn.Module] = []
+    unwrap = trainer.accelerator.unwrap_model
+    monkeypatch.setattr(trainer.accelerator, "unwrap_model", lambda m: asked.append(m) or unwrap(m))
+    wrapped = torch.nn.DataParallel(model)  # on the CPU: the model, wrapped
+    assert trainer._unwrapped(wrapped) is model
+    assert trainer._unwrapped(wrapped) is model
+    assert asked == [wrapped]
+    assert trainer._unwrapped(model) is model
+    assert asked == [wrapped, model]
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 1]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        "labels": torch.tensor([[8, 9, 1]]),
+    }
+    loss = trainer.compute_loss(model.train(), batch)
+    assert torch.isfinite(loss) and asked == [wrapped, model]

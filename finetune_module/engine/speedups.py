@@ -137,6 +137,45 @@ def dropout_generator(generator: torch.Generator | None) -> Iterator[None]:
         _GENERATOR.reset(token)
 
 
+_WORD = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
+
+#: Each thread's SFC64 generator, set to a block's state before it draws (`_block_bits`).
+_STREAMS = threading.local()
+
+
+def _splitmix(x: int) -> int:
+    """splitmix64's next output from the state `x` (a 64-bit integer): 64 well-mixed bits."""
+    x = (x + _GOLDEN) & _WORD
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _WORD
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _WORD
+    return x ^ (x >> 31)
+
+
+def _block_bits(seed: int, block: int, words: int) -> np.ndarray:
+    """`words` 64-bit random words of block `block` of the mask seeded `seed`: numpy's SFC64
+    started from three words of splitmix64 over (seed, block) and its counter at 1, its first
+    12 outputs dropped (as numpy seeds SFC64). Setting this thread's generator to that state
+    takes ~4 us; building one from a `SeedSequence`, ~30 us, which a dropout of a few thousand
+    values spent several times over."""
+    stream = getattr(_STREAMS, "sfc64", None)
+    if stream is None:
+        stream = _STREAMS.sfc64 = np.random.SFC64(0)
+    start = (_splitmix(seed & _WORD) + 3 * block * _GOLDEN) & _WORD
+    state = np.array(
+        [_splitmix(start), _splitmix(start + _GOLDEN), _splitmix(start + 2 * _GOLDEN), 1],
+        dtype=np.uint64,
+    )
+    stream.state = {
+        "bit_generator": "SFC64",
+        "state": {"state": state},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
+    stream.random_raw(12)
+    return stream.random_raw(words)
+
+
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A boolean mask that is True with probability 1 - p, independently for each value.
 
@@ -144,11 +183,12 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tenso
     `rand`). Here each value takes 16 random bits, drawn with numpy's SFC64 and compared with
     the threshold at once, a block of `_BLOCK_VALUES` at a time: torch's own 16 bits a value
     (`random_`, then a second pass to compare) took twice as long for the masks of the
-    benchmark's steps. Block i's bits come from SFC64 seeded by (a number drawn from torch's
-    default generator, i), so seeds and Trainer checkpoints govern the mask as they govern any
-    torch random number, and blocks could be filled in any order or on any thread with the same
-    result (on this project's 2 cores a second thread gained nothing inside a training step).
-    The probability is p rounded to a multiple of 1/65536 (0.1 -> 0.100006).
+    benchmark's steps. Block i's bits come from SFC64 started from (a number drawn from torch's
+    default generator, i) (`_block_bits`), so seeds and Trainer checkpoints govern the mask as
+    they govern any torch random number, and blocks could be filled in any order or on any
+    thread with the same result (on this project's 2 cores a second thread gained nothing
+    inside a training step). The probability is p rounded to a multiple of 1/65536
+    (0.1 -> 0.100006).
     """
     if device.type != "cpu":
         return torch.rand(shape, device=device) >= p
@@ -158,8 +198,7 @@ def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tenso
     threshold = round(p * 65536) - 32768
     for start in range(0, flat.size, _BLOCK_VALUES):
         stop = min(flat.size, start + _BLOCK_VALUES)
-        seeds = np.random.SeedSequence(seed, spawn_key=(start // _BLOCK_VALUES,))
-        bits = np.random.SFC64(seeds).random_raw((stop - start + 3) // 4)
+        bits = _block_bits(seed, start // _BLOCK_VALUES, (stop - start + 3) // 4)
         np.greater_equal(bits.view(np.int16)[: stop - start], threshold, out=flat[start:stop])
     return keep
 

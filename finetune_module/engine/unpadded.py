@@ -273,6 +273,21 @@ def installed(model: nn.Module) -> bool:
     return any(getattr(m, _ROLE, None) is not None for m in model.modules())
 
 
+# the attribute of a model that holds its modules that can recompute their activations
+_RECOMPUTING = "_finetune_recomputing_modules"
+
+
+def _recomputing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that have a `gradient_checkpointing` switch (its layers and
+    stacks), found once per model: a step's parts each ask whether one is on, and walking the
+    ~900 modules of a T5 with adapters each time took ~1.5 ms a part."""
+    found = model.__dict__.get(_RECOMPUTING)
+    if found is None:
+        found = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        model.__dict__[_RECOMPUTING] = found
+    return found
+
+
 def laid_out_inputs(
     model: PreTrainedModel, inputs: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], Layout] | None:
@@ -282,7 +297,7 @@ def laid_out_inputs(
     (other keys, no attention mask or labels, a batch not padded at the right, a layer that
     recomputes its activations)."""
     if set(inputs) != {"input_ids", "attention_mask", "labels"} or any(
-        getattr(m, "gradient_checkpointing", False) for m in model.modules()
+        m.gradient_checkpointing for m in _recomputing_modules(model)
     ):
         return None
     mask, labels = inputs["attention_mask"], inputs["labels"]
