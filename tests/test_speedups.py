@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from transformers import (
 from transformers.activations import NewGELUActivation
 
 import finetune_module
-from finetune_module.engine import speedups, unpadded, workers
+from finetune_module.engine import masks, speedups, unpadded, workers
 from finetune_module.engine.memory import ActivationBudget
 from finetune_module.engine.models import lora_config
 from finetune_module.engine.settings import LoraSettings, speedups_requested
@@ -80,8 +81,9 @@ def test_dropout_masks_follow_the_torch_seed() -> None:
     assert not torch.equal(speedups.dropout(x, 0.5), first)
 
 
-def test_a_masks_blocks_each_have_their_own_stream_seeded_from_torch() -> None:
-    shape = torch.Size((3, 5, speedups._BLOCK_VALUES // 4 + 7))  # 3.75 blocks and a few values
+def test_a_mask_is_seeded_from_torch_and_the_same_compiled_and_from_numpy() -> None:
+    # past numpy's chunks (262,144 values), the last short
+    shape = torch.Size((3, 5, masks._NUMPY_CHUNK // 4 + 7))
     cpu = torch.device("cpu")
     torch.manual_seed(3)
     one = speedups._keep_mask(shape, 0.1, cpu)
@@ -89,11 +91,73 @@ def test_a_masks_blocks_each_have_their_own_stream_seeded_from_torch() -> None:
     assert torch.equal(speedups._keep_mask(shape, 0.1, cpu), one)
     torch.manual_seed(4)
     assert not torch.equal(speedups._keep_mask(shape, 0.1, cpu), one)
-    blocks = one.flatten()[: 3 * speedups._BLOCK_VALUES].view(3, -1)
-    assert all(not torch.equal(blocks[i], blocks[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
-    # the last, partial block is drawn like the others
-    tail = one.flatten()[3 * speedups._BLOCK_VALUES :]
+    assert masks.kernels() is not None  # llvmlite is a dependency: the kernels must compile
+    for seed in (12345, -(1 << 62), (1 << 64) - 1):
+        for p in (0.05, 0.1, 0.5):
+            compiled = masks.keep_mask(shape, p, seed)
+            assert torch.equal(masks.keep_mask(shape, p, seed, compiled=False), compiled)
+    # the last, partial chunk is drawn like the others
+    tail = one.flatten()[-(masks._NUMPY_CHUNK // 4) :]
     assert tail.float().mean().item() == pytest.approx(0.9, abs=0.01)
+    # p at the edges: every value kept, every value dropped (p rounds to 1/65536 steps)
+    assert bool(masks.keep_mask(shape, 1e-6, 1).all())
+    assert not bool(masks.keep_mask(shape, 1 - 1e-6, 1).any())
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_dropout_in_one_pass_is_the_mask_times_the_input_times_the_scale(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled kernel's one pass (or, without it, numpy's mask and torch's
+    multiplications) gives what torch's dropout arithmetic gives with the same mask, bit for
+    bit: NaN stays NaN, a dropped negative value is -0.0, and the gradient follows the
+    mask."""
+    if not compiled:
+        monkeypatch.setattr(masks, "kernels", lambda: None)
+    x = torch.randn(37, 1001)
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -2.0])
+    out, keep = masks.dropout(x, 0.3, 77)
+    assert torch.equal(keep, masks.keep_mask(x.shape, 0.3, 77, compiled=False))
+    expected = x * keep.to(x.dtype) * (1 / 0.7)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(5.0), expected.nan_to_num(5.0))
+    assert torch.equal(out.signbit(), expected.signbit())
+    grad = torch.randn(37, 1001)
+    assert torch.equal(masks.masked(grad, keep, 1 / 0.7), grad * keep * (1 / 0.7))
+    copy = grad.clone()
+    assert masks.masked(copy, keep, in_place=True) is copy and torch.equal(copy, grad * keep)
+    # values laid out otherwise, and other float types, go the same way
+    across = torch.randn(1001, 37).T
+    assert torch.equal(masks.masked(across, keep, 2.0), across * keep * 2.0)
+    expected = across * keep
+    assert torch.equal(masks.masked(across, keep, in_place=True), expected)
+    assert torch.equal(across, expected)
+    double, double_keep = masks.dropout(x.double(), 0.3, 77)
+    assert torch.equal(double_keep, keep)
+    assert torch.equal(double.nan_to_num(5.0), (x.double() * keep * (1 / 0.7)).nan_to_num(5.0))
+
+
+def test_the_kernels_compile_once_when_two_workers_ask_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    started = threading.Event()
+
+    def compiled() -> dict[str, Any]:
+        calls.append(1)
+        started.set()
+        time.sleep(0.2)  # the other worker asks meanwhile
+        return {"kernel": object()}
+
+    monkeypatch.setattr(masks, "_KERNELS", [])
+    monkeypatch.setattr(masks, "_compiled_kernels", compiled)
+
+    def second() -> dict[str, Any] | None:
+        started.wait(5)
+        return masks.kernels()
+
+    got = workers.run_at_once([masks.kernels, second])
+    assert len(calls) == 1 and got[0] is got[1] and got[0] is masks.kernels()
 
 
 def _ones_by_position(words: np.ndarray) -> np.ndarray:
@@ -101,26 +165,23 @@ def _ones_by_position(words: np.ndarray) -> np.ndarray:
     return np.array([((words >> np.uint64(i)) & np.uint64(1)).mean() for i in range(64)])
 
 
-def test_mask_streams_of_neighbouring_seeds_and_blocks_are_unrelated() -> None:
-    words = 50_000
-    one = speedups._block_bits(12345, 0, words)
-    assert one.dtype == np.uint64 and one.shape == (words,)
-    assert np.array_equal(speedups._block_bits(12345, 0, words), one)  # the same stream again
-    # a seed one apart, the next block, a seed's negative twin (torch draws signed int64)
-    for other in (
-        speedups._block_bits(12346, 0, words),
-        speedups._block_bits(12345, 1, words),
-        speedups._block_bits(12345 - (1 << 64), 1, words),
-    ):
-        agree = _ones_by_position(~(one ^ other))  # each bit agrees half the time, anywhere
-        assert np.abs(agree - 0.5).max() < 0.012, agree
-    assert np.array_equal(speedups._block_bits(12345 - (1 << 64), 0, words), one)
+def test_mask_words_of_neighbouring_seeds_are_unrelated() -> None:
+    count = 50_000
+    one = masks.words(12345, 0, count)
+    assert one.dtype == np.uint64 and one.shape == (count,)
+    assert np.array_equal(masks.words(12345, 0, count), one)  # the same words again
+    assert np.array_equal(masks.words(12345, 10, count - 10), one[10:])  # from any word on
+    assert np.array_equal(masks.words(12345 - (1 << 64), 0, count), one)  # read modulo 2^64
+    # seeds one apart, and seeds far apart (torch draws signed int64)
+    for seed in (12346, 12344, 12345 + (1 << 63), -12345):
+        agree = _ones_by_position(~(one ^ masks.words(seed, 0, count)))
+        assert np.abs(agree - 0.5).max() < 0.012, agree  # each bit agrees half the time
     # every bit position of one stream is a fair coin
     assert np.abs(_ones_by_position(one) - 0.5).max() < 0.012
 
 
 def test_masks_drawn_on_threads_at_once_are_the_masks_drawn_one_after_another() -> None:
-    shape = torch.Size((7, speedups._BLOCK_VALUES // 3 + 5))  # three blocks, the last short
+    shape = torch.Size((7, 3 * masks._NUMPY_CHUNK + 5))  # many chunks, the last short
     cpu = torch.device("cpu")
 
     def drawn(seed: int) -> Callable[[], list[torch.Tensor]]:
@@ -133,8 +194,8 @@ def test_masks_drawn_on_threads_at_once_are_the_masks_drawn_one_after_another() 
     alone = [drawn(seed)() for seed in (1, 2)]
     for _ in range(3):
         at_once = workers.run_at_once([drawn(1), drawn(2)])
-        for masks, expected in zip(at_once, alone, strict=True):
-            assert all(torch.equal(m, e) for m, e in zip(masks, expected, strict=True))
+        for drawn_masks, expected in zip(at_once, alone, strict=True):
+            assert all(torch.equal(m, e) for m, e in zip(drawn_masks, expected, strict=True))
     assert not torch.equal(alone[0][0], alone[1][0])
 
 

@@ -13,7 +13,7 @@ computed, as Hamilton nodes; the modules here say *how*, with plain functions an
 | `models` | the model recipe and the one builder of every model |
 | `quiet` | a quiet run: the libraries' own bars, log lines and warnings off while it runs |
 | `trainer`, `batching`, `memory` | the Trainer as we run it; length-grouped batches; memory |
-| `speedups` | the CPU speed layer and the families it is proven for |
+| `speedups`, `masks` | the CPU speed layer and the families it is proven for; dropout's masks |
 | `generation`, `metrics` | batched decoding; ROUGE, labels, losses |
 | `distributed` | running under torchrun / accelerate launch |
 | `files`, `html_report` | atomic directories; the report's HTML |

@@ -44,7 +44,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -54,7 +53,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from finetune_module.engine import packing, unpadded
+from finetune_module.engine import masks, packing, unpadded
 from finetune_module.engine.tokens import IGNORE_INDEX, prefix_lengths
 
 logger = logging.getLogger(__name__)
@@ -113,10 +112,6 @@ ONEDNN_CACHED_PRODUCTS = 64
 _ONEDNN_CACHE_SIZES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
-#: Values whose random bits come from one numpy stream of their own (`_keep_mask`): 2 MB of
-#: bits, which stay in the core's caches between their drawing and their comparison.
-_BLOCK_VALUES = 1 << 20
-
 #: The generator the masks' seeds come from in this context (`dropout_generator`): None for
 #: torch's default one.
 _GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
@@ -137,101 +132,44 @@ def dropout_generator(generator: torch.Generator | None) -> Iterator[None]:
         _GENERATOR.reset(token)
 
 
-_WORD = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
-
-#: Each thread's SFC64 generator, set to a block's state before it draws (`_block_bits`).
-_STREAMS = threading.local()
-
-
-def _splitmix(x: int) -> int:
-    """splitmix64's next output from the state `x` (a 64-bit integer): 64 well-mixed bits."""
-    x = (x + _GOLDEN) & _WORD
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _WORD
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _WORD
-    return x ^ (x >> 31)
-
-
-def _block_bits(seed: int, block: int, words: int) -> np.ndarray:
-    """`words` 64-bit random words of block `block` of the mask seeded `seed`: numpy's SFC64
-    started from three words of splitmix64 over (seed, block) and its counter at 1, its first
-    12 outputs dropped (as numpy seeds SFC64). Setting this thread's generator to that state
-    takes ~4 us; building a `SeedSequence` and a generator from it took ~10 us, and a mask of
-    a few thousand values 29 us instead of 17 (a step's part draws ~130 masks)."""
-    stream = getattr(_STREAMS, "sfc64", None)
-    if stream is None:
-        stream = _STREAMS.sfc64 = np.random.SFC64(0)
-    start = (_splitmix(seed & _WORD) + 3 * block * _GOLDEN) & _WORD
-    state = np.array(
-        [_splitmix(start), _splitmix(start + _GOLDEN), _splitmix(start + 2 * _GOLDEN), 1],
-        dtype=np.uint64,
-    )
-    stream.state = {
-        "bit_generator": "SFC64",
-        "state": {"state": state},
-        "has_uint32": 0,
-        "uinteger": 0,
-    }
-    stream.random_raw(12)
-    return stream.random_raw(words)
+def _mask_seed() -> int:
+    """A mask's seed: a number drawn from this context's generator (`dropout_generator`)."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=_GENERATOR.get()))
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A boolean mask that is True with probability 1 - p, independently for each value.
 
     On the CPU, torch draws one 32-bit random number per value for `bernoulli_` (and again for
-    `rand`). Here each value takes 16 random bits, drawn with numpy's SFC64 and compared with
-    the threshold at once, a block of `_BLOCK_VALUES` at a time: torch's own 16 bits a value
-    (`random_`, then a second pass to compare) took twice as long for the masks of the
-    benchmark's steps. Block i's bits come from SFC64 started from (a number drawn from torch's
-    default generator, i) (`_block_bits`), so seeds and Trainer checkpoints govern the mask as
-    they govern any torch random number, and blocks could be filled in any order or on any
-    thread with the same result (on this project's 2 cores a second thread gained nothing
-    inside a training step). The probability is p rounded to a multiple of 1/65536
-    (0.1 -> 0.100006).
+    `rand`). Here each value takes 16 random bits from splitmix64, seeded with a number drawn
+    from torch's generator (`masks`: seeds and Trainer checkpoints govern the mask as they
+    govern any torch random number), made and compared with the threshold in one pass. The
+    probability is p rounded to a multiple of 1/65536 (0.1 -> 0.100006).
     """
     if device.type != "cpu":
         return torch.rand(shape, device=device) >= p
-    keep = torch.empty(shape, dtype=torch.bool)
-    flat = keep.numpy().reshape(-1)
-    seed = int(torch.empty((), dtype=torch.int64).random_(generator=_GENERATOR.get()))
-    threshold = round(p * 65536) - 32768
-    for start in range(0, flat.size, _BLOCK_VALUES):
-        stop = min(flat.size, start + _BLOCK_VALUES)
-        bits = _block_bits(seed, start // _BLOCK_VALUES, (stop - start + 3) // 4)
-        np.greater_equal(bits.view(np.int16)[: stop - start], threshold, out=flat[start:stop])
-    return keep
-
-
-def _kept(
-    x: torch.Tensor, keep: torch.Tensor, scale: float = 1.0, *, in_place: bool = False
-) -> torch.Tensor:
-    """`x` times `keep` (a boolean mask) times `scale`, as torch's dropout computes it (0 where
-    `keep` is False): one multiplication by the mask (torch converts its bytes to floats on
-    the way) and one by `scale` unless it is 1; `in_place`: into `x` itself.
-
-    The mask multiplies as bytes (its `uint8` view): torch's CPU kernels for boolean operands
-    (`torch.where`, `x * keep`) are not vectorised and take 1.7x as long on the benchmark's
-    attention scores."""
-    as_bytes = keep.view(torch.uint8)
-    kept = x.mul_(as_bytes) if in_place else x * as_bytes
-    return kept.mul_(scale) if scale != 1.0 else kept
+    return masks.keep_mask(shape, p, _mask_seed())
 
 
 class _Dropout(torch.autograd.Function):
-    """Dropout whose backward pass keeps a boolean mask (one byte per value, not four)."""
+    """Dropout whose backward pass keeps a boolean mask (one byte per value, not four), made
+    with its output in one pass (`masks.dropout`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = _keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
-        return _kept(x, keep, ctx.scale)
+        if x.device.type != "cpu":
+            keep = _keep_mask(x.shape, p, x.device)
+            out = masks.masked(x, keep, ctx.scale)
+        else:
+            out, keep = masks.dropout(x, p, _mask_seed())
+        ctx.save_for_backward(keep)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (keep,) = ctx.saved_tensors
-        return _kept(grad, keep, ctx.scale), None
+        return masks.masked(grad.contiguous(), keep, ctx.scale), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -324,7 +262,7 @@ class _DroppedOutAttention(torch.autograd.Function):
             added = _add_into(scores, bias, mask, chunk)
             _multiply(scores, query[chunk], key[chunk].transpose(-1, -2), scaling, added)
             torch.ops.aten._softmax.out(scores, -1, False, out=weights[chunk])
-            dropped = _kept(weights[chunk], keep[chunk])
+            dropped = masks.masked(weights[chunk], keep[chunk])
             _multiply(output[chunk], dropped, value[chunk], scale)
         ctx.save_for_backward(query, key, value, weights, keep)
         ctx.scale, ctx.scaling, ctx.rows, ctx.flip = scale, scaling, rows, flip
@@ -346,13 +284,13 @@ class _DroppedOutAttention(torch.autograd.Function):
             chunk = slice(start, start + ctx.rows)
             chunk_weights, chunk_keep = weights[chunk], keep[chunk]
             if grad_value is not None:
-                dropped = _kept(chunk_weights, chunk_keep)
+                dropped = masks.masked(chunk_weights, chunk_keep)
                 _multiply(grad_value[chunk], dropped.transpose(-1, -2), grad[chunk], ctx.scale)
             if grad_query is None and grad_key is None and grad_bias is None:
                 continue
             grad_dropped = chunk_weights.new_empty(chunk_weights.shape)
             _multiply(grad_dropped, grad[chunk], value[chunk].transpose(-1, -2), ctx.scale)
-            _kept(grad_dropped, chunk_keep, in_place=True)
+            masks.masked(grad_dropped, chunk_keep, in_place=True)
             grad_scores = torch.empty_like(grad_dropped)
             torch.ops.aten._softmax_backward_data.out(
                 grad_dropped, chunk_weights, -1, chunk_weights.dtype, grad_input=grad_scores
