@@ -8,7 +8,8 @@ The pieces (`SPEEDUPS`, switched with the dataflow's input `cpu_speedups`):
 - `mkl_avx512`: on an AMD processor with AVX-512, MKL runs torch's float32 products with its
   AVX-512 kernels instead of its AVX2 ones for AMD (`mkl_kernels`);
 - `fused_gelu`: the tanh GELU in one kernel instead of five operations (`fuse_gelu`);
-- `cheap_dropout`: dropout with 16 random bits and a one-byte mask per value (`FastDropout`);
+- `cheap_dropout`: dropout with 16 random bits and a one-byte mask per value, made and applied
+  in one pass of code compiled at run time (`FastDropout`, `masks`);
 - `attention_dropout`: the same cheaper dropout on the attention weights, keeping 5 bytes per
   score instead of SDPA's ~12 (`attention`);
 - `causal_mask`: a decoder-only model reads a right-padded batch with the causal mask alone,
