@@ -165,10 +165,26 @@ def _ones_by_position(words: np.ndarray) -> np.ndarray:
     return np.array([((words >> np.uint64(i)) & np.uint64(1)).mean() for i in range(64)])
 
 
+def _splitmix64(seed: int, count: int) -> list[int]:
+    """The first `count` outputs of splitmix64 started at `seed`, in plain Python."""
+    word, out, state = (1 << 64) - 1, [], seed & ((1 << 64) - 1)
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & word
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & word
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & word
+        out.append(z ^ (z >> 31))
+    return out
+
+
 def test_mask_words_of_neighbouring_seeds_are_unrelated() -> None:
     count = 50_000
     one = masks.words(12345, 0, count)
     assert one.dtype == np.uint64 and one.shape == (count,)
+    assert one[:100].tolist() == _splitmix64(12345, 100)  # splitmix64's outputs, as documented
+    # a mask's values are the words' 16-bit lanes, lowest first, against the threshold
+    lanes = [(w >> (16 * lane)) & 0xFFFF for w in _splitmix64(-7, 25) for lane in range(4)]
+    expected = torch.tensor([bits >= masks.threshold(0.3) for bits in lanes])
+    assert torch.equal(masks.keep_mask(torch.Size((100,)), 0.3, -7), expected)
     assert np.array_equal(masks.words(12345, 0, count), one)  # the same words again
     assert np.array_equal(masks.words(12345, 10, count - 10), one[10:])  # from any word on
     assert np.array_equal(masks.words(12345 - (1 << 64), 0, count), one)  # read modulo 2^64
