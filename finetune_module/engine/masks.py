@@ -28,10 +28,9 @@ logger = logging.getLogger(__name__)
 #: The steps p is rounded to: each value's random bits
 STEPS = 1 << 16
 _WORD = (1 << 64) - 1
-# splitmix64's increment and multipliers
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
+#: splitmix64's increment and its two multipliers (numpy's words here, `masks_llvm`'s kernels)
+SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_GOLDEN, _MIX_1, _MIX_2 = (np.uint64(c) for c in SPLITMIX)
 #: values whose bits numpy makes at a time (without the kernels): 512 KB of bits, in L2
 _NUMPY_CHUNK = 1 << 18
 

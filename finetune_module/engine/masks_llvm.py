@@ -21,11 +21,10 @@ from collections.abc import Callable
 
 import llvmlite.binding as llvm
 
-# splitmix64's increment and multipliers, as LLVM's signed 64-bit constants
-_GOLDEN, _MIX_1, _MIX_2 = (
-    c - (1 << 64) if c >= 1 << 63 else c
-    for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-)
+from finetune_module.engine.masks import SPLITMIX
+
+# splitmix64's increment and multipliers (`masks.SPLITMIX`), as LLVM's signed 64-bit constants
+_GOLDEN, _MIX_1, _MIX_2 = (c - (1 << 64) if c >= 1 << 63 else c for c in SPLITMIX)
 
 # the value's 16 random bits (%bits, an i64) and whether it is kept (%kept), from the loop's
 # index %i, the seed %seed and the threshold %threshold (an i32)
